@@ -1,0 +1,88 @@
+"""`mmud run …`: parse arguments, set up logging, run the daemon until it is stopped.
+
+A user error (bad argument, bad parameter, unusable mount point, a VM configuration the
+simulation refuses) prints one `mmud: …` line and exits with status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import faulthandler
+import re
+from collections.abc import Callable
+import sys
+from pathlib import Path
+
+import structlog
+
+from mmud.daemon import service
+from mmud.daemon.client import SimClient, SimError
+from mmud.daemon.mountpoint import MountPointError
+from mmud.daemon.sim import SimConfig, VmConfig
+from mmud.fs import fuse
+from mmud.fs.tree import Tree
+from mmud.kvm.params import ParamError, Params
+from mmud.log import LEVELS, setup_logging
+
+EXIT_USAGE = 2
+_SIZE_UNITS = {"": 1, "M": 1, "G": 1024, "T": 1024 * 1024}  # in MiB; a bare number is MiB
+
+
+def mem_size(text: str) -> int:
+    """'64M', '1G', '512' -> MiB, like QEMU's -m."""
+    m = re.fullmatch(r"(\d+)\s*([MGT]?)(?:i?B)?", text.strip(), re.IGNORECASE)
+    if not m or int(m[1]) == 0:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r} (e.g. 64M, 1G)")
+    return int(m[1]) * _SIZE_UNITS[m[2].upper()]
+
+
+def load_param(text: str) -> tuple[str, str | None]:
+    """NAME=VALUE as modprobe takes it; a bare NAME is 'no value' (true for a bool)."""
+    name, eq, value = text.partition("=")
+    return name, value if eq else None
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mmud", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the simulation and serve the control files")
+    run.add_argument("--mount", type=Path, default=Path("mountpoint"),
+                     help="mount point (default: ./mountpoint, created if missing)")
+    run.add_argument("--param", type=load_param, action="append", default=[],
+                     metavar="NAME=VALUE", help="kvm module parameter at load time (repeatable)")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--mem", type=mem_size, default=64, metavar="SIZE",
+                     help="guest memory, e.g. 64M or 1G (default 64M)")
+    run.add_argument("--vcpus", type=int, default=1)
+    run.add_argument("--workload", default="kernel", help="guest workload (default: kernel)")
+    run.add_argument("--state-dir", type=Path, default=None,
+                     help="directory for persisted state (created if missing)")
+    run.add_argument("--log-level", choices=LEVELS, default="info")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    load = dict(args.param)
+    params = Params(load)  # refuse bad load-time values before anything starts
+    if args.state_dir:
+        args.state_dir.mkdir(parents=True, exist_ok=True)
+    config = SimConfig(vms=(VmConfig(mem_mb=args.mem, vcpus=args.vcpus, seed=args.seed,
+                                     workload=args.workload),),
+                       load=load, log_level=args.log_level)
+    structlog.get_logger("mmud").info("starting", mountpoint=str(args.mount), config=repr(config))
+
+    def serve(client: SimClient, mountpoint: Path, ready: Callable[[], None]) -> None:
+        fuse.serve(Tree(client, params), client, mountpoint, ready)
+
+    return service.run(config, args.mount, serve)
+
+
+def main(argv: list[str] | None = None) -> int:
+    faulthandler.enable()
+    args = parser().parse_args(argv)
+    setup_logging(args.log_level)
+    try:
+        return run(args)
+    except (ParamError, MountPointError, SimError) as e:
+        print(f"mmud: {e}", file=sys.stderr)
+        return EXIT_USAGE

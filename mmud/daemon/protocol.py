@@ -1,0 +1,55 @@
+"""The messages between the simulation process and the main (FUSE) process.
+
+The simulation publishes `Snapshot`s: immutable, self-contained pictures of everything the
+control files show.  The main process swaps the latest one into a single reference, so a file
+is rendered without a lock and without waiting on the simulation.  Anything that changes
+state travels the other way as a `Request`, which the simulation applies between step
+batches (that keeps runs deterministic) and answers with a `Reply`; the snapshot that shows
+the change is always sent before the reply.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class VmSnapshot:
+    """One VM as its files show it."""
+
+    name: str  # "vm0": the simulator's own handle, stable across restarts
+    debugfs_dir: str  # "<pid>-<fd>", as KVM names the per-VM debugfs directory
+    state: str  # "running" or "paused"
+    steps: int
+    stats: dict[str, int]  # every stat of mmud.kvm.stats, vCPU stats summed over vCPUs
+    status: str  # the vm<N>/status text
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Everything the control files render; never mutated once sent."""
+
+    seq: int
+    params: dict[str, bytes]  # parameter name -> sysfs file content
+    vms: tuple[VmSnapshot, ...]
+    logs: dict[str, tuple[str, ...]] = field(default_factory=dict)  # log name -> ring of lines
+
+    def vm(self, name: str) -> VmSnapshot | None:
+        return next((v for v in self.vms if v.name == name), None)
+
+
+@dataclass(frozen=True)
+class Request:
+    id: int
+    op: str  # a key of the simulation's handler table
+    args: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Reply:
+    id: int
+    errno: int = 0  # 0: applied; else the errno the write(2) fails with
+    message: str = ""
+    result: Any = None
+    step: int = 0  # the VM step count at which the request was applied

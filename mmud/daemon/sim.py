@@ -1,0 +1,204 @@
+"""The simulation process: the one owner of VM and MMU state.
+
+It runs apart from the FUSE process because a pure-Python loop in the same process holds the
+GIL and makes every control-file access wait for the 5 ms switch interval (DESIGN.md §3).
+The loop steps each running VM in batches of about `BATCH_SECONDS`, and between batches —
+never inside one, so that the same seed and the same writes at the same steps give the same
+run — it drains the request pipe, applies each request, publishes a fresh snapshot and
+answers.  While running it also publishes every `PUBLISH_SECONDS`, which doubles as the
+liveness signal the main process turns into WATCHDOG=1.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from typing import Any
+
+import structlog
+
+from mmud.daemon.protocol import Reply, Request, Snapshot, VmSnapshot
+from mmud.daemon.status import RateMeter, render_status
+from mmud.kvm.params import ParamError, Params
+from mmud.log import setup_logging
+
+# A batch this long keeps a request's wait (at most one batch) far under the 20 ms budget
+# from a parameter write to its effect, while the per-batch pipe poll stays negligible.
+BATCH_SECONDS = 0.002
+# Files show values at most this old while the VM runs; also the paused loop's poll timeout.
+PUBLISH_SECONDS = 0.05
+STATES = ("running", "paused")
+
+log = structlog.get_logger("mmud.sim")
+
+
+@dataclass(frozen=True)
+class VmConfig:
+    """What `restart` needs to build an identical fresh VM."""
+
+    mem_mb: int = 64
+    vcpus: int = 1
+    seed: int = 0
+    workload: str | None = "kernel"
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    vms: tuple[VmConfig, ...] = (VmConfig(),)
+    load: dict[str, str | None] = field(default_factory=dict)  # module parameters at load time
+    log_level: str = "info"
+
+
+@dataclass
+class _Slot:
+    """One VM and what Linux holds for it: the fd its debugfs directory is named after."""
+
+    name: str
+    config: VmConfig
+    vm: Any
+    fd: int
+    running: bool = True
+    rates: RateMeter = field(default_factory=RateMeter)
+
+    @property
+    def debugfs_dir(self) -> str:
+        return f"{os.getpid()}-{self.fd}"
+
+
+class Simulation:
+    """The loop, the VMs and the request handlers (`op` name -> method)."""
+
+    def __init__(self, config: SimConfig, requests: Connection, out: Connection) -> None:
+        import mmud  # only this process builds VMs
+
+        self._vm_class = mmud.VM
+        self.params = Params(config.load)
+        self.requests, self.out = requests, out
+        self.slots = [self._create(f"vm{i}", c) for i, c in enumerate(config.vms)]
+        self.handlers: dict[str, Callable[..., Any]] = {
+            "param": self.set_param,
+            "clear_stat": self.clear_stat,
+            "state": self.set_state,
+        }
+        self.logs: dict[str, tuple[str, ...]] = {}
+        self._seq = 0
+        self._batch = 1
+        self._stopping = False
+
+    def _create(self, name: str, c: VmConfig) -> _Slot:
+        vm = self._vm_class(mem_mb=c.mem_mb, vcpus=c.vcpus, seed=c.seed, workload=c.workload,
+                            params=self.params)
+        return _Slot(name, c, vm, os.memfd_create(f"kvm-{name}", os.MFD_CLOEXEC))
+
+    # -- the loop -------------------------------------------------------------------------
+
+    def run(self) -> None:
+        self.publish()
+        published = time.monotonic()
+        while not self._stopping:
+            running = [s for s in self.slots if s.running]
+            if running:
+                self._step_batch(running)
+                self._drain(timeout=0)
+            else:
+                self._drain(timeout=PUBLISH_SECONDS)
+            if time.monotonic() - published >= PUBLISH_SECONDS:
+                self.publish()
+                published = time.monotonic()
+
+    def _step_batch(self, running: list[_Slot]) -> None:
+        """Step every running VM `_batch` steps, resizing the batch toward BATCH_SECONDS."""
+        t0 = time.perf_counter()
+        for s in running:
+            s.vm.step(self._batch)
+        elapsed = time.perf_counter() - t0
+        scale = BATCH_SECONDS / elapsed if elapsed > 0 else 2.0
+        self._batch = max(1, min(self._batch * 2, int(self._batch * scale)))
+
+    def _drain(self, timeout: float) -> None:
+        """Apply every pending request; EOF means the main process is gone."""
+        try:
+            while self.requests.poll(timeout):
+                self._apply(self.requests.recv())
+                timeout = 0
+        except EOFError:
+            self._stopping = True
+
+    def _apply(self, req: Request) -> None:
+        if req.op == "stop":
+            self._stopping = True
+            return
+        step = self.slots[0].vm.steps
+        try:
+            reply = Reply(req.id, result=self.handlers[req.op](**req.args), step=step)
+        except (ParamError, OSError) as e:
+            reply = Reply(req.id, errno=e.errno or errno.EINVAL, message=str(e), step=step)
+        self.publish()  # the change is visible before the writer's write(2) returns
+        self.out.send(reply)
+
+    def publish(self) -> None:
+        self._seq += 1
+        self.out.send(Snapshot(
+            seq=self._seq,
+            params={n: self.params.render(n) for n in self.params.names()},
+            vms=tuple(self._vm_snapshot(s) for s in self.slots),
+            logs=self.logs))
+
+    def _vm_snapshot(self, s: _Slot) -> VmSnapshot:
+        stats = s.vm.stats
+        state = STATES[0] if s.running else STATES[1]
+        return VmSnapshot(s.name, s.debugfs_dir, state, s.vm.steps, stats,
+                          render_status(s.vm, state, s.rates.update(s.vm.steps, stats)))
+
+    # -- request handlers ---------------------------------------------------------------
+
+    def _slot(self, name: str) -> _Slot:
+        for s in self.slots:
+            if s.name == name:
+                return s
+        raise OSError(errno.ENOENT, f"no VM {name}")
+
+    def set_param(self, name: str, text: bytes) -> bytes:
+        self.params[name] = text
+        log.info("param_set", name=name, value=self.params[name], step=self.slots[0].vm.steps,
+                 applied_ns=time.monotonic_ns())
+        return self.params.render(name)
+
+    def clear_stat(self, name: str, vm: str | None = None) -> None:
+        """`echo 0 > kvm/<stat>` clears it in every VM, `kvm/<pid>-<fd>/<stat>` in one."""
+        for s in self.slots if vm is None else [self._slot(vm)]:
+            s.vm.clear_stat(name)
+        log.info("stat_cleared", name=name, vm=vm or "all")
+
+    def set_state(self, vm: str, action: str) -> None:
+        s = self._slot(vm)
+        if action == "restart":
+            i = self.slots.index(s)
+            os.close(s.fd)
+            self.slots[i] = s = self._create(s.name, s.config)
+        else:
+            s.running = action == "run"
+        log.info("vm_state", vm=vm, action=action, steps=s.vm.steps)
+
+
+def main(config: SimConfig, requests: Connection, out: Connection) -> None:
+    """Entry point of the spawned process.
+
+    It ignores SIGINT and SIGTERM: a terminal's Ctrl-C or systemd's stop signal reaches the
+    whole process group, but only the main process decides when the simulation ends (it
+    sends `stop`, or its death closes the pipe).
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    setup_logging(config.log_level)
+    try:
+        sim = Simulation(config, requests, out)
+    except (ValueError, ParamError) as e:  # a configuration the VM refuses
+        out.send(Reply(0, errno=errno.EINVAL, message=str(e)))
+        return
+    sim.run()

@@ -1,0 +1,47 @@
+"""The human-readable vm<N>/status summary and the rates it shows."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+# Rates are averaged over at least this long, so the figures do not flicker between reads.
+RATE_WINDOW_SECONDS = 1.0
+# The per-second rates the summary shows: the loop's speed and the MMU's busiest paths.
+RATE_STATS = ("pf_fixed", "pf_guest", "exits", "mmu_cache_miss", "mmu_shadow_zapped")
+
+
+class RateMeter:
+    """Per-second rates of steps and a few stats, from samples at least a window apart."""
+
+    def __init__(self) -> None:
+        self._t = time.monotonic()
+        self._steps = 0
+        self._stats: dict[str, int] = {}
+        self._rates: dict[str, float] = {}
+
+    def update(self, steps: int, stats: dict[str, int]) -> dict[str, float]:
+        now = time.monotonic()
+        dt = now - self._t
+        if dt >= RATE_WINDOW_SECONDS:
+            rates = {"steps": (steps - self._steps) / dt}
+            rates.update({n: (stats.get(n, 0) - self._stats.get(n, 0)) / dt for n in RATE_STATS})
+            self._rates = {n: max(r, 0.0) for n, r in rates.items()}  # a cleared stat is not negative
+            self._t, self._steps, self._stats = now, steps, dict(stats)
+        return self._rates
+
+
+def render_status(vm: Any, state: str, rates: dict[str, float]) -> str:
+    """One `key: value` line each, like /proc/meminfo, so both people and scripts can read it."""
+    lines = [
+        ("state", state),
+        ("memory", f"{vm.mem_mb} MiB"),
+        ("vcpus", str(len(vm.vcpus))),
+        ("workload", vm.workload_name or "none"),
+        ("seed", str(vm.seed)),
+        ("steps", str(vm.steps)),
+        ("shadow pages", f"{vm.mmu.n_used_mmu_pages} / {vm.mmu.n_max_mmu_pages}"),
+    ]
+    lines += [(f"{n}/s", f"{rates.get(n, 0.0):.0f}") for n in ("steps", *RATE_STATS)]
+    width = max(len(k) for k, _ in lines) + 1
+    return "".join(f"{k + ':':<{width}} {v}\n" for k, v in lines)

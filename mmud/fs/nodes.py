@@ -1,0 +1,170 @@
+"""Node types of the control filesystem and the kernel I/O semantics they carry.
+
+A file renders its whole content from one published `Snapshot` (sysfs-style: the reader
+gets a consistent page, never a half-updated one) and, if it is writable, turns one write(2)
+into one request to the simulation.  Every store goes the same way: parse and validate here,
+in the FUSE process, so a refused value fails with EINVAL/ERANGE and nothing reaches the
+simulation; then send the request and wait for the simulation's answer.  New files of later
+issues are new instances of these types (or a `RequestFile` with its own parser), not new
+I/O code.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+from mmud.daemon.protocol import Snapshot, VmSnapshot
+from mmud.kvm.params import ParamError, Params, kstrtoull
+from mmud.kvm.stats import StatDesc
+
+# simple_attr_write() copies at most this many bytes before parsing (fs/libfs.c).
+SIMPLE_ATTR_MAX = 23
+
+
+class Backend(Protocol):
+    """What nodes need from the simulation: its latest snapshot and a way to ask it."""
+
+    snapshot: Snapshot | None
+
+    def request(self, op: str, **args: Any) -> Any: ...
+
+
+Render = Callable[[Snapshot], bytes]
+Parse = Callable[[bytes], dict[str, Any]]  # write(2) bytes -> request args; OSError to refuse
+
+
+class Dir:
+    """A directory; `children` may depend on the snapshot (per-VM directories come and go)."""
+
+    mode = 0o755
+
+    def __init__(self, children: Mapping[str, Node] | Callable[[Snapshot], Mapping[str, Node]]):
+        self._children = children
+
+    def children(self, snap: Snapshot) -> Mapping[str, Node]:
+        return self._children(snap) if callable(self._children) else self._children
+
+
+class File:
+    """A read-only generated file (0444): no store, so even root cannot open it for writing."""
+
+    def __init__(self, render: Render, mode: int = 0o444) -> None:
+        self.render = render
+        self.mode = mode
+
+    @property
+    def writable(self) -> bool:
+        return False
+
+    def store(self, data: bytes) -> None:
+        raise OSError(errno.EACCES, "no store method")
+
+
+class RequestFile(File):
+    """A writable file: each write(2) is parsed whole, then applied by the simulation."""
+
+    def __init__(self, backend: Backend, render: Render, op: str, parse: Parse,
+                 mode: int = 0o644) -> None:
+        super().__init__(render, mode)
+        self.backend, self.op, self.parse = backend, op, parse
+
+    @property
+    def writable(self) -> bool:
+        return True
+
+    def store(self, data: bytes) -> None:
+        self.backend.request(self.op, **self.parse(data))
+
+
+def action_file(backend: Backend, op: str, parse: Parse) -> RequestFile:
+    """A write-only trigger (0200), e.g. `echo 1 > vm0/zap_all`."""
+    return RequestFile(backend, lambda snap: b"", op, parse, mode=0o200)
+
+
+def log_file(name: str) -> File:
+    """A ring of lines the simulation publishes under `name` (kvm/audit_log, kvm/fault_log)."""
+    return File(lambda snap: "".join(f"{line}\n" for line in snap.logs.get(name, ())).encode())
+
+
+def _refuse(e: ParamError) -> OSError:
+    return OSError(e.errno, str(e))
+
+
+def param_file(backend: Backend, params: Params, name: str, render: Render | None = None) -> File:
+    """parameters/<name>: the module parameter's sysfs file (a 0444 one has no store)."""
+    render = render or (lambda snap: snap.params[name])
+    if not params.mode(name) & 0o200:
+        return File(render, params.mode(name))
+
+    def parse(data: bytes) -> dict[str, Any]:
+        try:
+            params.parse(name, data)  # validate here; the simulation applies the same parse
+        except ParamError as e:
+            raise _refuse(e) from None
+        return {"name": name, "text": data}
+
+    return RequestFile(backend, render, "param", parse, params.mode(name))
+
+
+def mmu_debug_file(backend: Backend, params: Params) -> File:
+    """kvm/mmu-debug: the debugfs face of the mmu_audit switch, read as "1\\n"/"0\\n".
+
+    It writes through the mmu_audit setter, so it takes exactly 0 or 1 and refuses anything
+    else with EINVAL, and a write to either file shows in both.
+    """
+    return param_file(backend, params, "mmu_audit",
+                      render=lambda snap: b"1\n" if snap.params["mmu_audit"] == b"Y\n" else b"0\n")
+
+
+def _stat_sum(vms: tuple[VmSnapshot, ...], name: str) -> bytes:
+    return b"%d\n" % sum(v.stats.get(name, 0) for v in vms)
+
+
+def _parse_clear(data: bytes) -> None:
+    """simple_attr_write() then the KVM stat setter: only a 0 (`0`, `0\\n`, `00`, `0x0`) clears."""
+    try:
+        value = kstrtoull(data[:SIMPLE_ATTR_MAX].decode("latin-1").split("\0", 1)[0], 0)
+    except ParamError as e:
+        raise _refuse(e) from None
+    if value != 0:
+        raise OSError(errno.EINVAL, "a statistic can only be cleared to 0")
+
+
+def stat_file(backend: Backend, desc: StatDesc, vm: str | None = None) -> File:
+    """kvm/<stat> (sum over all VMs) or kvm/<pid>-<fd>/<stat> (the VM named `vm`).
+
+    Instant stats (gauges) are 0444 without a setter; the others clear on a write of 0.
+    """
+    if vm is None:
+        def render(snap: Snapshot) -> bytes:
+            return _stat_sum(snap.vms, desc.name)
+    else:
+        def render(snap: Snapshot) -> bytes:
+            one = snap.vm(vm)
+            return _stat_sum((one,) if one else (), desc.name)
+    if desc.mode == 0o444:
+        return File(render)
+
+    def parse(data: bytes) -> dict[str, Any]:
+        _parse_clear(data)
+        return {"name": desc.name, "vm": vm}
+
+    return RequestFile(backend, render, "clear_stat", parse, desc.mode)
+
+
+def choice_file(backend: Backend, render: Render, op: str, key: str,
+                choices: tuple[str, ...], extra: Mapping[str, Any]) -> RequestFile:
+    """A file that takes one word of `choices`, with at most one trailing newline."""
+    def parse(data: bytes) -> dict[str, Any]:
+        word = data[:-1] if data.endswith(b"\n") else data
+        text = word.decode("latin-1")
+        if text not in choices:
+            raise OSError(errno.EINVAL, f"expected one of {', '.join(choices)}")
+        return {**extra, key: text}
+
+    return RequestFile(backend, render, op, parse)
+
+
+Node = Dir | File

@@ -1,0 +1,71 @@
+"""The layout of the control filesystem (DESIGN.md §4) and path lookup in it.
+
+    parameters/<param>          like /sys/module/kvm/parameters
+    kvm/mmu-debug, kvm/<stat>   like /sys/kernel/debug/kvm (stats summed over VMs)
+    kvm/<pid>-<fd>/<stat>       one directory per VM, named as KVM names it
+    vm<N>/state, vm<N>/status   simulator control, one directory per VM
+
+A later file is one more entry in `_kvm_files` or `_vm_files`, built from the node types.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Mapping
+
+from mmud.daemon.protocol import Snapshot
+from mmud.fs.nodes import Backend, Dir, File, Node, choice_file, mmu_debug_file, param_file, stat_file
+from mmud.kvm.params import Params
+from mmud.kvm.stats import STATS
+
+VM_STATE_ACTIONS = ("run", "pause", "restart")
+
+
+class Tree:
+    """The root directory; per-VM directories follow the VMs of the current snapshot."""
+
+    def __init__(self, backend: Backend, params: Params) -> None:
+        self.backend = backend
+        self.parameters = Dir({n: param_file(backend, params, n) for n in params.names()})
+        self._kvm_files: dict[str, Node] = {"mmu-debug": mmu_debug_file(backend, params)}
+        self._kvm_files.update({s.name: stat_file(backend, s) for s in STATS})
+        self._vm_dirs: dict[str, tuple[Dir, Dir]] = {}  # VM name -> (debugfs dir, vm<N>/ dir)
+        self.kvm = Dir(self._kvm_children)
+        self.root = Dir(self._root_children)
+
+    def _dirs(self, vm: str) -> tuple[Dir, Dir]:
+        if vm not in self._vm_dirs:
+            self._vm_dirs[vm] = (Dir({s.name: stat_file(self.backend, s, vm) for s in STATS}),
+                                 Dir(self._vm_files(vm)))
+        return self._vm_dirs[vm]
+
+    def _vm_files(self, vm: str) -> dict[str, Node]:
+        def state(snap: Snapshot) -> bytes:
+            one = snap.vm(vm)
+            return f"{one.state}\n".encode() if one else b""
+
+        def status(snap: Snapshot) -> bytes:
+            one = snap.vm(vm)
+            return one.status.encode() if one else b""
+
+        return {
+            "state": choice_file(self.backend, state, "state", "action", VM_STATE_ACTIONS,
+                                 {"vm": vm}),
+            "status": File(status),
+        }
+
+    def _kvm_children(self, snap: Snapshot) -> Mapping[str, Node]:
+        return {**self._kvm_files, **{v.debugfs_dir: self._dirs(v.name)[0] for v in snap.vms}}
+
+    def _root_children(self, snap: Snapshot) -> Mapping[str, Node]:
+        return {"parameters": self.parameters, "kvm": self.kvm,
+                **{v.name: self._dirs(v.name)[1] for v in snap.vms}}
+
+    def lookup(self, path: str, snap: Snapshot) -> Node:
+        """The node at an absolute path such as "/kvm/pf_fixed"; ENOENT if there is none."""
+        node: Node = self.root
+        for part in path.strip("/").split("/") if path != "/" else ():
+            if not isinstance(node, Dir) or part not in (children := node.children(snap)):
+                raise OSError(errno.ENOENT, path)
+            node = children[part]
+        return node

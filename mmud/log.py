@@ -1,0 +1,40 @@
+"""structlog setup: JSON lines for journald off a terminal, readable console output on one.
+
+Each JSON line carries a `<N>` syslog-priority prefix, which journald turns into PRIORITY=
+(SyslogLevelPrefix= is on by default).  Third-party `logging` records, such as the FUSE
+binding's failed-callback tracebacks, go through the same renderer.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import structlog
+
+LEVELS = ("debug", "info", "warning", "error", "critical")
+_PRIO = {"debug": "<7>", "info": "<6>", "warning": "<4>", "error": "<3>", "critical": "<2>"}
+_json = structlog.processors.JSONRenderer()
+
+
+def _journald_json(logger: Any, method: str, event: dict[str, Any]) -> str:
+    return _PRIO.get(event.get("level", ""), "<6>") + _json(logger, method, event)
+
+
+def setup_logging(level: str = "info") -> None:
+    """Configure structlog and stdlib logging once per process (the simulation process too)."""
+    numeric = logging.getLevelName(level.upper())
+    render = structlog.dev.ConsoleRenderer() if sys.stdout.isatty() else _journald_json
+    shared = [structlog.processors.add_log_level,
+              structlog.processors.TimeStamper(fmt="iso", utc=True),
+              structlog.processors.format_exc_info]
+    structlog.configure(processors=[structlog.contextvars.merge_contextvars, *shared, render],
+                        wrapper_class=structlog.make_filtering_bound_logger(numeric),
+                        logger_factory=structlog.WriteLoggerFactory(file=sys.stdout),
+                        cache_logger_on_first_use=True)
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=shared,
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, render]))
+    logging.basicConfig(handlers=[handler], level=max(numeric, logging.WARNING), force=True)
