@@ -180,7 +180,9 @@ class Simulation:
         if action == "restart":
             i = self.slots.index(s)
             os.close(s.fd)
-            self.slots[i] = s = self._create(s.name, s.config)
+            fresh = self._create(s.name, s.config)
+            fresh.running = s.running  # a paused VM restarts paused, at step 0
+            self.slots[i] = s = fresh
         else:
             s.running = action == "run"
         log.info("vm_state", vm=vm, action=action, steps=s.vm.steps)
