@@ -7,6 +7,7 @@ unprivileged user can reach them.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -43,15 +44,24 @@ class Daemon:
         self.proc: subprocess.Popen | None = None
 
     def start(self, wait: bool = True) -> Daemon:
+        """Start; with `wait`, return once this run has logged its `mounted` event.
+
+        The log, not /proc/self/mounts, decides: a stale mount from a killed run is listed
+        there too.
+        """
+        mounted_before = self.mounted_count()
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen([sys.executable, "-m", "mmud", "run", *self.args],
                                          stdout=log, stderr=subprocess.STDOUT, env=self.env,
                                          cwd=REPO)
         if wait:
-            wait_for(lambda: is_mounted(self.mount) or self.proc.poll() is not None,
+            wait_for(lambda: self.mounted_count() > mounted_before or self.proc.poll() is not None,
                      MOUNT_TIMEOUT, "the mount")
             assert is_mounted(self.mount), self.log()
         return self
+
+    def mounted_count(self) -> int:
+        return self.log().count('"event": "mounted"') if self.log_path.exists() else 0
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
         assert self.proc is not None
@@ -66,6 +76,11 @@ class Daemon:
 
     def read(self, rel: str) -> str:
         return cat(self.path(rel))
+
+    def per_vm_dir(self) -> str:
+        """The one kvm/<pid>-<fd> directory."""
+        (name,) = [n for n in os.listdir(self.path("kvm")) if re.fullmatch(r"\d+-\d+", n)]
+        return name
 
 
 @pytest.fixture(scope="module")

@@ -11,13 +11,8 @@ from conftest import assert_refused, echo, shell_write, wait_for
 from mmud.kvm.stats import STATS, Kind
 
 
-def per_vm_dir(daemon):
-    (name,) = [n for n in os.listdir(daemon.path("kvm")) if os.path.isdir(daemon.path(f"kvm/{n}"))]
-    return name
-
-
 def test_every_stat_has_a_file_with_the_kernel_mode(daemon):
-    vm_dir = per_vm_dir(daemon)
+    vm_dir = daemon.per_vm_dir()
     for desc in STATS:
         for rel in (f"kvm/{desc.name}", f"kvm/{vm_dir}/{desc.name}"):
             st = os.stat(daemon.path(rel))
@@ -26,7 +21,7 @@ def test_every_stat_has_a_file_with_the_kernel_mode(daemon):
 
 
 def test_per_vm_directory_is_named_pid_fd(daemon):
-    pid, fd = map(int, per_vm_dir(daemon).split("-"))
+    pid, fd = map(int, daemon.per_vm_dir().split("-"))
     assert pid != daemon.proc.pid  # the simulation process, not the FUSE one
     assert os.path.exists(f"/proc/{pid}/fd/{fd}")
 
@@ -50,7 +45,7 @@ def test_clear_refuses_anything_but_zero(daemon, text):
 
 
 def test_clear_per_vm_stat(daemon):
-    rel = f"kvm/{per_vm_dir(daemon)}/pf_fixed"
+    rel = f"kvm/{daemon.per_vm_dir()}/pf_fixed"
     wait_for(lambda: int(daemon.read(rel)) > 1000, 10, "pf_fixed to pass 1000")
     assert echo(daemon.path(rel), "0").returncode == 0
     assert int(daemon.read(rel)) < 1000
@@ -65,7 +60,7 @@ def test_gauges_are_read_only_for_root(daemon):
 
 
 def test_top_level_is_the_sum_over_vms(daemon):
-    vm_dir = per_vm_dir(daemon)
+    vm_dir = daemon.per_vm_dir()
     assert echo(daemon.path("vm0/state"), "pause").returncode == 0
     try:
         time.sleep(0.1)
