@@ -1,0 +1,149 @@
+"""Memslots (`struct kvm_memory_slot`) and the host memory behind them.
+
+Each memslot is backed by a host buffer (the userspace mapping of KVM_SET_USER_MEMORY_REGION);
+a host frame number is `backing.id << BACKING_PFN_SHIFT | page`, so a pfn names its buffer
+without a search. Moving a slot keeps its backing (same userspace address); deleting and
+re-creating one gives a fresh zeroed buffer.
+
+Per slot, as in the kernel: the level-1 rmap (gfn → sptes mapping it, the rmap head of
+`slot->arch.rmap[0]`), the write-tracking counts of page_track (`gfn_track`) and the dirty
+bitmap.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from mmud.x86.paging import PAGE_SHIFT, PAGE_SIZE
+
+KVM_MEM_LOG_DIRTY_PAGES = 1 << 0
+KVM_MEM_READONLY = 1 << 1
+KVM_USER_MEM_SLOTS = 509
+KVM_ADDRESS_SPACE_NUM = 2
+# The memslot "update in progress" bit of the generation (never stored in MMIO sptes).
+KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS = 1 << 63
+
+BACKING_PFN_SHIFT = 20  # 4 GiB of pages per backing buffer
+MAX_SLOT_PAGES = 1 << BACKING_PFN_SHIFT
+
+
+class Backing:
+    """A host buffer: guest RAM as one numpy array, with a u64 memoryview for scalar access."""
+
+    __slots__ = ("id", "npages", "array", "u64")
+
+    def __init__(self, backing_id: int, npages: int) -> None:
+        self.id = backing_id
+        self.npages = npages
+        self.array = np.zeros(npages * (PAGE_SIZE // 8), dtype=np.uint64)
+        self.u64 = memoryview(self.array)
+
+    @property
+    def base_pfn(self) -> int:
+        return self.id << BACKING_PFN_SHIFT
+
+
+@dataclass(eq=False)
+class Memslot:
+    id: int
+    base_gfn: int
+    npages: int
+    flags: int
+    backing: Backing
+    rmap: dict[int, list[int]] = field(default_factory=dict)
+    gfn_track: dict[int, int] = field(default_factory=dict)
+    dirty_bitmap: np.ndarray | None = None
+
+    @property
+    def end_gfn(self) -> int:
+        return self.base_gfn + self.npages
+
+    def contains(self, gfn: int) -> bool:
+        return self.base_gfn <= gfn < self.base_gfn + self.npages
+
+    def gfn_to_pfn(self, gfn: int) -> int:
+        return self.backing.base_pfn + (gfn - self.base_gfn)
+
+    @property
+    def log_dirty(self) -> bool:
+        return bool(self.flags & KVM_MEM_LOG_DIRTY_PAGES)
+
+
+class Memslots:
+    """The VM's address-space-0 memslots, sorted by gfn, with the memslot generation."""
+
+    def __init__(self) -> None:
+        self.slots: dict[int, Memslot] = {}
+        self._sorted: list[Memslot] = []
+        self._last: Memslot | None = None
+        self.generation = 0
+        self._backings: dict[int, Backing] = {}
+        self._next_backing = 1
+
+    def __iter__(self):
+        return iter(self._sorted)
+
+    def lookup(self, gfn: int) -> Memslot | None:
+        """__gfn_to_memslot(): the slot holding gfn, or None (an MMIO gfn)."""
+        last = self._last
+        if last is not None and last.base_gfn <= gfn < last.base_gfn + last.npages:
+            return last
+        for slot in self._sorted:
+            if slot.base_gfn <= gfn < slot.base_gfn + slot.npages:
+                self._last = slot
+                return slot
+        return None
+
+    def new_backing(self, npages: int) -> Backing:
+        backing = Backing(self._next_backing, npages)
+        self._backings[backing.id] = backing
+        self._next_backing += 1
+        return backing
+
+    def backing_of_pfn(self, pfn: int) -> Backing:
+        return self._backings[pfn >> BACKING_PFN_SHIFT]
+
+    def drop_backing(self, backing: Backing) -> None:
+        del self._backings[backing.id]
+
+    def install(self, slot: Memslot) -> None:
+        self.slots[slot.id] = slot
+        self._resort()
+
+    def remove(self, slot_id: int) -> Memslot:
+        slot = self.slots.pop(slot_id)
+        self._resort()
+        return slot
+
+    def _resort(self) -> None:
+        self._sorted = sorted(self.slots.values(), key=lambda s: s.base_gfn)
+        self._last = None
+
+    def overlaps(self, base_gfn: int, npages: int, ignore: int | None = None) -> bool:
+        end = base_gfn + npages
+        return any(
+            s.id != ignore and s.base_gfn < end and base_gfn < s.end_gfn for s in self._sorted
+        )
+
+    def read_u64(self, gpa: int) -> int | None:
+        """kvm_read_guest() of one aligned u64; None where no memslot backs gpa."""
+        slot = self.lookup(gpa >> PAGE_SHIFT)
+        if slot is None:
+            return None
+        return slot.backing.u64[(gpa - (slot.base_gfn << PAGE_SHIFT)) >> 3]
+
+    def write_u64(self, gpa: int, value: int) -> Memslot | None:
+        """kvm_write_guest() of one aligned u64; returns the slot (None: no memslot)."""
+        slot = self.lookup(gpa >> PAGE_SHIFT)
+        if slot is not None:
+            slot.backing.u64[(gpa - (slot.base_gfn << PAGE_SHIFT)) >> 3] = value
+        return slot
+
+    def total_pages(self) -> int:
+        return sum(s.npages for s in self._sorted)
+
+
+def gpa_to_gfn(gpa: int) -> int:
+    return gpa >> PAGE_SHIFT

@@ -1,0 +1,431 @@
+"""The shadow MMU of one VM (`kvm->arch` MMU state) and its core operations.
+
+Mirrors arch/x86/kvm/mmu/mmu.c of about v5.6: the shadow-page hash and active list, rmaps,
+write protection through page_track, unsync marking, and installing sptes (set_spte /
+mmu_set_spte). Paths that use these live beside it: paging_tmpl.py (guest walk and page
+fault), sync.py, zap.py, pte_write.py, roots.py.
+
+Invariants kept here (checked by tests and the audit):
+- every present leaf spte is in the level-1 rmap of its gfn, and nothing else is;
+- every shadowed guest table (indirect sp) is write-protected unless its sp is unsync;
+  upper-level tables are write-tracked and can never go unsync;
+- each present non-leaf spte is on its child's parent_ptes; a parent's unsync_children equals
+  the popcount of its unsync_child_bitmap.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from mmud.kvm.memslot import Memslot, Memslots
+from mmud.kvm.mmu import spte as S
+from mmud.kvm.mmu.page import (
+    ShadowPage,
+    ShadowPagePool,
+    hash_64,
+    make_role,
+)
+from mmud.x86.paging import ACC_WRITE_MASK, PT_WRITABLE_MASK
+
+if TYPE_CHECKING:
+    from mmud.kvm.vcpu import Vcpu
+
+KVM_MIN_ALLOC_MMU_PAGES = 64
+KVM_PERMILLE_MMU_PAGES = 20
+KVM_MIN_FREE_MMU_PAGES = 5
+KVM_REFILL_PAGES = 25
+RMAP_RECYCLE_THRESHOLD = 1000
+KVM_PAGE_ARRAY_NR = 16
+
+# Return values of the page-fault paths (v5.6 numbering, RET_PF_*).
+RET_PF_RETRY = 0
+RET_PF_EMULATE = 1
+RET_PF_INVALID = 2
+
+# set_spte() result bits.
+SET_SPTE_WRITE_PROTECTED_PT = 1 << 0
+SET_SPTE_NEED_REMOTE_TLB_FLUSH = 1 << 1
+
+_SPTEP_SHIFT = 9
+_SPTEP_MASK = (1 << _SPTEP_SHIFT) - 1
+
+
+def sptep_of(sp: ShadowPage, i: int) -> int:
+    """A pointer to entry i of sp, as an int (the kernel's `u64 *sptep`)."""
+    return sp.index << _SPTEP_SHIFT | i
+
+
+class KvmMmu:
+    """MMU state of one VM. Only the simulation loop touches it (no locks inside)."""
+
+    def __init__(self, memslots: Memslots, stat: dict[str, int]) -> None:
+        self.memslots = memslots
+        self.stat = stat
+        self.vcpus: list[Vcpu] = []
+        self.pool = ShadowPagePool()
+        self.page_hash: dict[int, list[ShadowPage]] = {}
+        # Insertion-ordered: first key = tail (oldest), last key = head (newest).
+        self.active_mmu_pages: dict[ShadowPage, None] = {}
+        self.n_used_mmu_pages = 0
+        self.n_max_mmu_pages = KVM_MIN_ALLOC_MMU_PAGES
+        self.n_requested_mmu_pages = 0
+        self.mmu_valid_gen = 0
+        self.indirect_shadow_pages = 0
+
+    # --- helpers ---------------------------------------------------------------------------
+
+    def sp_of_sptep(self, sptep: int) -> ShadowPage:
+        return self.pool.pages[sptep >> _SPTEP_SHIFT]
+
+    def child_of(self, spte: int) -> ShadowPage:
+        return self.pool.pages[S.spte_child_index(spte)]
+
+    def is_obsolete_sp(self, sp: ShadowPage) -> bool:
+        return sp.invalid or sp.mmu_valid_gen != self.mmu_valid_gen
+
+    def valid_sps_of_gfn(self, gfn: int) -> list[ShadowPage]:
+        """for_each_gfn_valid_sp(): non-obsolete sps with this gfn, newest first."""
+        bucket = self.page_hash.get(hash_64(gfn))
+        if not bucket:
+            return []
+        return [sp for sp in reversed(bucket) if sp.gfn == gfn and not self.is_obsolete_sp(sp)]
+
+    def indirect_valid_sps_of_gfn(self, gfn: int) -> list[ShadowPage]:
+        return [sp for sp in self.valid_sps_of_gfn(gfn) if not sp.direct]
+
+    def kvm_flush_remote_tlbs(self) -> None:
+        """Every vCPU's hardware TLB is emptied (a kick plus KVM_REQ_TLB_FLUSH)."""
+        for vcpu in self.vcpus:
+            vcpu.tlb.clear()
+        self.stat["remote_tlb_flush"] += 1
+
+    def kvm_reload_remote_mmus(self) -> None:
+        for vcpu in self.vcpus:
+            vcpu.make_request_mmu_reload()
+
+    # --- page budget ----------------------------------------------------------------------
+
+    def kvm_mmu_available_pages(self) -> int:
+        if self.n_max_mmu_pages > self.n_used_mmu_pages:
+            return self.n_max_mmu_pages - self.n_used_mmu_pages
+        return 0
+
+    def default_mmu_pages(self) -> int:
+        """kvm_mmu_calculate_default_mmu_pages(): 2 % of all memslot pages, at least 64."""
+        pages = self.memslots.total_pages() * KVM_PERMILLE_MMU_PAGES // 1000
+        return max(pages, KVM_MIN_ALLOC_MMU_PAGES)
+
+    # --- rmap -------------------------------------------------------------------------------
+
+    def rmap_add(self, slot: Memslot, gfn: int, sptep: int) -> int:
+        rmap = slot.rmap.get(gfn)
+        if rmap is None:
+            slot.rmap[gfn] = [sptep]
+            return 0
+        rmap.append(sptep)
+        return len(rmap) - 1
+
+    def rmap_remove(self, sp: ShadowPage, i: int) -> None:
+        gfn = sp.gfn_of(i)
+        slot = self.memslots.lookup(gfn)
+        rmap = slot.rmap[gfn]
+        rmap.remove(sptep_of(sp, i))
+        if not rmap:
+            del slot.rmap[gfn]
+        self.stat["pages_4k"] -= 1
+
+    def rmap_write_protect(self, gfn: int) -> bool:
+        """Clear W and MMU-writable in every spte mapping gfn; True if any changed."""
+        slot = self.memslots.lookup(gfn)
+        if slot is None:
+            return False
+        rmap = slot.rmap.get(gfn)
+        if not rmap:
+            return False
+        flush = False
+        pages = self.pool.pages
+        clear = ~(PT_WRITABLE_MASK | S.SPTE_MMU_WRITEABLE)
+        for sptep in rmap:
+            spt = pages[sptep >> _SPTEP_SHIFT].spt
+            i = sptep & _SPTEP_MASK
+            old = spt[i]
+            if old & (PT_WRITABLE_MASK | S.SPTE_MMU_WRITEABLE):
+                spt[i] = old & clear
+                flush = flush or bool(old & PT_WRITABLE_MASK)
+        return flush
+
+    def drop_spte(self, sp: ShadowPage, i: int) -> None:
+        """Clear a present leaf spte and take it out of its rmap."""
+        self.rmap_remove(sp, i)
+        sp.spt[i] = 0
+
+    def kvm_zap_rmapp(self, slot: Memslot, gfn: int) -> bool:
+        rmap = slot.rmap.get(gfn)
+        if not rmap:
+            return False
+        for sptep in list(rmap):
+            self.drop_spte(self.sp_of_sptep(sptep), sptep & _SPTEP_MASK)
+        return True
+
+    # --- page tracking (KVM_PAGE_TRACK_WRITE) ------------------------------------------------
+
+    def page_track_is_active(self, gfn: int) -> bool:
+        slot = self.memslots.lookup(gfn)
+        return slot is not None and slot.gfn_track.get(gfn, 0) > 0
+
+    def account_shadowed(self, sp: ShadowPage) -> None:
+        self.indirect_shadow_pages += 1
+        gfn = sp.gfn
+        slot = self.memslots.lookup(gfn)
+        if slot is None:
+            return
+        if sp.level > 1:
+            slot.gfn_track[gfn] = slot.gfn_track.get(gfn, 0) + 1
+            if self.rmap_write_protect(gfn):
+                self.kvm_flush_remote_tlbs()
+
+    def unaccount_shadowed(self, sp: ShadowPage) -> None:
+        self.indirect_shadow_pages -= 1
+        if sp.level == 1:
+            return
+        slot = self.memslots.lookup(sp.gfn)
+        if slot is None:
+            return
+        count = slot.gfn_track[sp.gfn] - 1
+        if count:
+            slot.gfn_track[sp.gfn] = count
+        else:
+            del slot.gfn_track[sp.gfn]
+
+    # --- shadow page lookup and allocation ---------------------------------------------------
+
+    def alloc_page(self, gfn: int, role: int) -> ShadowPage:
+        sp = self.pool.alloc()
+        sp.init(gfn, role, self.mmu_valid_gen)
+        self.page_hash.setdefault(hash_64(gfn), []).append(sp)
+        self.active_mmu_pages[sp] = None
+        self.n_used_mmu_pages += 1
+        return sp
+
+    def free_page(self, sp: ShadowPage) -> None:
+        """kvm_mmu_free_page(): the sp leaves the hash and returns to the pool."""
+        self.page_hash[hash_64(sp.gfn)].remove(sp)
+        self.pool.release(sp)
+
+    def get_page(self, vcpu: Vcpu, gfn: int, level: int, direct: bool, access: int) -> ShadowPage:
+        """kvm_mmu_get_page(): find the sp for (gfn, role) or build it."""
+        from mmud.kvm.mmu import sync, zap
+
+        role = make_role(vcpu.base_role, level, direct, access)
+        collisions = 0
+        need_sync = False
+        invalid_list: list[ShadowPage] = []
+        found = None
+        bucket = self.page_hash.get(hash_64(gfn))
+        if bucket:
+            for sp in reversed(list(bucket)):
+                if sp.invalid or sp.mmu_valid_gen != self.mmu_valid_gen:
+                    continue
+                if sp.gfn != gfn:
+                    collisions += 1
+                    continue
+                if not need_sync and sp.unsync:
+                    need_sync = True
+                if sp.role != role:
+                    continue
+                if sp.unsync:
+                    if not sync.kvm_sync_page(self, vcpu, sp, invalid_list):
+                        break
+                    vcpu.request_tlb_flush()
+                if sp.unsync_children:
+                    vcpu.request_mmu_sync()
+                sp.write_flooding_count = 0
+                found = sp
+                break
+        if found is None:
+            self.stat["mmu_cache_miss"] += 1
+            found = self.alloc_page(gfn, role)
+            flush = False
+            if not direct:
+                self.account_shadowed(found)
+                if level == 1 and self.rmap_write_protect(gfn):
+                    self.kvm_flush_remote_tlbs()
+                if level > 1 and need_sync:
+                    flush = sync.kvm_sync_pages(self, vcpu, gfn, invalid_list)
+            zap.kvm_mmu_flush_or_zap(self, vcpu, invalid_list, False, flush)
+        elif invalid_list:
+            zap.kvm_mmu_commit_zap_page(self, invalid_list)
+        if collisions > self.stat["max_mmu_page_hash_collisions"]:
+            self.stat["max_mmu_page_hash_collisions"] = collisions
+        return found
+
+    # --- linking ------------------------------------------------------------------------------
+
+    def link_shadow_page(self, parent: ShadowPage, i: int, sp: ShadowPage) -> None:
+        parent.spt[i] = S.make_nonleaf_spte(sp.index)
+        sp.parent_ptes.append(sptep_of(parent, i))
+        if sp.unsync_children or sp.unsync:
+            self.mark_unsync(parent, i)
+
+    def drop_parent_pte(self, child: ShadowPage, parent: ShadowPage, i: int) -> None:
+        child.parent_ptes.remove(sptep_of(parent, i))
+        parent.spt[i] = 0
+
+    def mark_unsync(self, sp: ShadowPage, i: int) -> None:
+        """Set bit i of sp's unsync_child_bitmap and propagate upward on 0 → 1."""
+        bit = 1 << i
+        if sp.unsync_child_bitmap & bit:
+            return
+        sp.unsync_child_bitmap |= bit
+        sp.unsync_children += 1
+        if sp.unsync_children == 1:
+            self.mark_parents_unsync(sp)
+
+    def mark_parents_unsync(self, sp: ShadowPage) -> None:
+        pages = self.pool.pages
+        for sptep in list(sp.parent_ptes):
+            self.mark_unsync(pages[sptep >> _SPTEP_SHIFT], sptep & _SPTEP_MASK)
+
+    def clear_unsync_child_bit(self, sp: ShadowPage, i: int) -> None:
+        sp.unsync_children -= 1
+        sp.unsync_child_bitmap &= ~(1 << i)
+
+    def mmu_unsync_walk(self, sp: ShadowPage) -> list[ShadowPage]:
+        """The unsync leaf pages below sp, following unsync_child_bitmap.
+
+        Stale bits (the child was unlinked, synced or zapped since) are cleared on the way,
+        so a walk that finds nothing leaves sp with unsync_children == 0.
+        """
+        found: list[ShadowPage] = []
+        bitmap = sp.unsync_child_bitmap
+        while bitmap:
+            low = bitmap & -bitmap
+            i = low.bit_length() - 1
+            bitmap ^= low
+            spte = sp.spt[i]
+            if not spte & S.SPTE_MMU_PRESENT or spte & S.PT_PAGE_SIZE_MASK:
+                self.clear_unsync_child_bit(sp, i)
+                continue
+            child = self.child_of(spte)
+            if child.unsync_children:
+                found.extend(self.mmu_unsync_walk(child))
+                if not child.unsync_children:
+                    self.clear_unsync_child_bit(sp, i)
+            elif child.unsync:
+                found.append(child)
+            else:
+                self.clear_unsync_child_bit(sp, i)
+        return found
+
+    def kvm_unsync_page(self, sp: ShadowPage) -> None:
+        self.stat["mmu_unsync"] += 1
+        sp.unsync = True
+        self.mark_parents_unsync(sp)
+
+    def kvm_unlink_unsync_page(self, sp: ShadowPage) -> None:
+        sp.unsync = False
+        self.stat["mmu_unsync"] -= 1
+
+    def mmu_need_write_protect(self, gfn: int, can_unsync: bool) -> bool:
+        """Whether a writable spte for gfn must stay read-only; unsyncs leaf tables instead."""
+        if self.page_track_is_active(gfn):
+            return True
+        for sp in self.indirect_valid_sps_of_gfn(gfn):
+            if not can_unsync:
+                return True
+            if sp.unsync:
+                continue
+            self.kvm_unsync_page(sp)
+        return False
+
+    # --- installing sptes -----------------------------------------------------------------------
+
+    def set_spte(
+        self,
+        vcpu: Vcpu,
+        sp: ShadowPage,
+        i: int,
+        pte_access: int,
+        gfn: int,
+        pfn: int,
+        can_unsync: bool,
+        host_writable: bool,
+    ) -> int:
+        spt = sp.spt
+        old = spt[i]
+        spte = S.make_leaf_spte(pfn, pte_access, sp.level, host_writable)
+        if not host_writable:
+            pte_access &= ~ACC_WRITE_MASK
+        ret = 0
+        if pte_access & ACC_WRITE_MASK:
+            spte |= PT_WRITABLE_MASK | S.SPTE_MMU_WRITEABLE
+            # A sync keeps a writable spte writable: write protection is get_page's and
+            # kvm_sync_page's job (the kernel's "optimization" comment in set_spte).
+            if not (not can_unsync and old & PT_WRITABLE_MASK):
+                if self.mmu_need_write_protect(gfn, can_unsync):
+                    ret |= SET_SPTE_WRITE_PROTECTED_PT
+                    spte &= ~(PT_WRITABLE_MASK | S.SPTE_MMU_WRITEABLE)
+                if spte & PT_WRITABLE_MASK:
+                    vcpu.mark_page_dirty(gfn)
+        spt[i] = spte
+        # mmu_spte_update(): losing W (or MMU-writable) on a present spte needs a flush.
+        if old & S.SPTE_MMU_PRESENT and old & ~spte & (PT_WRITABLE_MASK | S.SPTE_MMU_WRITEABLE):
+            ret |= SET_SPTE_NEED_REMOTE_TLB_FLUSH
+        return ret
+
+    def set_mmio_spte(self, vcpu: Vcpu, sp: ShadowPage, i: int, gfn: int, access: int) -> int:
+        """mark_mmio_spte() for a gfn no memslot backs: cache it, emulate the access."""
+        old = sp.spt[i]
+        if old & S.SPTE_MMU_PRESENT:
+            self.drop_spte(sp, i)
+            self.kvm_flush_remote_tlbs()
+        gen = self.memslots.generation & S.MMIO_SPTE_GEN_MASK
+        sp.spt[i] = S.make_mmio_spte(gfn, access, gen)
+        vcpu.stat["pf_mmio_spte_created"] += 1
+        return RET_PF_EMULATE
+
+    def mmu_set_spte(
+        self,
+        vcpu: Vcpu,
+        sp: ShadowPage,
+        i: int,
+        pte_access: int,
+        write_fault: bool,
+        gfn: int,
+        pfn: int,
+        host_writable: bool = True,
+    ) -> int:
+        """Install a leaf spte for gfn→pfn; RET_PF_EMULATE if a write fault stays read-only."""
+        spt = sp.spt
+        old = spt[i]
+        was_rmapped = False
+        flush = False
+        if old & S.SPTE_MMU_PRESENT:
+            if sp.level > 1 and not S.is_large_pte(old):
+                self.drop_parent_pte(self.child_of(old), sp, i)
+                flush = True
+            elif pfn != S.spte_to_pfn(old):
+                self.drop_spte(sp, i)
+                flush = True
+            else:
+                was_rmapped = True
+        elif S.is_mmio_spte(old):
+            spt[i] = 0
+        ret = RET_PF_RETRY
+        result = self.set_spte(vcpu, sp, i, pte_access, gfn, pfn, True, host_writable)
+        if result & SET_SPTE_WRITE_PROTECTED_PT:
+            if write_fault:
+                ret = RET_PF_EMULATE
+            vcpu.request_tlb_flush()
+        if result & SET_SPTE_NEED_REMOTE_TLB_FLUSH or flush:
+            self.kvm_flush_remote_tlbs()
+        if not was_rmapped:
+            if not sp.direct:
+                sp.gfns[i] = gfn
+            slot = self.memslots.lookup(gfn)
+            self.stat["pages_4k"] += 1
+            if self.rmap_add(slot, gfn, sptep_of(sp, i)) > RMAP_RECYCLE_THRESHOLD:
+                # rmap_recycle(): a hot gfn drops all its mappings (and this one) at once.
+                self.kvm_zap_rmapp(slot, gfn)
+                self.kvm_flush_remote_tlbs()
+        return ret

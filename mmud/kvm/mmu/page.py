@@ -1,0 +1,139 @@
+"""Shadow pages (`struct kvm_mmu_page`), their role word, and the pool that holds their sptes.
+
+The sptes of all shadow pages live in numpy chunks of CHUNK_PAGES × 512 uint64, never moved
+or reallocated, so whole-MMU walks (audit, zap-all, dirty-log protection) are vectorised over
+a few arrays, while the per-fault path indexes a page's `memoryview` and gets plain Python
+ints. Indirect pages also record the gfn of each spte (`gfns`, the kernel's `sp->gfns[]`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from mmud.x86.paging import PT64_ENT_PER_PAGE, PT64_LEVEL_BITS
+
+CHUNK_PAGES = 256
+
+# union kvm_mmu_page_role (≈v5.6), LSB first. Keep in step with the kernel's layout so that
+# printed role words (the audit prints them) read like the kernel's.
+ROLE_LEVEL_MASK = 0xF
+ROLE_GPTE_IS_8_BYTES = 1 << 4
+ROLE_DIRECT = 1 << 7
+ROLE_ACCESS_SHIFT = 8
+ROLE_ACCESS_MASK = 0x7 << ROLE_ACCESS_SHIFT
+ROLE_INVALID = 1 << 11
+ROLE_NXE = 1 << 12
+ROLE_CR0_WP = 1 << 13
+ROLE_SMEP_ANDNOT_WP = 1 << 14
+ROLE_SMAP_ANDNOT_WP = 1 << 15
+# The paging-mode part every shadow page of one context shares (mmu_base_role_mask).
+ROLE_BASE_MASK = (
+    ROLE_GPTE_IS_8_BYTES | ROLE_NXE | ROLE_CR0_WP | ROLE_SMEP_ANDNOT_WP | ROLE_SMAP_ANDNOT_WP
+)
+
+KVM_MMU_HASH_SHIFT = 12
+_GOLDEN_RATIO_64 = 0x61C8864680B583EB
+_U64 = (1 << 64) - 1
+
+
+def hash_64(val: int, bits: int = KVM_MMU_HASH_SHIFT) -> int:
+    """include/linux/hash.h hash_64(): the bucket of a gfn in mmu_page_hash."""
+    return ((val * _GOLDEN_RATIO_64) & _U64) >> (64 - bits)
+
+
+def make_role(base: int, level: int, direct: bool, access: int) -> int:
+    role = (base & ROLE_BASE_MASK) | level | (access << ROLE_ACCESS_SHIFT)
+    if direct:
+        role |= ROLE_DIRECT | ROLE_GPTE_IS_8_BYTES
+    return role
+
+
+class ShadowPage:
+    """One shadow page. Identity is (gfn, role); `index` is its row in the pool."""
+
+    __slots__ = (
+        "index", "spt", "sptes", "gfns", "gfn", "role", "level", "direct", "access",
+        "unsync", "unsync_children", "unsync_child_bitmap", "parent_ptes", "root_count",
+        "mmu_valid_gen", "write_flooding_count", "invalid", "_gfns_np",
+    )
+
+    def __init__(self, index: int, sptes: np.ndarray, gfns: np.ndarray) -> None:
+        self.index = index
+        self.sptes = sptes  # numpy row view, for vectorised work on one page
+        self.spt = memoryview(sptes)  # Python-int access on the hot path
+        self._gfns_np = gfns
+        self.gfns = memoryview(gfns)
+        self.gfn = 0
+        self.role = 0
+        self.level = 0
+        self.direct = False
+        self.access = 0
+        self.unsync = False
+        self.unsync_children = 0
+        self.unsync_child_bitmap = 0  # Python int, bit i = entry i
+        self.parent_ptes: list[int] = []  # sptep = parent.index << 9 | entry
+        self.root_count = 0
+        self.mmu_valid_gen = 0
+        self.write_flooding_count = 0
+        self.invalid = False
+
+    def init(self, gfn: int, role: int, gen: int) -> None:
+        self.gfn = gfn
+        self.role = role
+        self.level = role & ROLE_LEVEL_MASK
+        self.direct = bool(role & ROLE_DIRECT)
+        self.access = (role & ROLE_ACCESS_MASK) >> ROLE_ACCESS_SHIFT
+        self.unsync = False
+        self.unsync_children = 0
+        self.unsync_child_bitmap = 0
+        self.parent_ptes = []
+        self.root_count = 0
+        self.mmu_valid_gen = gen
+        self.write_flooding_count = 0
+        self.invalid = False
+        self.sptes[:] = 0
+        self._gfns_np[:] = 0
+
+    def gfn_of(self, i: int) -> int:
+        """kvm_mmu_page_get_gfn(): the gfn entry i maps."""
+        if self.direct:
+            return self.gfn + (i << ((self.level - 1) * PT64_LEVEL_BITS))
+        return self.gfns[i]
+
+    def mark_invalid(self) -> None:
+        self.invalid = True
+        self.role |= ROLE_INVALID
+
+    def __repr__(self) -> str:
+        return f"<sp {self.index} gfn={self.gfn:#x} role={self.role:#x}>"
+
+
+class ShadowPagePool:
+    """Storage of all shadow pages: chunked spte/gfn arrays and a free list of rows."""
+
+    def __init__(self) -> None:
+        self.spt_chunks: list[np.ndarray] = []
+        self.gfn_chunks: list[np.ndarray] = []
+        self.pages: list[ShadowPage] = []  # by index, allocated or free
+        self.free: list[int] = []
+
+    def _grow(self) -> None:
+        base = len(self.pages)
+        spt = np.zeros((CHUNK_PAGES, PT64_ENT_PER_PAGE), dtype=np.uint64)
+        gfns = np.zeros((CHUNK_PAGES, PT64_ENT_PER_PAGE), dtype=np.uint64)
+        self.spt_chunks.append(spt)
+        self.gfn_chunks.append(gfns)
+        self.pages.extend(ShadowPage(base + i, spt[i], gfns[i]) for i in range(CHUNK_PAGES))
+        # Lowest index first, so allocation order (and so the run) is deterministic.
+        self.free.extend(range(base + CHUNK_PAGES - 1, base - 1, -1))
+
+    def alloc(self) -> ShadowPage:
+        if not self.free:
+            self._grow()
+        return self.pages[self.free.pop()]
+
+    def release(self, sp: ShadowPage) -> None:
+        self.free.append(sp.index)
+
+    def page(self, index: int) -> ShadowPage:
+        return self.pages[index]

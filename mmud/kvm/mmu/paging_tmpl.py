@@ -1,0 +1,227 @@
+"""The shadow page-fault path for 64-bit guests: FNAME(walk_addr), FNAME(page_fault), FNAME(fetch).
+
+The guest walk is KVM's software walker: it reads the guest's tables from guest memory,
+checks reserved bits and permissions against the vCPU's paging mode, and sets A/D only once
+the whole walk succeeded (so a faulting walk changes nothing). It records, per level, the
+table gfn and the access accumulated *above* that table (`pt_access`), which becomes
+role.access of the shadow page of that table: a table reached through parents with
+different rights gets different shadow pages (CVE-2021-38198, commit b1bd5cba3306).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from mmud.kvm.mmu import spte as S
+from mmud.kvm.mmu import zap
+from mmud.kvm.mmu.mmu import RET_PF_EMULATE, RET_PF_RETRY, KvmMmu
+from mmud.x86.paging import (
+    ACC_ALL,
+    ACC_EXEC_MASK,
+    ACC_WRITE_MASK,
+    CR3_ADDR_MASK,
+    PAGE_SHIFT,
+    PFERR_FETCH_MASK,
+    PFERR_PRESENT_MASK,
+    PFERR_RSVD_MASK,
+    PFERR_USER_MASK,
+    PFERR_WRITE_MASK,
+    PT64_BASE_ADDR_MASK,
+    PT64_LVL2_LARGE_ADDR_MASK,
+    PT_ACCESSED_MASK,
+    PT_DIRTY_MASK,
+    PT_PAGE_SIZE_MASK,
+    PT_PRESENT_MASK,
+    gpte_access,
+    permission_fault,
+    pt_index,
+    rsvd_bits,
+)
+
+if TYPE_CHECKING:
+    from mmud.kvm.vcpu import Vcpu
+
+
+class GuestWalker:
+    """struct guest_walker: the outcome of a successful guest walk (index = level - 1)."""
+
+    __slots__ = ("level", "gfn", "pte_access", "pt_access", "table_gfn", "pte_gpa", "ptes")
+
+    def __init__(self) -> None:
+        self.level = 0
+        self.gfn = 0
+        self.pte_access = 0
+        self.pt_access = [0, 0, 0, 0]
+        self.table_gfn = [0, 0, 0, 0]
+        self.pte_gpa = [0, 0, 0, 0]
+        self.ptes = [0, 0, 0, 0]
+
+
+def walk_addr(mmu: KvmMmu, vcpu: Vcpu, addr: int, error_code: int) -> GuestWalker | int:
+    """Walk the guest tables for addr; a walker, or the #PF error code to inject."""
+    write = bool(error_code & PFERR_WRITE_MASK)
+    user = bool(error_code & PFERR_USER_MASK)
+    fetch = bool(error_code & PFERR_FETCH_MASK)
+    nxe = vcpu.nxe
+    memslots = mmu.memslots
+    read = memslots.read_u64
+    w = GuestWalker()
+    table = vcpu.cr3 & CR3_ADDR_MASK
+    pte_access = ACC_ALL
+    level = 4
+    while True:
+        pt_access = pte_access
+        pte_gpa = table + 8 * pt_index(addr, level)
+        gpte = read(pte_gpa)
+        if gpte is None or not gpte & PT_PRESENT_MASK:
+            return _fault(vcpu, 0, write, user, fetch)
+        large = level == 2 and bool(gpte & PT_PAGE_SIZE_MASK)
+        if gpte & rsvd_bits(level, large, nxe):
+            return _fault(vcpu, PFERR_PRESENT_MASK | PFERR_RSVD_MASK, write, user, fetch)
+        k = level - 1
+        w.table_gfn[k] = table >> PAGE_SHIFT
+        w.pte_gpa[k] = pte_gpa
+        w.ptes[k] = gpte
+        w.pt_access[k] = pt_access
+        pte_access = pt_access & gpte_access(gpte, nxe)
+        if level == 1 or large:
+            break
+        table = gpte & PT64_BASE_ADDR_MASK
+        level -= 1
+    if permission_fault(
+        pte_access,
+        write=write,
+        fetch=fetch,
+        user=user,
+        cr0_wp=vcpu.cr0_wp,
+        smep=vcpu.smep,
+        smap=vcpu.smap,
+        ac=vcpu.ac,
+    ):
+        return _fault(vcpu, PFERR_PRESENT_MASK, write, user, fetch)
+    # Success: set A on every entry used and D on the leaf of a write (FNAME(update_accessed_dirty_bits)).
+    for k in range(3, level - 2, -1):
+        gpte = w.ptes[k]
+        new = gpte | PT_ACCESSED_MASK
+        if k == level - 1 and write:
+            new |= PT_DIRTY_MASK
+        if new != gpte:
+            w.ptes[k] = new
+            memslots.write_u64(w.pte_gpa[k], new)
+            vcpu.mark_page_dirty(w.table_gfn[k])
+    leaf = w.ptes[level - 1]
+    if level == 2:
+        gfn = ((leaf & PT64_LVL2_LARGE_ADDR_MASK) >> PAGE_SHIFT) + pt_index(addr, 1)
+    else:
+        gfn = (leaf & PT64_BASE_ADDR_MASK) >> PAGE_SHIFT
+    if not leaf & PT_DIRTY_MASK:
+        pte_access &= ~ACC_WRITE_MASK  # FNAME(protect_clean_gpte)
+    w.level = level
+    w.gfn = gfn
+    w.pte_access = pte_access
+    return w
+
+
+def _fault(vcpu: Vcpu, errcode: int, write: bool, user: bool, fetch: bool) -> int:
+    errcode |= (PFERR_WRITE_MASK if write else 0) | (PFERR_USER_MASK if user else 0)
+    if fetch and (vcpu.nxe or vcpu.smep):
+        errcode |= PFERR_FETCH_MASK
+    return errcode
+
+
+def gva_to_gpa(mmu: KvmMmu, vcpu: Vcpu, addr: int, error_code: int) -> int:
+    """FNAME(gva_to_gpa): the gpa of addr, or ~error_code (< 0) for the #PF to inject."""
+    w = walk_addr(mmu, vcpu, addr, error_code)
+    if isinstance(w, int):
+        return ~w
+    return (w.gfn << PAGE_SHIFT) | (addr & 0xFFF)
+
+
+def shadow_page_table_clear_flood(vcpu: Vcpu, addr: int) -> None:
+    """Reset the flood counters of the sps on addr's shadow path (a real access used them)."""
+    mmu = vcpu.kvm_mmu
+    sp = vcpu.root
+    level = sp.level if sp else 0
+    while sp is not None:
+        sp.write_flooding_count = 0
+        spte = sp.spt[pt_index(addr, level)]
+        if level == 1 or not spte & S.SPTE_MMU_PRESENT or spte & PT_PAGE_SIZE_MASK:
+            return
+        sp = mmu.child_of(spte)
+        level -= 1
+
+
+def page_fault(mmu: KvmMmu, vcpu: Vcpu, addr: int, error_code: int) -> int:
+    """FNAME(page_fault) (RSVD already handled by the caller)."""
+    w = walk_addr(mmu, vcpu, addr, error_code & ~PFERR_RSVD_MASK)
+    if isinstance(w, int):
+        vcpu.inject_page_fault(addr, w)
+        return RET_PF_RETRY
+    write_fault = bool(error_code & PFERR_WRITE_MASK)
+    if error_code & (PFERR_PRESENT_MASK | PFERR_WRITE_MASK) == (
+        PFERR_PRESENT_MASK | PFERR_WRITE_MASK
+    ) and mmu.page_track_is_active(w.gfn):
+        shadow_page_table_clear_flood(vcpu, addr)
+        return RET_PF_EMULATE
+    slot = mmu.memslots.lookup(w.gfn)
+    if slot is None:
+        vcpu.cache_mmio_info(addr, w.gfn, w.pte_access & S.SHADOW_MMIO_ACCESS_MASK)
+        if not vcpu.mmio_caching:
+            return RET_PF_EMULATE
+        pfn = None
+    else:
+        pfn = slot.gfn_to_pfn(w.gfn)
+        # CR0.WP=0: a supervisor write to a read-only page gets a supervisor-only writable
+        # spte (and NX under SMEP, or the kernel could now execute a user page).
+        if write_fault and not w.pte_access & ACC_WRITE_MASK and not vcpu.cr0_wp:
+            if not error_code & PFERR_USER_MASK:
+                w.pte_access = (w.pte_access | ACC_WRITE_MASK) & ~ACC_USER_MASK
+                if vcpu.smep:
+                    w.pte_access &= ~ACC_EXEC_MASK
+    if not zap.make_mmu_pages_available(mmu):
+        return RET_PF_RETRY
+    return fetch(mmu, vcpu, addr, w, write_fault, pfn)
+
+
+def fetch(mmu: KvmMmu, vcpu: Vcpu, addr: int, w: GuestWalker, write_fault: bool, pfn: int | None) -> int:
+    """FNAME(fetch): build the shadow path for addr and install the leaf spte."""
+    sp = vcpu.root
+    if sp is None:
+        return RET_PF_RETRY
+    level = sp.level
+    while level > w.level:
+        sp.write_flooding_count = 0
+        i = pt_index(addr, level)
+        spte = sp.spt[i]
+        if spte & S.SPTE_MMU_PRESENT:
+            child = mmu.child_of(spte)
+        else:
+            k = level - 2
+            child = mmu.get_page(vcpu, w.table_gfn[k], level - 1, False, w.pt_access[k])
+            mmu.link_shadow_page(sp, i, child)
+        sp = child
+        level -= 1
+    # A guest 2 MiB page is mapped with 4 KiB sptes in a direct sp (no host huge pages).
+    direct_access = w.pte_access
+    while level > 1:
+        sp.write_flooding_count = 0
+        i = pt_index(addr, level)
+        spte = sp.spt[i]
+        if spte & S.SPTE_MMU_PRESENT:
+            child = mmu.child_of(spte)
+            if child.access != direct_access:  # validate_direct_spte()
+                mmu.drop_parent_pte(child, sp, i)
+                mmu.kvm_flush_remote_tlbs()
+                spte = 0
+        if not spte & S.SPTE_MMU_PRESENT:
+            base_gfn = w.gfn & ~((1 << (9 * (level - 1))) - 1)
+            child = mmu.get_page(vcpu, base_gfn, level - 1, True, direct_access)
+            mmu.link_shadow_page(sp, i, child)
+        sp = child
+        level -= 1
+    sp.write_flooding_count = 0
+    i = pt_index(addr, 1)
+    vcpu.stat["pf_fixed"] += 1
+    if pfn is None:
+        return mmu.set_mmio_spte(vcpu, sp, i, w.gfn, w.pte_access)
+    return mmu.mmu_set_spte(vcpu, sp, i, w.pte_access, write_fault, w.gfn, pfn)

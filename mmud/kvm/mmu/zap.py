@@ -1,0 +1,196 @@
+"""Zapping shadow pages: one page, the oldest pages for the budget, and all of them.
+
+`prepare_zap_page` + `commit_zap_page` follow __kvm_mmu_prepare_zap_page and
+kvm_mmu_commit_zap_page (≈v5.6): a zapped sp loses its children links, its parent sptes and
+its write protection; if a vCPU still uses it as a root it stays on the active list, marked
+invalid, until the last root reference is dropped.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from mmud.kvm.mmu import spte as S
+from mmud.kvm.mmu.mmu import (
+    KVM_MIN_ALLOC_MMU_PAGES,
+    KVM_MIN_FREE_MMU_PAGES,
+    KVM_REFILL_PAGES,
+    KvmMmu,
+)
+from mmud.kvm.mmu.page import ShadowPage
+
+if TYPE_CHECKING:
+    from mmud.kvm.vcpu import Vcpu
+
+BATCH_ZAP_PAGES = 10
+
+
+def mmu_page_zap_pte(mmu: KvmMmu, sp: ShadowPage, i: int) -> bool:
+    """Clear entry i of sp: unlink a child or drop a leaf. True if it was present."""
+    spte = sp.spt[i]
+    if spte & S.SPTE_MMU_PRESENT:
+        if sp.level == 1 or spte & S.PT_PAGE_SIZE_MASK:
+            mmu.drop_spte(sp, i)
+        else:
+            mmu.drop_parent_pte(mmu.child_of(spte), sp, i)
+        return True
+    if S.is_mmio_spte(spte):
+        sp.spt[i] = 0
+    return False
+
+
+def _unlink_children(mmu: KvmMmu, sp: ShadowPage) -> None:
+    spt = sp.spt
+    for i in sp.sptes.nonzero()[0].tolist():
+        if spt[i]:
+            mmu_page_zap_pte(mmu, sp, i)
+
+
+def _unlink_parents(mmu: KvmMmu, sp: ShadowPage) -> None:
+    pages = mmu.pool.pages
+    for sptep in list(sp.parent_ptes):
+        mmu.drop_parent_pte(sp, pages[sptep >> 9], sptep & 0x1FF)
+
+
+def prepare_zap_page(mmu: KvmMmu, sp: ShadowPage, invalid_list: list[ShadowPage]) -> int:
+    """__kvm_mmu_prepare_zap_page(); returns how many pages it moved to invalid_list."""
+    mmu.stat["mmu_shadow_zapped"] += 1
+    nr_zapped = 0
+    if sp.level > 1:
+        for child in mmu.mmu_unsync_walk(sp):
+            if child in mmu.active_mmu_pages and not child.invalid:
+                nr_zapped += prepare_zap_page(mmu, child, invalid_list)
+    _unlink_children(mmu, sp)
+    _unlink_parents(mmu, sp)
+    if not sp.invalid and not sp.direct:
+        mmu.unaccount_shadowed(sp)
+    if sp.unsync:
+        mmu.kvm_unlink_unsync_page(sp)
+    if not sp.root_count:
+        nr_zapped += 1
+        del mmu.active_mmu_pages[sp]
+        invalid_list.append(sp)
+        mmu.n_used_mmu_pages -= 1
+    else:
+        # Still a root somewhere: move to the head, and ask the vCPUs to let go of it.
+        del mmu.active_mmu_pages[sp]
+        mmu.active_mmu_pages[sp] = None
+        if not mmu.is_obsolete_sp(sp):
+            mmu.kvm_reload_remote_mmus()
+    sp.mark_invalid()
+    return nr_zapped
+
+
+def commit_zap_page(mmu: KvmMmu, invalid_list: list[ShadowPage]) -> None:
+    """kvm_mmu_commit_zap_page(): one remote flush, then free every page of the list."""
+    if not invalid_list:
+        return
+    mmu.kvm_flush_remote_tlbs()
+    for sp in invalid_list:
+        mmu.free_page(sp)
+    invalid_list.clear()
+
+
+# Kernel names for the two entry points above.
+kvm_mmu_prepare_zap_page = prepare_zap_page
+kvm_mmu_commit_zap_page = commit_zap_page
+
+
+def kvm_mmu_flush_or_zap(
+    mmu: KvmMmu, vcpu: Vcpu, invalid_list: list[ShadowPage], remote_flush: bool, local_flush: bool
+) -> None:
+    if invalid_list:
+        commit_zap_page(mmu, invalid_list)
+        return
+    if remote_flush:
+        mmu.kvm_flush_remote_tlbs()
+        return
+    if local_flush:
+        vcpu.request_tlb_flush()
+
+
+def prepare_zap_oldest_mmu_page(mmu: KvmMmu, invalid_list: list[ShadowPage]) -> bool:
+    """v5.6: zap the tail of active_mmu_pages; False if there is none to zap."""
+    if not mmu.active_mmu_pages:
+        return False
+    sp = next(iter(mmu.active_mmu_pages))
+    return prepare_zap_page(mmu, sp, invalid_list) > 0
+
+
+def make_mmu_pages_available(mmu: KvmMmu) -> bool:
+    """Keep KVM_MIN_FREE_MMU_PAGES free, recycling the oldest pages; False = -ENOSPC."""
+    if mmu.kvm_mmu_available_pages() >= KVM_MIN_FREE_MMU_PAGES:
+        return True
+    invalid_list: list[ShadowPage] = []
+    while mmu.kvm_mmu_available_pages() < KVM_REFILL_PAGES:
+        if not prepare_zap_oldest_mmu_page(mmu, invalid_list):
+            break
+        mmu.stat["mmu_recycled"] += 1
+    commit_zap_page(mmu, invalid_list)
+    return mmu.kvm_mmu_available_pages() > 0
+
+
+def kvm_mmu_change_mmu_pages(mmu: KvmMmu, goal: int) -> None:
+    """Set the page budget; zap oldest pages until the pool fits (not counted as recycled)."""
+    if mmu.n_used_mmu_pages > goal:
+        invalid_list: list[ShadowPage] = []
+        while mmu.n_used_mmu_pages > goal:
+            if not prepare_zap_oldest_mmu_page(mmu, invalid_list):
+                break
+        commit_zap_page(mmu, invalid_list)
+        goal = mmu.n_used_mmu_pages
+    mmu.n_max_mmu_pages = goal
+
+
+def kvm_mmu_set_nr_mmu_pages(mmu: KvmMmu, nr: int) -> None:
+    """KVM_SET_NR_MMU_PAGES (the caller has refused nr < KVM_MIN_ALLOC_MMU_PAGES)."""
+    mmu.n_requested_mmu_pages = nr
+    kvm_mmu_change_mmu_pages(mmu, nr)
+
+
+def kvm_mmu_unprotect_page(mmu: KvmMmu, gfn: int) -> bool:
+    """Zap every indirect sp of gfn so the guest may write the page freely again."""
+    invalid_list: list[ShadowPage] = []
+    found = False
+    for sp in mmu.indirect_valid_sps_of_gfn(gfn):
+        found = True
+        prepare_zap_page(mmu, sp, invalid_list)
+    commit_zap_page(mmu, invalid_list)
+    return found
+
+
+def kvm_mmu_zap_all(mmu: KvmMmu) -> int:
+    """The slow whole-VM zap: every page one by one, newest first; returns pages freed.
+
+    Invalid pages still pinned as roots are skipped: they go when their vCPUs drop them.
+    """
+    invalid_list: list[ShadowPage] = []
+    for sp in reversed(list(mmu.active_mmu_pages)):
+        if sp in mmu.active_mmu_pages and not (sp.invalid and sp.root_count):
+            prepare_zap_page(mmu, sp, invalid_list)
+    zapped = len(invalid_list)
+    commit_zap_page(mmu, invalid_list)
+    return zapped
+
+
+def kvm_zap_obsolete_pages(mmu: KvmMmu) -> None:
+    """Zap obsolete pages oldest first, stopping at the first valid one (they are newer)."""
+    invalid_list: list[ShadowPage] = []
+    for sp in list(mmu.active_mmu_pages):
+        if not mmu.is_obsolete_sp(sp):
+            break
+        if sp.invalid or sp not in mmu.active_mmu_pages:
+            continue
+        prepare_zap_page(mmu, sp, invalid_list)
+    commit_zap_page(mmu, invalid_list)
+
+
+def kvm_mmu_zap_all_fast(mmu: KvmMmu) -> None:
+    """Invalidate every shadow page at once by toggling mmu_valid_gen.
+
+    Lookups skip obsolete pages at once, every vCPU is made to drop its roots, and the
+    obsolete pages are then freed oldest first.
+    """
+    mmu.mmu_valid_gen ^= 1
+    mmu.kvm_reload_remote_mmus()
+    kvm_zap_obsolete_pages(mmu)

@@ -1,0 +1,490 @@
+"""A vCPU: architectural registers, simulated hardware (TLB and shadow-table walk), VM exits.
+
+One guest access runs as on hardware with shadow paging: look up the TLB; on a miss walk the
+*shadow* tables from the root; a missing or insufficient spte is a #PF VM exit handled by
+KVM's page-fault path (mmu/paging_tmpl.py), after which the access is retried, emulated, or
+reflected into the guest as a #PF. The TLB caches translations exactly as long as hardware
+may: it is emptied by KVM's flushes (local requests, remote flushes, root loads) and by
+INVLPG of the address, so stale translations show up exactly where KVM allows them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from mmud.kvm import stats
+from mmud.kvm.mmu import paging_tmpl, pte_write, roots, sync, zap
+from mmud.kvm.mmu import spte as S
+from mmud.kvm.mmu.mmu import RET_PF_EMULATE, RET_PF_INVALID, RET_PF_RETRY
+from mmud.kvm.mmu.page import (
+    ROLE_CR0_WP,
+    ROLE_GPTE_IS_8_BYTES,
+    ROLE_NXE,
+    ROLE_SMAP_ANDNOT_WP,
+    ROLE_SMEP_ANDNOT_WP,
+    ShadowPage,
+    make_role,
+)
+from mmud.x86.paging import (
+    ACC_ALL,
+    CR0_PE,
+    CR0_PG,
+    CR0_WP,
+    CR3_ADDR_MASK,
+    CR4_PAE,
+    CR4_PGE,
+    CR4_PKE,
+    CR4_SMAP,
+    CR4_SMEP,
+    EFER_LMA,
+    EFER_LME,
+    EFER_NXE,
+    PAGE_SHIFT,
+    PFERR_FETCH_MASK,
+    PFERR_PRESENT_MASK,
+    PFERR_RSVD_MASK,
+    PFERR_USER_MASK,
+    PFERR_WRITE_MASK,
+    PT64_ROOT_4LEVEL,
+    X86_EFLAGS_AC,
+    X86_EFLAGS_FIXED,
+    is_canonical,
+    permission_fault,
+    pt_index,
+)
+
+if TYPE_CHECKING:
+    from mmud.kvm.vm import VM
+
+# Requests (KVM_REQ_*), serviced at the next guest entry in vcpu_enter_guest()'s order.
+KVM_REQ_MMU_RELOAD = 1 << 0
+KVM_REQ_MMU_SYNC = 1 << 1
+KVM_REQ_TLB_FLUSH = 1 << 2
+
+# A fault that keeps coming back means KVM failed to make progress: a simulator bug.
+_MAX_FAULT_RETRIES = 64
+
+# Access kinds index the per-TLB-entry permission mask: write | user << 1 | fetch << 2.
+_KINDS = tuple((k & 1, k >> 1 & 1, k >> 2 & 1) for k in range(8))
+_allowed_cache: dict[tuple[int, bool, bool, bool], int] = {}
+
+
+def _allowed_mask(spte: int, smep: bool, smap: bool, ac: bool) -> int:
+    """Which access kinds a leaf spte allows, under host CR0.WP=1 and the guest's SMEP/SMAP/AC."""
+    key = (spte & (S.PT_WRITABLE_MASK | S.PT_USER_MASK | S.PT64_NX_MASK), smep, smap, ac)
+    mask = _allowed_cache.get(key)
+    if mask is None:
+        access = S.spte_access(spte)
+        mask = 0
+        for kind, (write, user, fetch) in enumerate(_KINDS):
+            if not (write and fetch) and not permission_fault(
+                access, write=bool(write), fetch=bool(fetch), user=bool(user),
+                cr0_wp=True, smep=smep, smap=smap, ac=ac,
+            ):
+                mask |= 1 << kind
+        _allowed_cache[key] = mask
+    return mask
+
+
+class PageFault(Exception):
+    """A #PF delivered to the guest (the caller plays the guest's handler)."""
+
+    def __init__(self, gva: int, error_code: int) -> None:
+        super().__init__(f"#PF at {gva:#x} error code {error_code:#x}")
+        self.gva = gva
+        self.error_code = error_code
+
+
+class GeneralProtection(Exception):
+    """#GP: a non-canonical linear address (never a #PF)."""
+
+
+@dataclass(frozen=True)
+class Access:
+    """The outcome of one guest access: a #PF error code, or the translated gpa."""
+
+    gva: int
+    fault: bool
+    error_code: int = 0
+    gpa: int | None = None
+
+
+class Vcpu:
+    def __init__(self, vm: VM, index: int) -> None:
+        self.vm = vm
+        self.kvm_mmu = vm.mmu
+        self.index = index
+        self.stat = stats.new_vcpu_stats()
+        self._cr0 = CR0_PE | CR0_PG | CR0_WP
+        self._cr4 = CR4_PAE
+        self._efer = EFER_LME | EFER_LMA | EFER_NXE
+        self._rflags = X86_EFLAGS_FIXED
+        self._cr3 = 0
+        self.requests = 0
+        self.root: ShadowPage | None = None
+        self.root_cr3 = 0
+        self.prev_roots: list[tuple[int, ShadowPage | None]] = [(0, None)] * roots.KVM_MMU_NUM_PREV_ROOTS
+        # vpn -> (u64 view of the frame's buffer, u64 index of the frame, allowed kinds, buffer, gfn)
+        self.tlb: dict[int, tuple] = {}
+        self.injected: int | None = None
+        # vcpu->arch.mmio_gva / mmio_access / mmio_gfn / mmio_generation
+        self.mmio_gva = 0
+        self.mmio_access = 0
+        self.mmio_gfn = 0
+        self.mmio_gen = 0
+        self._update_mode()
+
+    # --- paging mode ----------------------------------------------------------------------
+
+    def _update_mode(self) -> None:
+        self.cr0_wp = bool(self._cr0 & CR0_WP)
+        self.nxe = bool(self._efer & EFER_NXE)
+        self.smep = bool(self._cr4 & CR4_SMEP)
+        self.smap = bool(self._cr4 & CR4_SMAP)
+        self.ac = bool(self._rflags & X86_EFLAGS_AC)
+        role = ROLE_GPTE_IS_8_BYTES
+        if self.nxe:
+            role |= ROLE_NXE
+        if self.cr0_wp:
+            role |= ROLE_CR0_WP
+        elif self.smep:
+            role |= ROLE_SMEP_ANDNOT_WP
+        if not self.cr0_wp and self.smap:
+            role |= ROLE_SMAP_ANDNOT_WP
+        self.base_role = role
+
+    def root_role(self) -> int:
+        return make_role(self.base_role, PT64_ROOT_4LEVEL, False, ACC_ALL)
+
+    def kvm_mmu_reset_context(self) -> None:
+        """A paging-mode change: drop every root; lookups under the new role miss the old pages."""
+        roots.kvm_mmu_unload(self.kvm_mmu, self)
+        self._update_mode()
+
+    @property
+    def cr0(self) -> int:
+        return self._cr0
+
+    @cr0.setter
+    def cr0(self, value: int) -> None:
+        old, self._cr0 = self._cr0, value
+        self.stat["exits"] += 1
+        if (old ^ value) & (CR0_PG | CR0_WP):
+            self.kvm_mmu_reset_context()
+
+    @property
+    def cr4(self) -> int:
+        return self._cr4
+
+    @cr4.setter
+    def cr4(self, value: int) -> None:
+        old, self._cr4 = self._cr4, value
+        self.stat["exits"] += 1
+        if (old ^ value) & (CR4_PGE | CR4_PAE | CR4_SMEP | CR4_SMAP | CR4_PKE):
+            self.kvm_mmu_reset_context()
+
+    @property
+    def efer(self) -> int:
+        return self._efer
+
+    @efer.setter
+    def efer(self, value: int) -> None:
+        old, self._efer = self._efer, value
+        self.stat["exits"] += 1
+        if (old ^ value) & EFER_NXE:
+            self.kvm_mmu_reset_context()
+
+    @property
+    def rflags(self) -> int:
+        return self._rflags
+
+    @rflags.setter
+    def rflags(self, value: int) -> None:
+        old, self._rflags = self._rflags, value | X86_EFLAGS_FIXED
+        if (old ^ value) & X86_EFLAGS_AC:
+            # TLB entries carry permission decisions taken under the old AC.
+            self.ac = bool(value & X86_EFLAGS_AC)
+            self.tlb.clear()
+
+    @property
+    def cr3(self) -> int:
+        return self._cr3
+
+    @cr3.setter
+    def cr3(self, value: int) -> None:
+        """kvm_set_cr3(): same value = sync + flush; new value = (fast) root switch."""
+        self.stat["exits"] += 1
+        mmu = self.kvm_mmu
+        if value == self._cr3:
+            sync.kvm_mmu_sync_roots(mmu, self)
+            self.request_tlb_flush()
+            return
+        roots.kvm_mmu_new_cr3(mmu, self, value)
+        self._cr3 = value
+
+    # --- requests ---------------------------------------------------------------------------
+
+    def request_tlb_flush(self) -> None:
+        self.requests |= KVM_REQ_TLB_FLUSH
+
+    def request_mmu_sync(self) -> None:
+        self.requests |= KVM_REQ_MMU_SYNC
+
+    def make_request_mmu_reload(self) -> None:
+        self.requests |= KVM_REQ_MMU_RELOAD
+
+    def enter_guest(self) -> None:
+        """vcpu_enter_guest(): service requests, then make sure a root is loaded."""
+        mmu = self.kvm_mmu
+        if self.requests:
+            req, self.requests = self.requests, 0
+            if req & KVM_REQ_MMU_RELOAD:
+                roots.kvm_mmu_unload(mmu, self)
+            if req & KVM_REQ_MMU_SYNC:
+                sync.kvm_mmu_sync_roots(mmu, self)
+            if req & KVM_REQ_TLB_FLUSH:
+                self.tlb.clear()
+                self.stat["tlb_flush"] += 1
+        if self.root is None:
+            roots.kvm_mmu_load(mmu, self)
+
+    def all_roots(self) -> list[ShadowPage]:
+        found = [self.root] if self.root is not None else []
+        return found + [sp for _, sp in self.prev_roots if sp is not None]
+
+    # --- memory ------------------------------------------------------------------------------
+
+    def mark_page_dirty(self, gfn: int) -> None:
+        self.vm.mark_page_dirty(gfn)
+
+    def inject_page_fault(self, gva: int, error_code: int) -> None:
+        self.injected = error_code
+        self.stat["pf_guest"] += 1
+
+    def cache_mmio_info(self, gva: int, gfn: int, access: int) -> None:
+        gen = self.vm.memslots.generation
+        if gen & (1 << 63):
+            return
+        self.mmio_gva = gva & ~0xFFF
+        self.mmio_access = access
+        self.mmio_gfn = gfn
+        self.mmio_gen = gen
+
+    def clear_mmio_info(self, gva: int) -> None:
+        if self.mmio_gva == gva & ~0xFFF:
+            self.mmio_gva = 0
+
+    def clear_mmio_info_any(self) -> None:
+        self.mmio_gva = 0
+
+    def match_mmio_gva(self, gva: int) -> bool:
+        return (
+            self.mmio_gva != 0
+            and self.mmio_gen == self.vm.memslots.generation
+            and self.mmio_gva == gva & ~0xFFF
+        )
+
+    @property
+    def mmio_caching(self) -> bool:
+        return self.vm.mmio_caching
+
+    def tlb_flush_gva(self, gva: int) -> None:
+        self.tlb.pop(gva >> PAGE_SHIFT, None)
+
+    def _hw_walk(self, gva: int, kind: int) -> tuple | int:
+        """The processor's walk of the shadow tables: a TLB entry, or a #PF error code."""
+        err = (kind & 1) * PFERR_WRITE_MASK | (kind >> 1 & 1) * PFERR_USER_MASK
+        if kind & 4:
+            err |= PFERR_FETCH_MASK  # the host always runs with EFER.NX
+        sp = self.root
+        level = sp.level
+        mmu = self.kvm_mmu
+        while True:
+            spte = sp.spt[pt_index(gva, level)]
+            if not spte & S.PT_PRESENT_MASK:
+                return err
+            if spte & S.SHADOW_MMIO_MASK == S.SHADOW_MMIO_VALUE:
+                return err | PFERR_PRESENT_MASK | PFERR_RSVD_MASK
+            if level == 1 or spte & S.PT_PAGE_SIZE_MASK:
+                break
+            sp = mmu.child_of(spte)
+            level -= 1
+        allowed = _allowed_mask(spte, self.smep, self.smap, self.ac)
+        if not allowed >> kind & 1:
+            return err | PFERR_PRESENT_MASK
+        pfn = S.spte_to_pfn(spte)
+        backing = self.vm.memslots.backing_of_pfn(pfn)
+        gfn = sp.gfn_of(pt_index(gva, 1))
+        entry = (backing.u64, (pfn - backing.base_pfn) << 9, allowed, backing.array, gfn)
+        self.tlb[gva >> PAGE_SHIFT] = entry
+        return entry
+
+    def _translate(self, gva: int, kind: int) -> tuple | int:
+        """Run one access to translation: a TLB entry, or RET_PF_EMULATE.
+
+        Raises PageFault when KVM reflects a #PF into the guest.
+        """
+        entry = self.tlb.get(gva >> PAGE_SHIFT)
+        if entry is not None and entry[2] >> kind & 1:
+            return entry
+        if not is_canonical(gva):
+            raise GeneralProtection(f"non-canonical address {gva:#x}")
+        for _ in range(_MAX_FAULT_RETRIES):
+            self.enter_guest()
+            result = self._hw_walk(gva, kind)
+            if not isinstance(result, int):
+                return result
+            self.stat["exits"] += 1
+            r = self.kvm_mmu_page_fault(gva, result)
+            if self.injected is not None:
+                error_code, self.injected = self.injected, None
+                raise PageFault(gva, error_code)
+            if r == RET_PF_EMULATE:
+                self.stat["pf_emulate"] += 1
+                return RET_PF_EMULATE
+        raise RuntimeError(f"vCPU {self.index}: no progress on {gva:#x} (kind {kind})")
+
+    def kvm_mmu_page_fault(self, gva: int, error_code: int) -> int:
+        mmu = self.kvm_mmu
+        r = RET_PF_INVALID
+        if error_code & PFERR_RSVD_MASK:
+            r = self.handle_mmio_page_fault(gva)
+        if r == RET_PF_INVALID:
+            r = paging_tmpl.page_fault(mmu, self, gva, error_code)
+        return r
+
+    def handle_mmio_page_fault(self, gva: int) -> int:
+        """The RSVD fast path: emulate straight from a current MMIO spte or the MMIO cache."""
+        if self.match_mmio_gva(gva):
+            return RET_PF_EMULATE
+        sp = self.root
+        level = sp.level
+        mmu = self.kvm_mmu
+        while True:
+            spte = sp.spt[pt_index(gva, level)]
+            if level == 1 or not spte & S.SPTE_MMU_PRESENT or spte & S.PT_PAGE_SIZE_MASK:
+                break
+            sp = mmu.child_of(spte)
+            level -= 1
+        if not S.is_mmio_spte(spte):
+            return RET_PF_RETRY
+        gen = self.vm.memslots.generation
+        if gen & (1 << 63) or gen & S.MMIO_SPTE_GEN_MASK != S.get_mmio_spte_generation(spte):
+            return RET_PF_INVALID
+        self.cache_mmio_info(gva, S.get_mmio_spte_gfn(spte), S.get_mmio_spte_access(spte))
+        return RET_PF_EMULATE
+
+    # --- the emulator -----------------------------------------------------------------------------
+
+    def _emulated_gpa(self, gva: int, kind: int) -> int:
+        """The emulator's translation (vcpu_mmio_gva_to_gpa); raises PageFault."""
+        self.stat["insn_emulation"] += 1
+        error_code = (kind & 1) * PFERR_WRITE_MASK | (kind >> 1 & 1) * PFERR_USER_MASK
+        if self.match_mmio_gva(gva) and not permission_fault(
+            self.mmio_access | 1, write=bool(kind & 1), fetch=False, user=bool(kind & 2),
+            cr0_wp=self.cr0_wp, smep=self.smep, smap=self.smap, ac=self.ac,
+        ):
+            return self.mmio_gfn << PAGE_SHIFT | (gva & 0xFFF)
+        gpa = paging_tmpl.gva_to_gpa(self.kvm_mmu, self, gva, error_code)
+        if gpa < 0:
+            self.stat["pf_guest"] += 1
+            raise PageFault(gva, ~gpa)
+        return gpa
+
+    def _emulate_read(self, gva: int, kind: int) -> int:
+        gpa = self._emulated_gpa(gva, kind)
+        value = self.vm.memslots.read_u64(gpa)
+        if value is None:
+            self.stat["mmio_exits"] += 1
+            return self.vm.mmio_read(gpa)
+        return value
+
+    def _emulate_write(self, gva: int, value: int) -> None:
+        self._write_gpa(self._emulated_gpa(gva, 1), value)
+
+    def _write_gpa(self, gpa: int, value: int, nbytes: int = 8) -> None:
+        """An emulated store: memory (or the device), then the page-track notifier."""
+        if self.vm.memslots.write_u64(gpa, value) is None:
+            self.stat["mmio_exits"] += 1
+            self.vm.mmio_write(gpa, value)
+            return
+        self.mark_page_dirty(gpa >> PAGE_SHIFT)
+        pte_write.kvm_mmu_pte_write(self.kvm_mmu, self, gpa, nbytes)
+
+    # --- the guest's instructions --------------------------------------------------------------
+
+    def access(self, gva: int, *, write: bool = False, fetch: bool = False, user: bool = False) -> Access:
+        """One guest access of the page at gva; the data is left as it is."""
+        kind = write | user << 1 | fetch << 2
+        try:
+            entry = self._translate(gva, kind)
+            if entry == RET_PF_EMULATE:
+                gpa = self._emulated_gpa(gva, kind)
+                if write:  # a read-modify-write that stores the value it read
+                    value = self.vm.memslots.read_u64(gpa & ~7)
+                    self._write_gpa(gpa & ~7, self.vm.mmio_read(gpa) if value is None else value)
+                return Access(gva, False, 0, gpa)
+        except PageFault as pf:
+            return Access(gva, True, pf.error_code)
+        return Access(gva, False, 0, entry[4] << PAGE_SHIFT | (gva & 0xFFF))
+
+    def read_u64(self, gva: int, *, user: bool = False) -> int:
+        kind = user << 1
+        entry = self._translate(gva, kind)
+        if entry == RET_PF_EMULATE:
+            return self._emulate_read(gva, kind)
+        return entry[0][entry[1] + ((gva & 0xFFF) >> 3)]
+
+    def write_u64(self, gva: int, value: int, *, user: bool = False) -> None:
+        """A MOV store: a trapped write to a shadowed page table is emulated."""
+        kind = 1 | user << 1
+        entry = self._translate(gva, kind)
+        if entry == RET_PF_EMULATE:
+            self._emulate_write(gva, value)
+            return
+        entry[0][entry[1] + ((gva & 0xFFF) >> 3)] = value
+
+    def fetch(self, gva: int, *, user: bool = False) -> Access:
+        return self.access(gva, fetch=True, user=user)
+
+    def _string_target(self, gva: int, kind: int) -> tuple | None:
+        """Translation for `rep stos/movs` of a page; None if the page is MMIO.
+
+        Such instructions do not write page tables, so when their write traps on a
+        write-protected guest table KVM unprotects the gfn and re-executes
+        (retry_instruction), instead of emulating 512 stores.
+        """
+        entry = self._translate(gva, kind)
+        if entry == RET_PF_EMULATE and kind & 1:
+            gpa = self._emulated_gpa(gva, kind)
+            if self.vm.memslots.lookup(gpa >> PAGE_SHIFT) is None:
+                return None
+            zap.kvm_mmu_unprotect_page(self.kvm_mmu, gpa >> PAGE_SHIFT)
+            entry = self._translate(gva, kind)
+        if entry == RET_PF_EMULATE:
+            return None
+        return entry
+
+    def clear_page(self, gva: int) -> None:
+        """Supervisor `rep stosq` of the 4 KiB page at gva."""
+        gva &= ~0xFFF
+        entry = self._string_target(gva, 1)
+        if entry is not None:
+            entry[3][entry[1]:entry[1] + 512] = 0
+
+    def copy_page(self, dst_gva: int, src_gva: int) -> None:
+        """Supervisor `rep movsq` of 4 KiB from src_gva to dst_gva."""
+        src = self._string_target(src_gva & ~0xFFF, 0)
+        dst = self._string_target(dst_gva & ~0xFFF, 1)
+        if dst is None:
+            return
+        if src is None:  # reading a device page: what the device returns
+            dst[3][dst[1]:dst[1] + 512] = self.vm.mmio_read(src_gva)
+        else:
+            dst[3][dst[1]:dst[1] + 512] = src[3][src[1]:src[1] + 512]
+
+    def invlpg(self, gva: int) -> None:
+        self.stat["exits"] += 1
+        if is_canonical(gva):
+            sync.kvm_mmu_invlpg(self.kvm_mmu, self, gva)

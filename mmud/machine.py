@@ -1,0 +1,45 @@
+"""A runnable VM: the KVM side (mmud.kvm.vm.Kvm) plus a guest workload on every vCPU.
+
+This is `mmud.VM`. It sits above both the simulated KVM and the guest workloads, and owns the
+seeded scheduler that interleaves the vCPUs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from mmud.guest import WORKLOADS
+from mmud.kvm.params import Params
+from mmud.kvm.vm import Kvm
+from mmud.sched import Scheduler
+
+
+class VM(Kvm):
+    def __init__(
+        self,
+        mem_mb: int = 64,
+        vcpus: int = 1,
+        seed: int = 0,
+        workload: str | None = None,
+        params: Params | Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(mem_mb=mem_mb, vcpus=vcpus, params=params)
+        if workload is not None and workload not in WORKLOADS:
+            raise ValueError(f"unknown workload {workload!r} (known: {', '.join(WORKLOADS)})")
+        self.seed = seed
+        self.steps = 0
+        self.workload_name = workload
+        self.scheduler = Scheduler(seed)
+        self.workload = WORKLOADS[workload](self, seed) if workload else None
+        if self.workload is not None:
+            for vcpu in self.vcpus:
+                self.scheduler.add(f"vcpu{vcpu.index}", self.workload.task(vcpu))
+
+    def step(self, n: int = 1) -> int:
+        """Run n scheduler steps (fewer if every task ended); returns the steps run."""
+        done = 0
+        step = self.scheduler.step
+        while done < n and step():
+            done += 1
+        self.steps += done
+        return done
