@@ -1,0 +1,99 @@
+"""Control-plane latency of the running daemon (issue 3).
+
+- `param_read_p99_ms_idle` / `_running`: p99 of one open/read/close of
+  parameters/mmu_audit from this (client) process, with the VM paused and with it running
+  flat out.  Rounds alternate between the two states.  Target: under 5 ms while running.
+- `toggle_to_effect_ms`: from just before the write(2) to parameters/mmu_audit until the
+  simulation process applied it, read from the `applied_ns` of its `param_set` log event
+  (CLOCK_MONOTONIC is one clock for all processes).  Target: under 20 ms.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from bench._common import figure, interleaved, median, percentile
+
+START_TIMEOUT_SECONDS = 60.0
+
+
+@contextlib.contextmanager
+def running_daemon() -> Iterator[tuple[Path, Path]]:
+    """A `python -m mmud run` on a scratch mount point; yields (mount point, its log)."""
+    with tempfile.TemporaryDirectory(prefix="mmud-bench-") as tmp:
+        mnt, log = Path(tmp, "mnt"), Path(tmp, "daemon.log")
+        with open(log, "wb") as out:
+            proc = subprocess.Popen([sys.executable, "-m", "mmud", "run", "--mount", str(mnt)],
+                                    stdout=out, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + START_TIMEOUT_SECONDS
+            while '"mounted"' not in log.read_text():
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"mmud did not mount:\n{log.read_text()}")
+                time.sleep(0.05)
+            yield mnt, log
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(10)
+
+
+def _write(path: Path, text: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.write(fd, text)
+    finally:
+        os.close(fd)
+
+
+def _read_latencies(mnt: Path, state: bytes, n: int) -> list[float]:
+    _write(mnt / "vm0/state", state)
+    path = mnt / "parameters/mmu_audit"
+    samples = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        with open(path, "rb") as f:
+            f.read()
+        samples.append((time.perf_counter() - t0) * 1e3)
+    return samples
+
+
+def _applied_ns(log: Path) -> list[int]:
+    """applied_ns of every mmu_audit store the simulation logged, in order."""
+    events = (json.loads(line[line.index("{"):]) for line in log.read_text().splitlines()
+              if '"param_set"' in line)
+    return [e["applied_ns"] for e in events if e.get("name") == "mmu_audit"]
+
+
+def _toggle_delays(mnt: Path, log: Path, n: int) -> list[float]:
+    _write(mnt / "vm0/state", b"run")
+    already = len(_applied_ns(log))
+    starts = []
+    for i in range(n):
+        time.sleep(0.005)  # let the loop get back into a step batch
+        starts.append(time.monotonic_ns())
+        _write(mnt / "parameters/mmu_audit", b"1\n" if i % 2 == 0 else b"0\n")
+    applied = _applied_ns(log)[already:]
+    return [(a - s) / 1e6 for s, a in zip(starts, applied, strict=True)]
+
+
+def run(quick: bool = False) -> None:
+    rounds, per_round, toggles = (2, 50, 10) if quick else (10, 300, 200)
+    with running_daemon() as (mnt, log):
+        pooled = interleaved({"idle": lambda: _read_latencies(mnt, b"pause", per_round),
+                              "running": lambda: _read_latencies(mnt, b"run", per_round)},
+                             rounds)
+        for state, samples in pooled.items():
+            figure(f"param_read_p50_ms_{state}", median(samples), "ms")
+            figure(f"param_read_p99_ms_{state}", percentile(samples, 99), "ms")
+        delays = _toggle_delays(mnt, log, toggles)
+        figure("toggle_to_effect_ms", median(delays), "ms")
+        figure("toggle_to_effect_p99_ms", percentile(delays, 99), "ms")
