@@ -22,7 +22,7 @@ from mmud.kvm.memslot import (
     Memslots,
 )
 from mmud.kvm.mmu import spte as S
-from mmud.kvm.mmu import zap
+from mmud.kvm.mmu import audit, zap
 from mmud.kvm.mmu.mmu import KvmMmu
 from mmud.kvm.params import Params
 from mmud.kvm.vcpu import Vcpu
@@ -185,3 +185,7 @@ class Kvm:
             zap.kvm_mmu_zap_all_fast(self.mmu)
         else:
             zap.kvm_mmu_zap_all(self.mmu)
+
+    def audit(self) -> list[str]:
+        """Run one full audit now (every check, every vCPU's tree); the error lines."""
+        return audit.audit_full(self.mmu, self.vcpus, "manual")

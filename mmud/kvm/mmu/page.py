@@ -48,6 +48,15 @@ def make_role(base: int, level: int, direct: bool, access: int) -> int:
     return role
 
 
+# Where the pool's pages would sit in the host kernel's address space: a stable stand-in for
+# the hashed `%p` printk gives a `struct kvm_mmu_page *` (16 hex digits).
+SP_ADDRESS_BASE = 0xFFFF888100000000
+
+
+def sp_address(sp: ShadowPage) -> str:
+    return f"{SP_ADDRESS_BASE + sp.index * 0x100:016x}"
+
+
 class ShadowPage:
     """One shadow page. Identity is (gfn, role); `index` is its row in the pool."""
 
