@@ -21,7 +21,7 @@ def available() -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     p.add_argument("names", nargs="*", metavar="NAME", help=f"any of: {', '.join(available())}")
-    p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run, not a measurement")
+    p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
     args = p.parse_args(argv)
     unknown = set(args.names) - set(available())
     if unknown:

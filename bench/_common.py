@@ -1,4 +1,4 @@
-"""What every benchmark shares: figure reporting, results.json, interleaved variants, percentiles."""
+"""What every benchmark shares: figures, results.json, interleaved variants, percentiles."""
 
 from __future__ import annotations
 
@@ -32,7 +32,8 @@ def percentile(samples: Sequence[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(p / 100 * len(ordered)) - 1))]
 
 
-def interleaved(variants: dict[str, Callable[[], list[float]]], rounds: int) -> dict[str, list[float]]:
+def interleaved(variants: dict[str, Callable[[], list[float]]],
+                rounds: int) -> dict[str, list[float]]:
     """Run each variant once per round, alternating, so drift in the machine hits all alike.
 
     Each call returns a batch of samples; the result pools every variant's samples.

@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 import faulthandler
 import re
-from collections.abc import Callable
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import structlog

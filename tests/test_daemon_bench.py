@@ -3,7 +3,7 @@
 import subprocess
 import sys
 
-from conftest import REPO
+from tests.fusemount import REPO
 
 FIGURES = ("param_read_p99_ms_idle", "param_read_p99_ms_running", "toggle_to_effect_ms")
 

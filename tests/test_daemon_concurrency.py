@@ -4,8 +4,8 @@ import random
 import threading
 import time
 
-from conftest import cat, echo, shell_write
 from mmud.kvm.stats import STATS
+from tests.fusemount import cat, echo, shell_write
 
 DURATION_SECONDS = 10.0
 THREADS = 8

@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from conftest import REPO, Daemon, cat, wait_for
 from mmud.daemon.mountpoint import is_mounted
+from tests.fusemount import REPO, Daemon, cat, wait_for
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])

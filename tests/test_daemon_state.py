@@ -2,7 +2,7 @@
 
 import time
 
-from conftest import assert_refused, echo, shell_write, wait_for
+from tests.fusemount import assert_refused, echo, shell_write, wait_for
 
 
 def steps(daemon) -> int:

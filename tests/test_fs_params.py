@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from conftest import assert_refused, cat, echo, shell_write
+from tests.fusemount import assert_refused, cat, echo, shell_write
 
 
 @pytest.fixture(autouse=True)

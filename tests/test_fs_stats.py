@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from conftest import assert_refused, echo, shell_write, wait_for
 from mmud.kvm.stats import STATS, Kind
+from tests.fusemount import assert_refused, echo, shell_write, wait_for
 
 
 def test_every_stat_has_a_file_with_the_kernel_mode(daemon):

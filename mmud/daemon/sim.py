@@ -32,7 +32,7 @@ from mmud.log import setup_logging
 BATCH_SECONDS = 0.002
 # Files show values at most this old while the VM runs; also the paused loop's poll timeout.
 PUBLISH_SECONDS = 0.05
-STATES = ("running", "paused")
+STATES = ("running", "paused", "crashed")
 
 log = structlog.get_logger("mmud.sim")
 
@@ -63,7 +63,12 @@ class _Slot:
     vm: Any
     fd: int
     running: bool = True
+    failure: str | None = None  # why the VM crashed; only a restart clears it
     rates: RateMeter = field(default_factory=RateMeter)
+
+    @property
+    def state(self) -> str:
+        return STATES[2] if self.failure else STATES[0] if self.running else STATES[1]
 
     @property
     def debugfs_dir(self) -> str:
@@ -115,10 +120,22 @@ class Simulation:
         """Step every running VM `_batch` steps, resizing the batch toward BATCH_SECONDS."""
         t0 = time.perf_counter()
         for s in running:
-            s.vm.step(self._batch)
+            try:
+                s.vm.step(self._batch)
+            except Exception as e:  # noqa: BLE001 - any VM failure stops that VM, not the host
+                self._crash(s, e)
         elapsed = time.perf_counter() - t0
         scale = BATCH_SECONDS / elapsed if elapsed > 0 else 2.0
         self._batch = max(1, min(self._batch * 2, int(self._batch * scale)))
+
+    def _crash(self, s: _Slot, e: Exception) -> None:
+        """Stop a VM whose simulation raised, as KVM stops a VM on an internal error.
+
+        The daemon keeps serving: the files show the last state, vm<N>/state reads
+        "crashed" and `restart` builds a fresh VM.
+        """
+        s.running, s.failure = False, f"{type(e).__name__}: {e}"
+        log.error("vm_crashed", vm=s.name, steps=s.vm.steps, seed=s.config.seed, exc_info=e)
 
     def _drain(self, timeout: float) -> None:
         """Apply every pending request; EOF means the main process is gone."""
@@ -151,9 +168,8 @@ class Simulation:
 
     def _vm_snapshot(self, s: _Slot) -> VmSnapshot:
         stats = s.vm.stats
-        state = STATES[0] if s.running else STATES[1]
-        return VmSnapshot(s.name, s.debugfs_dir, state, s.vm.steps, stats,
-                          render_status(s.vm, state, s.rates.update(s.vm.steps, stats)))
+        status = render_status(s.vm, s.state, s.rates.update(s.vm.steps, stats), s.failure)
+        return VmSnapshot(s.name, s.debugfs_dir, s.state, s.vm.steps, stats, status)
 
     # -- request handlers ---------------------------------------------------------------
 
@@ -181,8 +197,10 @@ class Simulation:
             i = self.slots.index(s)
             os.close(s.fd)
             fresh = self._create(s.name, s.config)
-            fresh.running = s.running  # a paused VM restarts paused, at step 0
+            fresh.running = s.running or s.failure is not None  # a paused VM restarts paused
             self.slots[i] = s = fresh
+        elif action == "run" and s.failure:
+            raise OSError(errno.EINVAL, f"{vm} crashed; restart it")
         else:
             s.running = action == "run"
         log.info("vm_state", vm=vm, action=action, steps=s.vm.steps)

@@ -26,12 +26,12 @@ class RateMeter:
         if dt >= RATE_WINDOW_SECONDS:
             rates = {"steps": (steps - self._steps) / dt}
             rates.update({n: (stats.get(n, 0) - self._stats.get(n, 0)) / dt for n in RATE_STATS})
-            self._rates = {n: max(r, 0.0) for n, r in rates.items()}  # a cleared stat is not negative
+            self._rates = {n: max(r, 0.0) for n, r in rates.items()}  # none below 0 after a clear
             self._t, self._steps, self._stats = now, steps, dict(stats)
         return self._rates
 
 
-def render_status(vm: Any, state: str, rates: dict[str, float]) -> str:
+def render_status(vm: Any, state: str, rates: dict[str, float], failure: str | None) -> str:
     """One `key: value` line each, like /proc/meminfo, so both people and scripts can read it."""
     lines = [
         ("state", state),
@@ -42,6 +42,8 @@ def render_status(vm: Any, state: str, rates: dict[str, float]) -> str:
         ("steps", str(vm.steps)),
         ("shadow pages", f"{vm.mmu.n_used_mmu_pages} / {vm.mmu.n_max_mmu_pages}"),
     ]
+    if failure:
+        lines.append(("failure", failure))
     lines += [(f"{n}/s", f"{rates.get(n, 0.0):.0f}") for n in ("steps", *RATE_STATS)]
     width = max(len(k) for k, _ in lines) + 1
     return "".join(f"{k + ':':<{width}} {v}\n" for k, v in lines)

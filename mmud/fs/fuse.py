@@ -75,10 +75,8 @@ class ControlFS(Operations):
         return [".", "..", *node.children(self._snap())]  # names only, never offsets
 
     def open(self, path: str, fi: Any) -> int:
-        if (fi.flags & os.O_ACCMODE) != os.O_RDONLY:
-            node = self._writable(path)
-        else:
-            node = self._file(path)
+        writing = (fi.flags & os.O_ACCMODE) != os.O_RDONLY
+        node = self._writable(path) if writing else self._file(path)
         if (fi.flags & os.O_ACCMODE) != os.O_WRONLY and not node.mode & 0o444:
             raise OSError(errno.EACCES, path)  # a write-only file has no show method
         fi.direct_io, fi.fh = 1, next(self.ids)

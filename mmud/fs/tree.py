@@ -14,7 +14,16 @@ import errno
 from collections.abc import Mapping
 
 from mmud.daemon.protocol import Snapshot
-from mmud.fs.nodes import Backend, Dir, File, Node, choice_file, mmu_debug_file, param_file, stat_file
+from mmud.fs.nodes import (
+    Backend,
+    Dir,
+    File,
+    Node,
+    choice_file,
+    mmu_debug_file,
+    param_file,
+    stat_file,
+)
 from mmud.kvm.params import Params
 from mmud.kvm.stats import STATS
 

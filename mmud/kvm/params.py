@@ -116,7 +116,7 @@ AUDIT_SCOPES = ("full", "incremental")
 
 
 def _set_scope(s: str) -> str:
-    word = s[:-1] if s.endswith("\n") else s
+    word = s.removesuffix("\n")
     if word not in AUDIT_SCOPES:
         raise ParamError(errno.EINVAL, f"scope is one of {', '.join(AUDIT_SCOPES)}")
     return word
@@ -128,7 +128,7 @@ def _render_str(value: Value) -> bytes:
 
 @dataclass(frozen=True)
 class ParamDesc:
-    """One parameter: its sysfs mode, default, setter (text -> value) and getter (value -> bytes)."""
+    """A parameter: sysfs mode, default, setter (text -> value), getter (value -> bytes)."""
 
     name: str
     mode: int
@@ -209,7 +209,7 @@ class Params:
         """One write(2) to the sysfs file: parse, store, then tell the watchers of a change."""
         value = self.parse(name, raw)
         if value == self._values[name]:
-            return  # e.g. enabling mmu_audit when on: a no-op, as the static key is never re-counted
+            return  # enabling mmu_audit when on is a no-op: the static key is never re-counted
         self._values[name] = value
         for fn in tuple(self._watchers):
             fn(name, value)
@@ -223,5 +223,5 @@ class Params:
         self._watchers.append(fn)
 
     def unwatch(self, fn: Watcher) -> None:
-        """Stop calling fn; a destroyed VM drops its watcher so the shared block does not keep it."""
+        """Stop calling fn: a destroyed VM drops its watcher from the shared block."""
         self._watchers.remove(fn)
