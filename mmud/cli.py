@@ -54,7 +54,8 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--mem", type=mem_size, default=64, metavar="SIZE",
                      help="guest memory, e.g. 64M or 1G (default 64M)")
     run.add_argument("--vcpus", type=int, default=1)
-    run.add_argument("--workload", default="kernel", help="guest workload (default: kernel)")
+    run.add_argument("--workload", default="kernel",
+                     help="guest workload, or none for an idle guest (default: kernel)")
     run.add_argument("--state-dir", type=Path, default=None,
                      help="directory for persisted state (created if missing)")
     run.add_argument("--log-level", choices=LEVELS, default="info")
@@ -67,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     if args.state_dir:
         args.state_dir.mkdir(parents=True, exist_ok=True)
     config = SimConfig(vms=(VmConfig(mem_mb=args.mem, vcpus=args.vcpus, seed=args.seed,
-                                     workload=args.workload),),
+                                     workload=None if args.workload == "none" else args.workload),),
                        load=load, log_level=args.log_level)
     structlog.get_logger("mmud").info("starting", mountpoint=str(args.mount), config=repr(config))
 

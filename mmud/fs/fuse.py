@@ -7,8 +7,9 @@ Kernel semantics it adds on top of the node types (reference/fuse-systemd.md §2
   `default_permissions` alone would let through;
 - each write(2) is one complete store, its offset ignored as sysfs ignores it; a zero-length
   write returns 0 without a store;
-- callbacks only read the latest snapshot or send a request; they do no file I/O and never
-  touch the mount point.
+- callbacks only read the latest snapshot or send a request; they do no file I/O (not even
+  logging: the simulation logs each store it applies, with its step) and never touch the
+  mount point.  The one exception is the `mounted` event at init().
 """
 
 from __future__ import annotations
@@ -22,14 +23,11 @@ from pathlib import Path
 from stat import S_IFDIR, S_IFREG
 from typing import Any
 
-import structlog
-from mfusepy import FUSE, Operations, fuse_get_context
+from mfusepy import FUSE, Operations
 
 from mmud.daemon.protocol import Snapshot
 from mmud.fs.nodes import Backend, Dir, File
 from mmud.fs.tree import Tree
-
-log = structlog.get_logger("mmud.fs")
 
 
 class ControlFS(Operations):
@@ -89,14 +87,7 @@ class ControlFS(Operations):
     def write(self, path: str, data: bytes, offset: int, fi: Any) -> int:
         if not data:
             return 0  # sysfs never hands an empty buffer to a setter
-        pid = fuse_get_context()[2]
-        try:
-            self._writable(path).store(bytes(data))
-        except OSError as e:
-            log.info("store_refused", path=path, data=bytes(data[:64]).decode("latin-1"), pid=pid,
-                     error=errno.errorcode.get(e.errno or 0, str(e.errno)))
-            raise
-        log.info("store", path=path, data=bytes(data[:64]).decode("latin-1"), pid=pid)
+        self._writable(path).store(bytes(data))  # the simulation logs what it applied
         return len(data)
 
     def truncate(self, path: str, length: int, fh: Any = None) -> int:

@@ -13,6 +13,11 @@ class OutOfMemory(Exception):
     """No free guest frame (the kernel answers with an OOM kill)."""
 
 
+class BadPage(Exception):
+    """A reference to a frame that is not allocated: a corrupted page table (Linux's
+    "BUG: Bad page map"). The kernel treats it as an oops, not as a simulator failure."""
+
+
 class FrameAllocator:
     def __init__(self, first_pfn: int, end_pfn: int) -> None:
         # Reversed so that pop() hands out ascending frames on a fresh boot.
@@ -33,11 +38,11 @@ class FrameAllocator:
         return pfn
 
     def get_page(self, pfn: int) -> None:
-        self._refcount[pfn] += 1
+        self._refcount[pfn] = self._count(pfn) + 1
 
     def put_page(self, pfn: int) -> None:
         """Drop one reference; the last one returns the frame to the free list."""
-        count = self._refcount[pfn] - 1
+        count = self._count(pfn) - 1
         if count:
             self._refcount[pfn] = count
         else:
@@ -46,3 +51,9 @@ class FrameAllocator:
 
     def page_count(self, pfn: int) -> int:
         return self._refcount.get(pfn, 0)
+
+    def _count(self, pfn: int) -> int:
+        count = self._refcount.get(pfn)
+        if count is None:
+            raise BadPage(f"bad page map: pfn {pfn:#x} is not allocated")
+        return count

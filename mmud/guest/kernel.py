@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 import mmud
 from mmud.guest import memory
-from mmud.guest.frames import FrameAllocator, OutOfMemory
+from mmud.guest.frames import BadPage, FrameAllocator, OutOfMemory
 from mmud.guest.mm import MM, VM_WRITE, VMA
 from mmud.guest.pgtable import (
     _KERNPG_TABLE,
@@ -67,7 +67,7 @@ COUNTERS = (
     "segv_caught",  # expected SIGSEGVs (protection probes)
     "fault_loops",  # accesses still faulting after MAX_FAULT_RETRIES fixes
     "oom_kills",
-    "oops",  # kernel-mode faults: the task is abandoned
+    "oops",  # kernel-mode faults and bad page maps: the task is abandoned
     "data_errors",  # a load returned something other than what was stored
 )
 
@@ -200,7 +200,7 @@ class Kernel:
             reason = "segv"
         except OutOfMemory:
             reason = "oom_kills"
-        except mmud.PageFault as fault:
+        except (mmud.PageFault, BadPage) as fault:
             self._oops(task, fault)
             self._release_mm(task.mm)
             return
@@ -210,7 +210,7 @@ class Kernel:
         self.counters[reason] += 1
         try:
             yield from self.do_exit(task)
-        except mmud.PageFault as fault:
+        except (mmud.PageFault, BadPage) as fault:
             self._oops(task, fault)
 
     def _switch_mm(self, vcpu: Any, mm: MM) -> bool:

@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from mmud.guest.kernel import Kernel, Task
 
 # Table entries scanned between two preemption points when nothing is written.
-SCAN_BATCH = 64
+SCAN_BATCH = 16
 
 
 def read_entry(task: Task, table: int, index: int) -> int:

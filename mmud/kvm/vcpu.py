@@ -31,7 +31,6 @@ from mmud.x86.paging import (
     CR0_PE,
     CR0_PG,
     CR0_WP,
-    CR3_ADDR_MASK,
     CR4_PAE,
     CR4_PGE,
     CR4_PKE,
@@ -325,6 +324,8 @@ class Vcpu:
 
         Raises PageFault when KVM reflects a #PF into the guest.
         """
+        if self.requests or self.root is None:
+            self.enter_guest()
         entry = self.tlb.get(gva >> PAGE_SHIFT)
         if entry is not None and entry[2] >> kind & 1:
             return entry

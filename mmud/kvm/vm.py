@@ -23,7 +23,7 @@ from mmud.kvm.memslot import (
 )
 from mmud.kvm.mmu import spte as S
 from mmud.kvm.mmu import audit, zap
-from mmud.kvm.mmu.mmu import KvmMmu
+from mmud.kvm.mmu.mmu import KVM_MIN_ALLOC_MMU_PAGES, KvmMmu
 from mmud.kvm.params import Params
 from mmud.kvm.vcpu import Vcpu
 from mmud.x86.paging import PAGE_SHIFT, PAGE_SIZE
@@ -176,8 +176,8 @@ class Kvm:
 
     def set_nr_mmu_pages(self, nr: int) -> None:
         """KVM_SET_NR_MMU_PAGES."""
-        if nr < zap.KVM_MIN_ALLOC_MMU_PAGES:
-            raise KvmError(errno.EINVAL, f"at least {zap.KVM_MIN_ALLOC_MMU_PAGES} pages")
+        if nr < KVM_MIN_ALLOC_MMU_PAGES:
+            raise KvmError(errno.EINVAL, f"at least {KVM_MIN_ALLOC_MMU_PAGES} pages")
         zap.kvm_mmu_set_nr_mmu_pages(self.mmu, nr)
 
     def zap_all(self, fast: bool = True) -> None:

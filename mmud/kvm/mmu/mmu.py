@@ -234,9 +234,9 @@ class KvmMmu:
                 if sp.role != role:
                     continue
                 if sp.unsync:
-                    if not sync.kvm_sync_page(self, vcpu, sp, invalid_list):
+                    if not sync.resync_page(self, vcpu, sp, invalid_list):
                         break
-                    vcpu.request_tlb_flush()
+                    self.kvm_flush_remote_tlbs()
                 if sp.unsync_children:
                     vcpu.request_mmu_sync()
                 sp.write_flooding_count = 0

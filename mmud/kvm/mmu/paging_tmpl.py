@@ -18,6 +18,7 @@ from mmud.kvm.mmu.mmu import RET_PF_EMULATE, RET_PF_RETRY, KvmMmu
 from mmud.x86.paging import (
     ACC_ALL,
     ACC_EXEC_MASK,
+    ACC_USER_MASK,
     ACC_WRITE_MASK,
     CR3_ADDR_MASK,
     PAGE_SHIFT,

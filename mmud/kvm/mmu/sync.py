@@ -86,13 +86,24 @@ def sync_page(mmu: KvmMmu, vcpu: Vcpu, sp: ShadowPage) -> int:
     return nr_present
 
 
-def kvm_sync_page(mmu: KvmMmu, vcpu: Vcpu, sp: ShadowPage, invalid_list: list[ShadowPage]) -> bool:
-    """Sync one unsync sp; if nothing of it survives it is zapped instead (False)."""
-    mmu.kvm_unlink_unsync_page(sp)
+def resync_page(mmu: KvmMmu, vcpu: Vcpu, sp: ShadowPage, invalid_list: list[ShadowPage]) -> bool:
+    """Bring sp's sptes up to date; if nothing of it survives it is zapped instead (False).
+
+    The sp keeps its unsync state: only a caller that has write-protected the gfn may mark
+    it synced. This is what get_page() does with an unsync page it finds (≥v5.13; v5.6
+    marked the page synced there without write-protecting it, leaving a writable mapping
+    of a "synced" guest table — the audit's write-protection check reports exactly that).
+    """
     if sync_page(mmu, vcpu, sp) == 0:
         zap.prepare_zap_page(mmu, sp, invalid_list)
         return False
     return True
+
+
+def kvm_sync_page(mmu: KvmMmu, vcpu: Vcpu, sp: ShadowPage, invalid_list: list[ShadowPage]) -> bool:
+    """Mark a write-protected unsync sp synced and bring its sptes up to date."""
+    mmu.kvm_unlink_unsync_page(sp)
+    return resync_page(mmu, vcpu, sp, invalid_list)
 
 
 def kvm_sync_pages(mmu: KvmMmu, vcpu: Vcpu, gfn: int, invalid_list: list[ShadowPage]) -> bool:

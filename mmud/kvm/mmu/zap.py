@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING
 
 from mmud.kvm.mmu import spte as S
 from mmud.kvm.mmu.mmu import (
-    KVM_MIN_ALLOC_MMU_PAGES,
     KVM_MIN_FREE_MMU_PAGES,
     KVM_REFILL_PAGES,
     KvmMmu,

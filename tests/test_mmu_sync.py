@@ -1,0 +1,139 @@
+"""Guest page-table edits through the MMU: write protection, emulation, unsync and sync,
+INVLPG and CR3 reloads (x86-paging.md §10-§11.4, kvm-mmu.md §4, §6, §7)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.guest_tables import A, ADDR, D, P, U, W, check_access, new_vm
+
+VA = 0x0000_0000_0040_0000
+
+
+def mapped_and_used(flags=P | W | U):
+    vm, gt, vcpu = new_vm()
+    pa = gt.map(VA, flags=flags)
+    vcpu.write_u64(VA, 0x55, user=True)
+    return vm, gt, vcpu, pa, gt.entry_gpa(VA, 1)
+
+
+def flush(vcpu, how):
+    if how == "invlpg":
+        vcpu.invlpg(VA)
+    else:
+        vcpu.cr3 = vcpu.cr3  # MOV CR3 with the same value: sync roots + TLB flush
+
+
+EDITS = {
+    "clear R/W": (lambda e: e & ~W, dict(write=True, user=True), 0x07),
+    "clear U/S": (lambda e: e & ~U, dict(user=True), 0x05),
+    "clear P": (lambda e: e & ~P, dict(user=True), 0x04),
+    "set reserved bit": (lambda e: e | (1 << 50), dict(user=True), 0x0D),
+    "set XD": (lambda e: e | (1 << 63), dict(fetch=True, user=True), 0x15),
+}
+
+
+@pytest.mark.parametrize("how", ["invlpg", "cr3"])
+@pytest.mark.parametrize("edit", list(EDITS))
+def test_leaf_edit_then_flush_takes_effect(edit, how):
+    change, kind, error_code = EDITS[edit]
+    vm, gt, vcpu, pa, pte = mapped_and_used()
+    # Twice: the first store write-protects or unsyncs, the second goes straight through
+    # an unsync table — both must be picked up by the flush.
+    for value in (change(vm.read_u64(pte)), change(vm.read_u64(pte))):
+        gt.guest_write_entry(vcpu, pte, value)
+    flush(vcpu, how)
+    got = check_access(vm, vcpu, VA, **kind)
+    assert got.fault and got.error_code == error_code
+    assert vm.audit() == []
+
+
+@pytest.mark.parametrize("how", ["invlpg", "cr3"])
+def test_leaf_frame_change_then_flush_uses_the_new_frame(how):
+    vm, gt, vcpu, pa, pte = mapped_and_used()
+    new_pa = gt.alloc_data()
+    vm.write_u64(new_pa, 0x77)
+    gt.guest_write_entry(vcpu, pte, new_pa | P | W | U)
+    gt.guest_write_entry(vcpu, pte, new_pa | P | W | U)
+    flush(vcpu, how)
+    assert vcpu.read_u64(VA, user=True) == 0x77
+    vcpu.write_u64(VA, 0x78, user=True)
+    assert vm.read_u64(new_pa) == 0x78 and vm.read_u64(pa) == 0x55
+    assert vm.audit() == []
+
+
+def test_cleared_accessed_bit_is_set_again_after_flush():
+    vm, gt, vcpu, pa, pte = mapped_and_used()
+    gt.guest_write_entry(vcpu, pte, vm.read_u64(pte) & ~(A | D))
+    vcpu.invlpg(VA)
+    vcpu.read_u64(VA, user=True)
+    assert vm.read_u64(pte) & A and not vm.read_u64(pte) & D
+    vcpu.write_u64(VA, 1, user=True)
+    assert vm.read_u64(pte) & D
+
+
+def test_upper_level_edit_is_visible_at_once():
+    """Upper-level tables are write-tracked: every store is emulated and zaps the spte."""
+    vm, gt, vcpu, pa, pte = mapped_and_used()
+    pde = gt.entry_gpa(VA, 2)
+    before = vm.stats
+    gt.guest_write_entry(vcpu, pde, vm.read_u64(pde) & ~W)
+    after = vm.stats
+    assert after["mmu_pte_write"] == before["mmu_pte_write"] + 1
+    assert after["insn_emulation"] > before["insn_emulation"]
+    assert after["mmu_pde_zapped"] == before["mmu_pde_zapped"] + 1
+    vcpu.invlpg(VA)
+    assert check_access(vm, vcpu, VA, write=True, user=True).error_code == 0x07
+    assert vm.audit() == []
+
+
+def test_leaf_table_goes_unsync_and_syncs_on_cr3_load():
+    vm, gt, vcpu, pa, pte = mapped_and_used()
+    table_gfn = (pte & ADDR) >> 12
+    gt.guest_write_entry(vcpu, pte, vm.read_u64(pte) & ~W)
+    [sp] = [sp for sp in vm.mmu.active_mmu_pages if sp.gfn == table_gfn and not sp.direct]
+    assert sp.unsync and vm.stats["mmu_unsync"] == 1
+    vcpu.cr3 = vcpu.cr3
+    assert not sp.unsync and vm.stats["mmu_unsync"] == 0
+    assert vm.audit() == []
+
+
+def test_write_flooding_zaps_an_upper_level_shadow_page():
+    vm, gt, vcpu, pa, pte = mapped_and_used()
+    pde = gt.entry_gpa(VA, 2)
+    other = (pde & ~0xFFF) + 8 * 100  # an unused PDE in the same table
+    for k in range(3):
+        gt.guest_write_entry(vcpu, other, 0)
+    assert vm.stats["mmu_flooded"] == 1
+    assert vm.audit() == []
+    assert vcpu.read_u64(VA, user=True) == 0x55
+
+
+def test_unsync_pages_of_a_gfn_that_becomes_an_upper_table_are_synced():
+    """get_page() of a level>1 sp syncs the unsync level-1 sps of that gfn first."""
+    vm, gt, vcpu, pa, pte = mapped_and_used()
+    table = pte & ~0xFFF
+    gt.guest_write_entry(vcpu, pte, vm.read_u64(pte) & ~W)  # leaf table now unsync
+    # Make the same frame a page directory for another region (a guest recycling a table).
+    va2 = 0x0000_0080_0000_0000
+    pdpt = gt.table_for(va2, 3)
+    gt.guest_write_entry(vcpu, pdpt + 8 * ((va2 >> 30) & 511), table | P | W | U)
+    vcpu.invlpg(va2)
+    vcpu.access(va2 + (1 << 30) * 0, user=True)
+    assert vm.stats["mmu_unsync"] == 0
+    assert vm.audit() == []
+
+
+def test_remote_tlb_flush_reaches_every_vcpu():
+    vm, gt, vcpu = new_vm(vcpus=2)
+    gt.map(VA, flags=P | W | U)
+    other = vm.vcpus[1]
+    other.cr3 = gt.pml4
+    other.write_u64(VA, 1, user=True)
+    assert other.tlb
+    before = vm.stats["remote_tlb_flush"]
+    vm.zap_all(fast=False)
+    assert vm.stats["remote_tlb_flush"] > before
+    assert not other.tlb
+    assert other.read_u64(VA, user=True) == 1
+    assert vm.audit() == []
