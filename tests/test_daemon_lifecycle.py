@@ -60,6 +60,7 @@ def test_refused_arguments(workdir):
     assert "no_such" in run_refused("--mount", mnt, "--param", "no_such=1").stderr
     assert "mmu_audit" in run_refused("--mount", mnt, "--param", "mmu_audit=y").stderr
     assert "invalid size" in run_refused("--mount", mnt, "--mem", "lots").stderr
+    assert "bogus" in run_refused("--mount", mnt, "--workload", "bogus").stderr
     assert not is_mounted(mnt)
 
 
