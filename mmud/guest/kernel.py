@@ -135,7 +135,8 @@ class Kernel:
         pud = SWAPPER_PGD_PFN + 1
         pmd_tables = range(pud + 1, pud + 1 + nr_pmd_tables)
         write = self.vm.write_u64
-        write(_entry_gpa(SWAPPER_PGD_PFN, pgd_index(PAGE_OFFSET)), (pud << PAGE_SHIFT) | _KERNPG_TABLE)
+        kernel_pgd_entry = _entry_gpa(SWAPPER_PGD_PFN, pgd_index(PAGE_OFFSET))
+        write(kernel_pgd_entry, (pud << PAGE_SHIFT) | _KERNPG_TABLE)
         for i, pmd in enumerate(pmd_tables):
             write(_entry_gpa(pud, i), (pmd << PAGE_SHIFT) | _KERNPG_TABLE)
         for i in range(nr_pmds):
@@ -247,13 +248,8 @@ class Kernel:
         self, vcpu: Any, vmas: list[VMA], programs: list[Program]
     ) -> Generator[None, None, bool]:
         """Start a process (execve into a fresh mm) with one thread per program."""
-        idle = self.idle_tasks[vcpu.index]
-        self.nr_processes += 1
-        try:
-            pgd = yield from self.pgd_alloc(idle)
-        except OutOfMemory:
-            self.nr_processes -= 1
-            self.counters["oom_kills"] += 1
+        pgd = yield from self._alloc_process(self.idle_tasks[vcpu.index], "oom_kills")
+        if pgd is None:
             return False
         mm = MM(pgd=pgd, users=len(programs))
         for vma in vmas:
@@ -262,6 +258,16 @@ class Kernel:
             self._start(Task(self._new_pid(), mm, program))
         self.counters["spawns"] += 1
         return True
+
+    def _alloc_process(self, task: Task, failure: str) -> Generator[None, None, int | None]:
+        """Count a new process and allocate its pgd; None, counted as `failure`, on OOM."""
+        self.nr_processes += 1
+        try:
+            return (yield from self.pgd_alloc(task))
+        except OutOfMemory:
+            self.nr_processes -= 1
+            self.counters[failure] += 1
+            return None
 
     def pgd_alloc(self, task: Task) -> Generator[None, None, int]:
         """A new pgd: zeroed, with the kernel half copied from swapper_pg_dir (pgd_ctor)."""
@@ -280,14 +286,11 @@ class Kernel:
         if self.frames.nr_free < 2 * parent.rss + FORK_RESERVE:
             self.counters["fork_failed"] += 1
             return
-        self.nr_processes += 1
-        try:
-            pgd = yield from self.pgd_alloc(task)
-        except OutOfMemory:
-            self.nr_processes -= 1
-            self.counters["fork_failed"] += 1
+        pgd = yield from self._alloc_process(task, "fork_failed")
+        if pgd is None:
             return
-        child = MM(pgd=pgd, vmas=[replace(v) for v in parent.vmas], expected=dict(parent.expected))
+        vmas = [replace(v) for v in parent.vmas]
+        child = MM(pgd=pgd, vmas=vmas, expected=dict(parent.expected))
         try:
             for vma in parent.vmas:
                 yield from memory.copy_page_range(self, task, parent, child, vma)

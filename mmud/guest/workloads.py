@@ -21,7 +21,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mmud.guest.kernel import Kernel, SegmentationFault, Task
-from mmud.guest.mm import HEAP_START, STACK_TOP, TEXT_START, VM_EXEC, VM_READ, VM_WRITE, VMA
+from mmud.guest.mm import (
+    HEAP_START,
+    STACK_TOP,
+    TEXT_START,
+    VM_EXEC,
+    VM_READ,
+    VM_WRITE,
+    VMA,
+)
 from mmud.guest.pgtable import PAGE_SIZE, PMD_SIZE, PTRS_PER_TABLE
 from mmud.guest.workload import Workload
 
@@ -171,7 +179,8 @@ class ProcessProgram:
         vma = self.rng.choice([v for v in task.mm.vmas if v.file is None])
         first = self.rng.randrange(vma.nr_pages)
         for index in range(first, min(vma.nr_pages, first + SWEEP_PAGES)):
-            yield from self.access_page(k, task, vma.start + index * PAGE_SIZE, self.rng.random() < 0.5)
+            write = self.rng.random() < 0.5
+            yield from self.access_page(k, task, vma.start + index * PAGE_SIZE, write)
 
     def fetch(self, k: Kernel, task: Task) -> Iterator[None]:
         """Execute from the program image, then read the page's known first word."""
@@ -186,10 +195,13 @@ class ProcessProgram:
         mapped = [v for v in task.mm.vmas if v.mapped]
         return self.rng.choice(mapped) if mapped else None
 
-    def mmap(self, k: Kernel, task: Task) -> Iterator[None]:
-        addr = k.sys_mmap(task, self.rng.choice(MMAP_SIZES), VM_READ | VM_WRITE)
+    def _mmap_and_access(self, k: Kernel, task: Task, nr_pages: int, write: bool) -> Iterator[None]:
+        addr = k.sys_mmap(task, nr_pages, VM_READ | VM_WRITE)
         if addr is not None:
-            yield from self.access_page(k, task, addr, write=True)
+            yield from self.access_page(k, task, addr, write)
+
+    def mmap(self, k: Kernel, task: Task) -> Iterator[None]:
+        yield from self._mmap_and_access(k, task, self.rng.choice(MMAP_SIZES), write=True)
 
     def munmap(self, k: Kernel, task: Task) -> Iterator[None]:
         """Unmap a whole mmap area or a piece of it, and sometimes map the hole again."""
@@ -203,9 +215,7 @@ class ProcessProgram:
         yield from k.sys_munmap(task, start, end)
         if self.rng.random() < 0.5:
             # A fresh mapping must read as zeroes, whatever the frames held before.
-            addr = k.sys_mmap(task, (end - start) // PAGE_SIZE, VM_READ | VM_WRITE)
-            if addr is not None:
-                yield from self.access_page(k, task, addr, write=False)
+            yield from self._mmap_and_access(k, task, (end - start) // PAGE_SIZE, write=False)
 
     def mprotect(self, k: Kernel, task: Task) -> Iterator[None]:
         """Flip an mmap area between read-write and read-only; probe a read-only one."""
@@ -216,7 +226,8 @@ class ProcessProgram:
         start, end = vma.start, vma.end
         yield from k.sys_mprotect(task, start, end, write)
         if not write:
-            yield from self.probe_readonly(k, task, start + self.rng.randrange(vma.nr_pages) * PAGE_SIZE)
+            page = start + self.rng.randrange(vma.nr_pages) * PAGE_SIZE
+            yield from self.probe_readonly(k, task, page)
 
     def probe_readonly(self, k: Kernel, task: Task, page: int) -> Iterator[None]:
         """A store to a read-only page must raise SIGSEGV, which the program handles."""
@@ -259,7 +270,8 @@ class StreamProgram:
     def run(self, k: Kernel, task: Task) -> Iterator[None]:
         while True:
             k.counters["ops"] += 1
-            addr = random_word(self.rng, self.base + self.rng.randrange(self.nr_pages) * PAGE_SIZE)
+            page = self.base + self.rng.randrange(self.nr_pages) * PAGE_SIZE
+            addr = random_word(self.rng, page)
             if self.rng.random() < STREAM_WRITE_RATIO:
                 yield from k.put_user(task, addr, self.rng.getrandbits(64))
             else:
