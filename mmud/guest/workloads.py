@@ -33,7 +33,9 @@ from mmud.guest.mm import (
 from mmud.guest.pgtable import PAGE_SIZE, PMD_SIZE, PTRS_PER_TABLE
 from mmud.guest.workload import Workload
 
-WORDS_PER_PAGE = PAGE_SIZE // 8
+# Words of a page the programs use, spread over the page: few enough that the memory oracle
+# stays bounded (at most this many entries per resident page) in runs of any length.
+WORD_SLOTS = 8
 # Program images (page-cache files) shared by the processes: the same text frames appear in
 # many address spaces at once.
 NR_IMAGES = 3
@@ -63,7 +65,7 @@ def check_load(k: Kernel, task: Task, addr: int, expected: int) -> Iterator[None
 
 
 def random_word(rng: random.Random, page: int) -> int:
-    return page + 8 * rng.randrange(WORDS_PER_PAGE)
+    return page + rng.randrange(WORD_SLOTS) * (PAGE_SIZE // WORD_SLOTS)
 
 
 @dataclass(frozen=True)
