@@ -50,7 +50,9 @@ from mmud.x86.paging import (
     X86_EFLAGS_FIXED,
     is_canonical,
     permission_fault,
+    permission_table,
     pt_index,
+    rsvd_table,
 )
 
 if TYPE_CHECKING:
@@ -64,24 +66,15 @@ KVM_REQ_TLB_FLUSH = 1 << 2
 # A fault that keeps coming back means KVM failed to make progress: a simulator bug.
 _MAX_FAULT_RETRIES = 64
 
-# Access kinds index the per-TLB-entry permission mask: write | user << 1 | fetch << 2.
-_KINDS = tuple((k & 1, k >> 1 & 1, k >> 2 & 1) for k in range(8))
-_allowed_cache: dict[tuple[int, bool, bool, bool], int] = {}
+_allowed_cache: dict[tuple[tuple[int, ...], int], int] = {}
 
 
-def _allowed_mask(spte: int, smep: bool, smap: bool, ac: bool) -> int:
-    """Which access kinds a leaf spte allows, under host CR0.WP=1 and the guest's SMEP/SMAP/AC."""
-    key = (spte & (S.PT_WRITABLE_MASK | S.PT_USER_MASK | S.PT64_NX_MASK), smep, smap, ac)
+def _allowed_kinds(permissions: tuple[int, ...], access: int) -> int:
+    """The access kinds (write | user << 1 | fetch << 2) that rights `access` allow."""
+    key = (permissions, access)
     mask = _allowed_cache.get(key)
     if mask is None:
-        access = S.spte_access(spte)
-        mask = 0
-        for kind, (write, user, fetch) in enumerate(_KINDS):
-            if not (write and fetch) and not permission_fault(
-                access, write=bool(write), fetch=bool(fetch), user=bool(user),
-                cr0_wp=True, smep=smep, smap=smap, ac=ac,
-            ):
-                mask |= 1 << kind
+        mask = sum(1 << kind for kind in range(8) if not permissions[kind] >> access & 1)
         _allowed_cache[key] = mask
     return mask
 
@@ -142,6 +135,8 @@ class Vcpu:
         self.smep = bool(self._cr4 & CR4_SMEP)
         self.smap = bool(self._cr4 & CR4_SMAP)
         self.ac = bool(self._rflags & X86_EFLAGS_AC)
+        self._update_permissions()
+        self.rsvd_table = rsvd_table(self.nxe)
         role = ROLE_GPTE_IS_8_BYTES
         if self.nxe:
             role |= ROLE_NXE
@@ -152,6 +147,11 @@ class Vcpu:
         if not self.cr0_wp and self.smap:
             role |= ROLE_SMAP_ANDNOT_WP
         self.base_role = role
+
+    def _update_permissions(self) -> None:
+        """The guest's permission table, and the processor's for sptes (host CR0.WP=1)."""
+        self.guest_permissions = permission_table(self.cr0_wp, self.smep, self.smap, self.ac)
+        self.hw_permissions = permission_table(True, self.smep, self.smap, self.ac)
 
     def root_role(self) -> int:
         return make_role(self.base_role, PT64_ROOT_4LEVEL, False, ACC_ALL)
@@ -204,6 +204,7 @@ class Vcpu:
         if (old ^ value) & X86_EFLAGS_AC:
             # TLB entries carry permission decisions taken under the old AC.
             self.ac = bool(value & X86_EFLAGS_AC)
+            self._update_permissions()
             self.tlb.clear()
 
     @property
@@ -297,19 +298,19 @@ class Vcpu:
         if kind & 4:
             err |= PFERR_FETCH_MASK  # the host always runs with EFER.NX
         sp = self.root
-        level = sp.level
-        mmu = self.kvm_mmu
+        shift = 3 + 9 * sp.level
+        pages = self.kvm_mmu.pool.pages
         while True:
-            spte = sp.spt[pt_index(gva, level)]
+            spte = sp.spt[(gva >> shift) & 511]
             if not spte & S.PT_PRESENT_MASK:
                 return err
             if spte & S.SHADOW_MMIO_MASK == S.SHADOW_MMIO_VALUE:
                 return err | PFERR_PRESENT_MASK | PFERR_RSVD_MASK
-            if level == 1 or spte & S.PT_PAGE_SIZE_MASK:
+            if shift == 12 or spte & S.PT_PAGE_SIZE_MASK:
                 break
-            sp = mmu.child_of(spte)
-            level -= 1
-        allowed = _allowed_mask(spte, self.smep, self.smap, self.ac)
+            sp = pages[((spte & S.SPTE_BASE_ADDR_MASK) >> PAGE_SHIFT) - S.SPT_PFN_BASE]
+            shift -= 9
+        allowed = _allowed_kinds(self.hw_permissions, S.spte_access(spte))
         if not allowed >> kind & 1:
             return err | PFERR_PRESENT_MASK
         pfn = S.spte_to_pfn(spte)

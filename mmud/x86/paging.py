@@ -7,6 +7,8 @@ Page1GB clear), so PDPTE.PS is reserved.
 
 from __future__ import annotations
 
+import functools
+
 PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT
 PT64_ENT_PER_PAGE = 512
@@ -105,6 +107,28 @@ def gpte_access(gpte: int, nxe: bool) -> int:
     if not (nxe and gpte & PT64_NX_MASK):
         access |= ACC_EXEC_MASK
     return access
+
+
+@functools.cache
+def rsvd_table(nxe: bool) -> tuple[int, ...]:
+    """rsvd_bits() for every (level, large) as one tuple, indexed by level * 2 + large."""
+    return tuple(rsvd_bits(k >> 1, bool(k & 1), nxe) if k >= 2 else 0 for k in range(10))
+
+
+@functools.cache
+def permission_table(cr0_wp: bool, smep: bool, smap: bool, ac: bool) -> tuple[int, ...]:
+    """KVM's mmu->permissions[]: for each access kind (write | user << 1 | fetch << 2) a
+    bitmap over the uwx rights (0-7), bit set = that access with those rights faults."""
+    table = []
+    for kind in range(8):
+        write, user, fetch = bool(kind & 1), bool(kind & 2), bool(kind & 4)
+        faults = 0
+        for access in range(8):
+            if permission_fault(access, write=write, fetch=fetch, user=user,
+                                cr0_wp=cr0_wp, smep=smep, smap=smap, ac=ac):
+                faults |= 1 << access
+        table.append(faults)
+    return tuple(table)
 
 
 def permission_fault(

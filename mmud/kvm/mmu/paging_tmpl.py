@@ -33,10 +33,7 @@ from mmud.x86.paging import (
     PT_DIRTY_MASK,
     PT_PAGE_SIZE_MASK,
     PT_PRESENT_MASK,
-    gpte_access,
-    permission_fault,
     pt_index,
-    rsvd_bits,
 )
 
 if TYPE_CHECKING:
@@ -59,47 +56,50 @@ class GuestWalker:
 
 
 def walk_addr(mmu: KvmMmu, vcpu: Vcpu, addr: int, error_code: int) -> GuestWalker | int:
-    """Walk the guest tables for addr; a walker, or the #PF error code to inject."""
-    write = bool(error_code & PFERR_WRITE_MASK)
-    user = bool(error_code & PFERR_USER_MASK)
-    fetch = bool(error_code & PFERR_FETCH_MASK)
+    """Walk the guest tables for addr; a walker, or the #PF error code to inject.
+
+    The hot path of every shadow fault: guest memory is read through the slot's u64 view
+    and permissions come from the vCPU's precomputed table (update_permission_bitmask).
+    """
+    write = error_code & PFERR_WRITE_MASK
     nxe = vcpu.nxe
+    rsvd = vcpu.rsvd_table
     memslots = mmu.memslots
-    read = memslots.read_u64
     w = GuestWalker()
     table = vcpu.cr3 & CR3_ADDR_MASK
     pte_access = ACC_ALL
     level = 4
+    slot = None
+    lo = hi = 0
     while True:
         pt_access = pte_access
-        pte_gpa = table + 8 * pt_index(addr, level)
-        gpte = read(pte_gpa)
-        if gpte is None or not gpte & PT_PRESENT_MASK:
-            return _fault(vcpu, 0, write, user, fetch)
-        large = level == 2 and bool(gpte & PT_PAGE_SIZE_MASK)
-        if gpte & rsvd_bits(level, large, nxe):
-            return _fault(vcpu, PFERR_PRESENT_MASK | PFERR_RSVD_MASK, write, user, fetch)
+        pte_gpa = table + ((addr >> (9 * level)) & 0xFF8)
+        if not lo <= pte_gpa < hi:
+            slot = memslots.lookup(pte_gpa >> PAGE_SHIFT)
+            if slot is None:
+                return _fault(vcpu, 0, error_code)
+            lo = slot.base_gfn << PAGE_SHIFT
+            hi = lo + (slot.npages << PAGE_SHIFT)
+            u64 = slot.backing.u64
+        gpte = u64[(pte_gpa - lo) >> 3]
+        if not gpte & PT_PRESENT_MASK:
+            return _fault(vcpu, 0, error_code)
+        large = level == 2 and gpte & PT_PAGE_SIZE_MASK
+        if gpte & rsvd[level * 2 + (1 if large else 0)]:
+            return _fault(vcpu, PFERR_PRESENT_MASK | PFERR_RSVD_MASK, error_code)
         k = level - 1
         w.table_gfn[k] = table >> PAGE_SHIFT
         w.pte_gpa[k] = pte_gpa
         w.ptes[k] = gpte
         w.pt_access[k] = pt_access
-        pte_access = pt_access & gpte_access(gpte, nxe)
+        pte_access &= (gpte & 6) | (0 if nxe and gpte >> 63 else ACC_EXEC_MASK)
         if level == 1 or large:
             break
         table = gpte & PT64_BASE_ADDR_MASK
         level -= 1
-    if permission_fault(
-        pte_access,
-        write=write,
-        fetch=fetch,
-        user=user,
-        cr0_wp=vcpu.cr0_wp,
-        smep=vcpu.smep,
-        smap=vcpu.smap,
-        ac=vcpu.ac,
-    ):
-        return _fault(vcpu, PFERR_PRESENT_MASK, write, user, fetch)
+    kind = (error_code >> 1 & 1) | (error_code >> 1 & 2) | (error_code >> 2 & 4)
+    if vcpu.guest_permissions[kind] >> pte_access & 1:
+        return _fault(vcpu, PFERR_PRESENT_MASK, error_code)
     # Success: set A on every entry used and D on the leaf of a write (FNAME(update_accessed_dirty_bits)).
     for k in range(3, level - 2, -1):
         gpte = w.ptes[k]
@@ -112,7 +112,7 @@ def walk_addr(mmu: KvmMmu, vcpu: Vcpu, addr: int, error_code: int) -> GuestWalke
             vcpu.mark_page_dirty(w.table_gfn[k])
     leaf = w.ptes[level - 1]
     if level == 2:
-        gfn = ((leaf & PT64_LVL2_LARGE_ADDR_MASK) >> PAGE_SHIFT) + pt_index(addr, 1)
+        gfn = ((leaf & PT64_LVL2_LARGE_ADDR_MASK) >> PAGE_SHIFT) + ((addr >> PAGE_SHIFT) & 511)
     else:
         gfn = (leaf & PT64_BASE_ADDR_MASK) >> PAGE_SHIFT
     if not leaf & PT_DIRTY_MASK:
@@ -123,9 +123,10 @@ def walk_addr(mmu: KvmMmu, vcpu: Vcpu, addr: int, error_code: int) -> GuestWalke
     return w
 
 
-def _fault(vcpu: Vcpu, errcode: int, write: bool, user: bool, fetch: bool) -> int:
-    errcode |= (PFERR_WRITE_MASK if write else 0) | (PFERR_USER_MASK if user else 0)
-    if fetch and (vcpu.nxe or vcpu.smep):
+def _fault(vcpu: Vcpu, errcode: int, access: int) -> int:
+    """The error code to inject: the cause bits plus the access type (I/D only with NXE or SMEP)."""
+    errcode |= access & (PFERR_WRITE_MASK | PFERR_USER_MASK)
+    if access & PFERR_FETCH_MASK and (vcpu.nxe or vcpu.smep):
         errcode |= PFERR_FETCH_MASK
     return errcode
 
@@ -190,12 +191,13 @@ def fetch(mmu: KvmMmu, vcpu: Vcpu, addr: int, w: GuestWalker, write_fault: bool,
     if sp is None:
         return RET_PF_RETRY
     level = sp.level
+    pages = mmu.pool.pages
     while level > w.level:
         sp.write_flooding_count = 0
-        i = pt_index(addr, level)
+        i = (addr >> (3 + 9 * level)) & 511
         spte = sp.spt[i]
         if spte & S.SPTE_MMU_PRESENT:
-            child = mmu.child_of(spte)
+            child = pages[((spte & S.SPTE_BASE_ADDR_MASK) >> PAGE_SHIFT) - S.SPT_PFN_BASE]
         else:
             k = level - 2
             child = mmu.get_page(vcpu, w.table_gfn[k], level - 1, False, w.pt_access[k])
@@ -221,7 +223,7 @@ def fetch(mmu: KvmMmu, vcpu: Vcpu, addr: int, w: GuestWalker, write_fault: bool,
         sp = child
         level -= 1
     sp.write_flooding_count = 0
-    i = pt_index(addr, 1)
+    i = (addr >> PAGE_SHIFT) & 511
     vcpu.stat["pf_fixed"] += 1
     if pfn is None:
         return mmu.set_mmio_spte(vcpu, sp, i, w.gfn, w.pte_access)
