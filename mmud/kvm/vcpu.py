@@ -120,6 +120,7 @@ class Vcpu:
         # vpn -> (u64 view of the frame's buffer, u64 index of the frame, allowed kinds, buffer, gfn)
         self.tlb: dict[int, tuple] = {}
         self.injected: int | None = None
+        self.accesses = 0  # guest memory accesses run (not a kernel stat; for rates)
         # vcpu->arch.mmio_gva / mmio_access / mmio_gfn / mmio_generation
         self.mmio_gva = 0
         self.mmio_access = 0
@@ -325,6 +326,7 @@ class Vcpu:
 
         Raises PageFault when KVM reflects a #PF into the guest.
         """
+        self.accesses += 1
         if self.requests or self.root is None:
             self.enter_guest()
         entry = self.tlb.get(gva >> PAGE_SHIFT)
