@@ -13,6 +13,10 @@ from mmud.kvm.params import Params
 from mmud.kvm.vm import Kvm
 from mmud.sched import Scheduler
 
+# Simulated time per scheduler step: the clock of rate limits and log stamps, so that they,
+# like everything else, depend on the seed and not on how fast the host runs.
+STEP_NS = 20_000
+
 
 class VM(Kvm):
     def __init__(
@@ -41,5 +45,6 @@ class VM(Kvm):
         step = self.scheduler.step
         while done < n and step():
             done += 1
+            self.clock_ns += STEP_NS
         self.steps += done
         return done

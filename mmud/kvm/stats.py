@@ -64,6 +64,9 @@ STATS: tuple[StatDesc, ...] = (
     _vm("remote_tlb_flush", "remote TLB flushes"),
     _vm("pages_4k", "4 KiB leaf sptes currently installed", Kind.INSTANT),
     _vm("max_mmu_page_hash_collisions", "longest hash-chain walk past other gfns", Kind.PEAK),
+    _vm("mmu_audit_runs", "MMU audit runs"),
+    _vm("mmu_audit_ratelimited", "MMU audit runs skipped by the rate limiter"),
+    _vm("mmu_audit_errors", "MMU audit error lines"),
 )
 
 STAT_BY_NAME: dict[str, StatDesc] = {s.name: s for s in STATS}

@@ -24,8 +24,6 @@ Extended checks (mmud):
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
-
 import numpy as np
 
 from mmud.kvm.memslot import Memslot
@@ -48,9 +46,6 @@ from mmud.x86.paging import (
     PT_WRITABLE_MASK,
     rsvd_bits,
 )
-
-if TYPE_CHECKING:
-    from mmud.kvm.vcpu import Vcpu
 
 _U = np.uint64
 _PRESENT = _U(S.SPTE_MMU_PRESENT)
@@ -139,12 +134,18 @@ def audit_write_protection(mmu: KvmMmu, sp: ShadowPage) -> list[str]:
 
 
 def walk_checks(
-    mmu: KvmMmu, rmaps: RmapIndex, sps: Iterable[ShadowPage], point: str, root_level: int
+    mmu: KvmMmu,
+    rmaps: RmapIndex,
+    sps: Iterable[ShadowPage],
+    point: str,
+    root_level: int,
+    synced: set[ShadowPage] | None = None,
 ) -> list[str]:
     """Checks 3, 1 and 4 for each entry of each page reached from the root, in that order.
 
     Per entry the kernel calls 3, 1, 4; the messages of one page are grouped the same way
     (the order between entries of one page is the entry order for each message kind).
+    Check 4 applies to the pages the sync just walked: `synced`, or all of sps if None.
     """
     out: list[str] = []
     post_sync = point == "post sync"
@@ -166,9 +167,31 @@ def walk_checks(
                     out.append(
                         f"levels {root_level} pfn {pfn:x} hpa {pfn << PAGE_SHIFT:x} ent {int(got[p]):x}n"
                     )
-        if post_sync and sp.unsync:
+        if post_sync and sp.unsync and (synced is None or sp in synced):
             out.extend([f"meet unsync sp({sp_address(sp)}) after sync root.\n"] * 512)
     return out
+
+
+def children(mmu: KvmMmu, sp: ShadowPage) -> list[ShadowPage]:
+    """The shadow pages sp's present non-leaf sptes point at, in entry order."""
+    row = sp.sptes
+    nonleaf = np.flatnonzero(((row & _PRESENT) != 0) & ((row & _U(PT_PAGE_SIZE_MASK)) == 0))
+    return [mmu.child_of(int(row[i])) for i in nonleaf.tolist()]
+
+
+def reaches(mmu: KvmMmu, sp: ShadowPage, root: ShadowPage) -> bool:
+    """Whether root's tree contains sp (following parent_ptes upward)."""
+    pages = mmu.pool.pages
+    seen: set[ShadowPage] = set()
+    todo = [sp]
+    while todo:
+        page = todo.pop()
+        if page is root:
+            return True
+        if page not in seen:
+            seen.add(page)
+            todo.extend(pages[p >> 9] for p in page.parent_ptes)
+    return False
 
 
 def reachable_pages(mmu: KvmMmu, root: ShadowPage) -> list[ShadowPage]:
@@ -178,11 +201,8 @@ def reachable_pages(mmu: KvmMmu, root: ShadowPage) -> list[ShadowPage]:
     while stack:
         sp = stack.pop()
         out.append(sp)
-        if sp.level == 1:
-            continue
-        row = sp.sptes
-        nonleaf = np.flatnonzero(((row & _PRESENT) != 0) & ((row & _U(PT_PAGE_SIZE_MASK)) == 0))
-        stack.extend(mmu.child_of(int(row[i])) for i in reversed(nonleaf.tolist()))
+        if sp.level > 1:
+            stack.extend(reversed(children(mmu, sp)))
     return out
 
 
@@ -266,11 +286,15 @@ def _spte_access(sptes: np.ndarray) -> np.ndarray:
     return access | np.where((sptes & _U(PT64_NX_MASK)) != 0, _U(0), _U(ACC_EXEC_MASK))
 
 
-def check_translation(mmu: KvmMmu, sps: Iterable[ShadowPage]) -> list[str]:
-    """Synced indirect pages mirror the guest's current tables (stale = a missed write)."""
+def check_translation(mmu: KvmMmu, sps: Iterable[ShadowPage], skip_gfn: int | None = None) -> list[str]:
+    """Synced indirect pages mirror the guest's current tables (stale = a missed write).
+
+    skip_gfn: a table the guest has just written and the MMU is about to update (the
+    `pre pte write` point), which may legitimately be stale.
+    """
     out: list[str] = []
     for sp in sps:
-        if sp.direct or sp.unsync or sp.invalid:
+        if sp.direct or sp.unsync or sp.invalid or sp.gfn == skip_gfn:
             continue
         gptes = _guest_table(mmu, sp.gfn)
         if gptes is None:
@@ -346,9 +370,12 @@ def check_write_tracking(mmu: KvmMmu, sps: Iterable[ShadowPage]) -> list[str]:
     return out
 
 
-def extended_checks(mmu: KvmMmu, vcpu: Vcpu, sps: list[ShadowPage], gfns: set[int] | None) -> list[str]:
+def extended_checks(
+    mmu: KvmMmu, sps: list[ShadowPage], gfns: set[int] | None, skip_gfn: int | None = None
+) -> list[str]:
+    """mmud's checks over sps; rmaps of gfns only (None: every rmap)."""
     out = check_rmap_exact(mmu, sps, gfns)
     out += check_parent_links(mmu, sps)
-    out += check_translation(mmu, sps)
+    out += check_translation(mmu, sps, skip_gfn)
     out += check_write_tracking(mmu, sps)
     return out

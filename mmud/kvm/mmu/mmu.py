@@ -15,6 +15,7 @@ Invariants kept here (checked by tests and the audit):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from mmud.kvm.memslot import Memslot, Memslots
@@ -28,6 +29,8 @@ from mmud.kvm.mmu.page import (
 from mmud.x86.paging import ACC_WRITE_MASK, PT_WRITABLE_MASK
 
 if TYPE_CHECKING:
+    from mmud.kvm.mmu.audit import AuditTrack
+    from mmud.kvm.params import Params
     from mmud.kvm.vcpu import Vcpu
 
 KVM_MIN_ALLOC_MMU_PAGES = 64
@@ -58,9 +61,18 @@ def sptep_of(sp: ShadowPage, i: int) -> int:
 class KvmMmu:
     """MMU state of one VM. Only the simulation loop touches it (no locks inside)."""
 
-    def __init__(self, memslots: Memslots, stat: dict[str, int]) -> None:
+    def __init__(
+        self, memslots: Memslots, stat: dict[str, int], params: Params, clock_ns: Callable[[], int]
+    ) -> None:
         self.memslots = memslots
         self.stat = stat
+        self.params = params
+        self.clock_ns = clock_ns
+        # The audit's static key, its incremental touch set, and the last point run.
+        self.audit_enabled = False
+        self.audit_track: AuditTrack | None = None
+        self.audit_point = ""
+        self.bug: str | None = None  # the armed injectable bug (bugs.py)
         self.vcpus: list[Vcpu] = []
         self.pool = ShadowPagePool()
         self.page_hash: dict[int, list[ShadowPage]] = {}
@@ -126,16 +138,23 @@ class KvmMmu:
         return len(rmap) - 1
 
     def rmap_remove(self, sp: ShadowPage, i: int) -> None:
+        """pte_list_remove(): a missing entry is an MMU bug; tolerated (the kernel BUG()s),
+        so that an injected bug leaves the VM running for the audit to report."""
         gfn = sp.gfn_of(i)
+        if self.audit_track is not None: self.audit_track.note(sp, gfn)  # audit track
         slot = self.memslots.lookup(gfn)
-        rmap = slot.rmap[gfn]
-        rmap.remove(sptep_of(sp, i))
+        rmap = slot.rmap.get(gfn) if slot is not None else None
+        sptep = sptep_of(sp, i)
+        if rmap is None or sptep not in rmap:
+            return
+        rmap.remove(sptep)
         if not rmap:
             del slot.rmap[gfn]
         self.stat["pages_4k"] -= 1
 
     def rmap_write_protect(self, gfn: int) -> bool:
         """Clear W and MMU-writable in every spte mapping gfn; True if any changed."""
+        if self.audit_track is not None: self.audit_track.note(None, gfn)  # audit track
         slot = self.memslots.lookup(gfn)
         if slot is None:
             return False
@@ -156,7 +175,8 @@ class KvmMmu:
 
     def drop_spte(self, sp: ShadowPage, i: int) -> None:
         """Clear a present leaf spte and take it out of its rmap."""
-        self.rmap_remove(sp, i)
+        if self.bug != "rmap_remove_skipped":
+            self.rmap_remove(sp, i)
         sp.spt[i] = 0
 
     def kvm_zap_rmapp(self, slot: Memslot, gfn: int) -> bool:
@@ -174,6 +194,7 @@ class KvmMmu:
         return slot is not None and slot.gfn_track.get(gfn, 0) > 0
 
     def account_shadowed(self, sp: ShadowPage) -> None:
+        if self.audit_track is not None: self.audit_track.note(sp, sp.gfn)  # audit track
         self.indirect_shadow_pages += 1
         gfn = sp.gfn
         slot = self.memslots.lookup(gfn)
@@ -185,6 +206,7 @@ class KvmMmu:
                 self.kvm_flush_remote_tlbs()
 
     def unaccount_shadowed(self, sp: ShadowPage) -> None:
+        if self.audit_track is not None: self.audit_track.note(sp, sp.gfn)  # audit track
         self.indirect_shadow_pages -= 1
         if sp.level == 1:
             return
@@ -202,6 +224,7 @@ class KvmMmu:
     def alloc_page(self, gfn: int, role: int) -> ShadowPage:
         sp = self.pool.alloc()
         sp.init(gfn, role, self.mmu_valid_gen)
+        if self.audit_track is not None: self.audit_track.note(sp, gfn)  # audit track
         self.page_hash.setdefault(hash_64(gfn), []).append(sp)
         self.active_mmu_pages[sp] = None
         self.n_used_mmu_pages += 1
@@ -248,7 +271,7 @@ class KvmMmu:
             flush = False
             if not direct:
                 self.account_shadowed(found)
-                if level == 1 and self.rmap_write_protect(gfn):
+                if level == 1 and self.bug != "write_protect_skipped" and self.rmap_write_protect(gfn):
                     self.kvm_flush_remote_tlbs()
                 if level > 1 and need_sync:
                     flush = sync.kvm_sync_pages(self, vcpu, gfn, invalid_list)
@@ -262,13 +285,20 @@ class KvmMmu:
     # --- linking ------------------------------------------------------------------------------
 
     def link_shadow_page(self, parent: ShadowPage, i: int, sp: ShadowPage) -> None:
+        if self.audit_track is not None: self.audit_track.note(sp, None)  # audit track
+        if self.audit_track is not None: self.audit_track.note(parent, None)  # audit track
         parent.spt[i] = S.make_nonleaf_spte(sp.index)
         sp.parent_ptes.append(sptep_of(parent, i))
         if sp.unsync_children or sp.unsync:
             self.mark_unsync(parent, i)
 
     def drop_parent_pte(self, child: ShadowPage, parent: ShadowPage, i: int) -> None:
-        child.parent_ptes.remove(sptep_of(parent, i))
+        if self.audit_track is not None: self.audit_track.note(child, None)  # audit track
+        if self.audit_track is not None: self.audit_track.note(parent, None)  # audit track
+        if self.bug != "parent_unlink_skipped":
+            sptep = sptep_of(parent, i)
+            if sptep in child.parent_ptes:
+                child.parent_ptes.remove(sptep)
         parent.spt[i] = 0
 
     def mark_unsync(self, sp: ShadowPage, i: int) -> None:
@@ -276,6 +306,7 @@ class KvmMmu:
         bit = 1 << i
         if sp.unsync_child_bitmap & bit:
             return
+        if self.audit_track is not None: self.audit_track.note(sp, None)  # audit track
         sp.unsync_child_bitmap |= bit
         sp.unsync_children += 1
         if sp.unsync_children == 1:
@@ -287,6 +318,7 @@ class KvmMmu:
             self.mark_unsync(pages[sptep >> _SPTEP_SHIFT], sptep & _SPTEP_MASK)
 
     def clear_unsync_child_bit(self, sp: ShadowPage, i: int) -> None:
+        if self.audit_track is not None: self.audit_track.note(sp, None)  # audit track
         sp.unsync_children -= 1
         sp.unsync_child_bitmap &= ~(1 << i)
 
@@ -318,17 +350,19 @@ class KvmMmu:
         return found
 
     def kvm_unsync_page(self, sp: ShadowPage) -> None:
+        if self.audit_track is not None: self.audit_track.note(sp, sp.gfn)  # audit track
         self.stat["mmu_unsync"] += 1
         sp.unsync = True
         self.mark_parents_unsync(sp)
 
     def kvm_unlink_unsync_page(self, sp: ShadowPage) -> None:
+        if self.audit_track is not None: self.audit_track.note(sp, sp.gfn)  # audit track
         sp.unsync = False
         self.stat["mmu_unsync"] -= 1
 
     def mmu_need_write_protect(self, gfn: int, can_unsync: bool) -> bool:
         """Whether a writable spte for gfn must stay read-only; unsyncs leaf tables instead."""
-        if self.page_track_is_active(gfn):
+        if self.page_track_is_active(gfn) and self.bug != "unsync_nonleaf":
             return True
         for sp in self.indirect_valid_sps_of_gfn(gfn):
             if not can_unsync:
@@ -354,6 +388,7 @@ class KvmMmu:
         spt = sp.spt
         old = spt[i]
         spte = S.make_leaf_spte(pfn, pte_access, sp.level, host_writable)
+        if self.audit_track is not None: self.audit_track.note(sp, gfn)  # audit track
         if not host_writable:
             pte_access &= ~ACC_WRITE_MASK
         ret = 0
@@ -372,17 +407,6 @@ class KvmMmu:
         if old & S.SPTE_MMU_PRESENT and old & ~spte & (PT_WRITABLE_MASK | S.SPTE_MMU_WRITEABLE):
             ret |= SET_SPTE_NEED_REMOTE_TLB_FLUSH
         return ret
-
-    def set_mmio_spte(self, vcpu: Vcpu, sp: ShadowPage, i: int, gfn: int, access: int) -> int:
-        """mark_mmio_spte() for a gfn no memslot backs: cache it, emulate the access."""
-        old = sp.spt[i]
-        if old & S.SPTE_MMU_PRESENT:
-            self.drop_spte(sp, i)
-            self.kvm_flush_remote_tlbs()
-        gen = self.memslots.generation & S.MMIO_SPTE_GEN_MASK
-        sp.spt[i] = S.make_mmio_spte(gfn, access, gen)
-        vcpu.stat["pf_mmio_spte_created"] += 1
-        return RET_PF_EMULATE
 
     def mmu_set_spte(
         self,
@@ -412,6 +436,8 @@ class KvmMmu:
         elif S.is_mmio_spte(old):
             spt[i] = 0
         ret = RET_PF_RETRY
+        if self.bug == "wrong_pfn":
+            pfn ^= 1
         result = self.set_spte(vcpu, sp, i, pte_access, gfn, pfn, True, host_writable)
         if result & SET_SPTE_WRITE_PROTECTED_PT:
             if write_fault:
@@ -423,6 +449,8 @@ class KvmMmu:
             if not sp.direct:
                 sp.gfns[i] = gfn
             slot = self.memslots.lookup(gfn)
+            if self.bug == "rmap_add_skipped":
+                return ret
             self.stat["pages_4k"] += 1
             if self.rmap_add(slot, gfn, sptep_of(sp, i)) > RMAP_RECYCLE_THRESHOLD:
                 # rmap_recycle(): a hot gfn drops all its mappings (and this one) at once.

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from mmud.kvm.mmu import spte as S
 from mmud.kvm.mmu import sync, zap
+from mmud.kvm.mmu.audit import AUDIT_POST_PTE_WRITE, AUDIT_PRE_PTE_WRITE, kvm_mmu_audit
 from mmud.kvm.mmu.mmu import KvmMmu
 from mmud.kvm.mmu.page import ROLE_BASE_MASK, ShadowPage
 from mmud.x86.paging import PAGE_SHIFT, PAGE_SIZE
@@ -64,11 +65,13 @@ def kvm_mmu_pte_write(mmu: KvmMmu, vcpu: Vcpu, gpa: int, nbytes: int) -> None:
     if nbytes == 8:
         gentry = mmu.memslots.read_u64(gpa) or 0
     mmu.stat["mmu_pte_write"] += 1
+    if mmu.audit_enabled: kvm_mmu_audit(mmu, vcpu, AUDIT_PRE_PTE_WRITE, gfn)  # audit point
+    if mmu.audit_track is not None: mmu.audit_track.note(None, gfn)  # audit track
     offset = gpa & (PAGE_SIZE - 1)
     invalid_list: list[ShadowPage] = []
     remote_flush = local_flush = False
     base_role = vcpu.base_role
-    for sp in mmu.indirect_valid_sps_of_gfn(gfn):
+    for sp in mmu.indirect_valid_sps_of_gfn(gfn) if mmu.bug != "pte_write_ignored" else ():
         if sp.invalid:
             continue  # zapped earlier in this loop
         if detect_write_misaligned(offset, nbytes) or detect_write_flooding(sp):
@@ -88,3 +91,4 @@ def kvm_mmu_pte_write(mmu: KvmMmu, vcpu: Vcpu, gpa: int, nbytes: int) -> None:
         if need_remote_flush(old, sp.spt[i]):
             remote_flush = True
     zap.kvm_mmu_flush_or_zap(mmu, vcpu, invalid_list, remote_flush, local_flush)
+    if mmu.audit_enabled: kvm_mmu_audit(mmu, vcpu, AUDIT_POST_PTE_WRITE)  # audit point

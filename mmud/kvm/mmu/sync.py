@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from mmud.kvm.mmu import mmio, zap
 from mmud.kvm.mmu import spte as S
-from mmud.kvm.mmu import zap
+from mmud.kvm.mmu.audit import AUDIT_POST_SYNC, AUDIT_PRE_SYNC, kvm_mmu_audit
 from mmud.kvm.mmu.mmu import KVM_PAGE_ARRAY_NR, SET_SPTE_NEED_REMOTE_TLB_FLUSH, KvmMmu
 from mmud.kvm.mmu.page import ShadowPage
 from mmud.x86.paging import (
@@ -50,11 +51,11 @@ def leaf_pte_access(sp_access: int, gpte: int, nxe: bool) -> int:
 
 def sync_page(mmu: KvmMmu, vcpu: Vcpu, sp: ShadowPage) -> int:
     """FNAME(sync_page): re-read all 512 gptes of an unsync sp; returns present sptes left."""
+    if mmu.audit_track is not None: mmu.audit_track.note(sp, sp.gfn)  # audit track
     nxe = vcpu.nxe
     read = mmu.memslots.read_u64
     spt = sp.spt
     table = sp.gfn << PAGE_SHIFT
-    gen = mmu.memslots.generation
     nr_present = 0
     need_flush = False
     for i in sp.sptes.nonzero()[0].tolist():
@@ -66,12 +67,8 @@ def sync_page(mmu: KvmMmu, vcpu: Vcpu, sp: ShadowPage) -> int:
             continue
         gfn = (gpte & PT64_BASE_ADDR_MASK) >> PAGE_SHIFT
         pte_access = leaf_pte_access(sp.access, gpte, nxe)
-        if S.is_mmio_spte(old):  # sync_mmio_spte()
-            if gfn != S.get_mmio_spte_gfn(old):
-                spt[i] = 0
-            else:
-                nr_present += 1
-                spt[i] = S.make_mmio_spte(gfn, pte_access, gen)
+        if mmio.sync_mmio_spte(mmu, sp, i, gfn, pte_access):
+            nr_present += bool(spt[i])
             continue
         if gfn != sp.gfns[i]:
             mmu.drop_spte(sp, i)
@@ -103,6 +100,11 @@ def resync_page(mmu: KvmMmu, vcpu: Vcpu, sp: ShadowPage, invalid_list: list[Shad
 def kvm_sync_page(mmu: KvmMmu, vcpu: Vcpu, sp: ShadowPage, invalid_list: list[ShadowPage]) -> bool:
     """Mark a write-protected unsync sp synced and bring its sptes up to date."""
     mmu.kvm_unlink_unsync_page(sp)
+    if sp.level > 1:
+        # Only leaf tables may be unsync (WARN_ON in the kernel); an upper-level page has
+        # no gptes sync_page could read, so it goes.
+        zap.prepare_zap_page(mmu, sp, invalid_list)
+        return False
     return resync_page(mmu, vcpu, sp, invalid_list)
 
 
@@ -117,6 +119,8 @@ def kvm_sync_pages(mmu: KvmMmu, vcpu: Vcpu, gfn: int, invalid_list: list[ShadowP
 
 def mmu_sync_children(mmu: KvmMmu, vcpu: Vcpu, parent: ShadowPage) -> None:
     """Sync every unsync page below parent, KVM_PAGE_ARRAY_NR pages per batch."""
+    if mmu.bug == "sync_skipped":
+        return
     invalid_list: list[ShadowPage] = []
     flush = False
     while True:
@@ -142,7 +146,9 @@ def kvm_mmu_sync_roots(mmu: KvmMmu, vcpu: Vcpu) -> None:
     vcpu.clear_mmio_info_any()
     if not root.unsync and not root.unsync_children:
         return
+    if mmu.audit_enabled: kvm_mmu_audit(mmu, vcpu, AUDIT_PRE_SYNC)  # audit point
     mmu_sync_children(mmu, vcpu, root)
+    if mmu.audit_enabled: kvm_mmu_audit(mmu, vcpu, AUDIT_POST_SYNC)  # audit point
 
 
 def invlpg_root(mmu: KvmMmu, vcpu: Vcpu, gva: int, root: ShadowPage) -> None:
