@@ -69,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
         args.state_dir.mkdir(parents=True, exist_ok=True)
     config = SimConfig(vms=(VmConfig(mem_mb=args.mem, vcpus=args.vcpus, seed=args.seed,
                                      workload=None if args.workload == "none" else args.workload),),
-                       load=load, log_level=args.log_level)
+                       load=load, log_level=args.log_level,
+                       state_dir=str(args.state_dir) if args.state_dir else None)
     structlog.get_logger("mmud").info("starting", mountpoint=str(args.mount), config=repr(config))
 
     def serve(client: SimClient, mountpoint: Path, ready: Callable[[], None]) -> None:

@@ -47,4 +47,5 @@ class VM(Kvm):
             done += 1
             self.clock_ns += STEP_NS
         self.steps += done
+        if self.isolation: self.isolation.exit()  # KVM_RUN returns to userspace
         return done

@@ -23,7 +23,9 @@ from typing import Any
 import structlog
 
 from mmud.daemon.protocol import Reply, Request, Snapshot, VmSnapshot
+from mmud.daemon.faultlog import FaultLogPublisher
 from mmud.daemon.status import RateMeter, render_status
+from mmud.kvm.isolation import isolation_map, parse_map
 from mmud.kvm.params import ParamError, Params
 from mmud.log import setup_logging
 
@@ -52,6 +54,7 @@ class SimConfig:
     vms: tuple[VmConfig, ...] = (VmConfig(),)
     load: dict[str, str | None] = field(default_factory=dict)  # module parameters at load time
     log_level: str = "info"
+    state_dir: str | None = None  # where persisted logs go (fault_log.jsonl)
 
 
 @dataclass
@@ -89,7 +92,9 @@ class Simulation:
             "param": self.set_param,
             "clear_stat": self.clear_stat,
             "state": self.set_state,
+            "isolation_map": self.isolation_map,
         }
+        self.isolation = FaultLogPublisher(self.params, config.state_dir)
         self.logs: dict[str, tuple[str, ...]] = {}
         self._seq = 0
         self._batch = 1
@@ -164,7 +169,7 @@ class Simulation:
             seq=self._seq,
             params={n: self.params.render(n) for n in self.params.names()},
             vms=tuple(self._vm_snapshot(s) for s in self.slots),
-            logs=self.logs))
+            logs={**self.logs, **self.isolation.logs(self._fault_context())}))
 
     def _vm_snapshot(self, s: _Slot) -> VmSnapshot:
         stats = s.vm.stats
@@ -190,6 +195,16 @@ class Simulation:
         for s in self.slots if vm is None else [self._slot(vm)]:
             s.vm.clear_stat(name)
         log.info("stat_cleared", name=name, vm=vm or "all")
+
+    def _fault_context(self) -> dict[str, object]:
+        """Where new fault-log entries happened: the newest VM (the one isolation logs for)."""
+        s = self.slots[-1]
+        return {"vm": s.name, "seed": s.config.seed, "step": s.vm.steps}
+
+    def isolation_map(self, text: bytes) -> None:
+        """`kvm/isolation/map`: extend the KVM address space (EINVAL: unknown symbol)."""
+        isolation_map(self.params, parse_map(text))
+        log.info("isolation_map", text=text.decode("latin-1").rstrip("\n"))
 
     def set_state(self, vm: str, action: str) -> None:
         s = self._slot(vm)

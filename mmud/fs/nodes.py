@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from mmud.daemon.protocol import Snapshot, VmSnapshot
+from mmud.kvm.isolation import parse_map
 from mmud.kvm.params import ParamError, Params, kstrtoull
 from mmud.kvm.stats import StatDesc
 
@@ -86,6 +87,20 @@ def action_file(backend: Backend, op: str, parse: Parse) -> RequestFile:
 def log_file(name: str) -> File:
     """A ring of lines the simulation publishes under `name` (kvm/audit_log, kvm/fault_log)."""
     return File(lambda snap: "".join(f"{line}\n" for line in snap.logs.get(name, ())).encode())
+
+
+def isolation_dir(backend: Backend) -> Dir:
+    """kvm/isolation/: `map` (0200) extends the KVM address space, `mappings` (0444) lists it.
+
+    `map` is write-only, as debugfs makes a file without a read method: what it did is read
+    back from `mappings`.  Syntax is checked here; whether a symbol exists, by the simulation.
+    """
+    def parse(data: bytes) -> dict[str, Any]:
+        parse_map(data)
+        return {"text": data}
+
+    return Dir({"map": action_file(backend, "isolation_map", parse),
+                "mappings": log_file("isolation/mappings")})
 
 
 def _refuse(e: ParamError) -> OSError:

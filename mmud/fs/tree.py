@@ -2,6 +2,7 @@
 
     parameters/<param>          like /sys/module/kvm/parameters
     kvm/mmu-debug, kvm/<stat>   like /sys/kernel/debug/kvm (stats summed over VMs)
+    kvm/fault_log, kvm/isolation/{map,mappings}   address-space isolation (issue 5)
     kvm/<pid>-<fd>/<stat>       one directory per VM, named as KVM names it
     vm<N>/state, vm<N>/status   simulator control, one directory per VM
 
@@ -20,6 +21,8 @@ from mmud.fs.nodes import (
     File,
     Node,
     choice_file,
+    isolation_dir,
+    log_file,
     mmu_debug_file,
     param_file,
     stat_file,
@@ -38,6 +41,7 @@ class Tree:
         self.parameters = Dir({n: param_file(backend, params, n) for n in params.names()})
         self._kvm_files: dict[str, Node] = {"mmu-debug": mmu_debug_file(backend, params)}
         self._kvm_files.update({s.name: stat_file(backend, s) for s in STATS})
+        self._kvm_files.update(fault_log=log_file("fault_log"), isolation=isolation_dir(backend))
         self._vm_dirs: dict[str, tuple[Dir, Dir]] = {}  # VM name -> (debugfs dir, vm<N>/ dir)
         self.kvm = Dir(self._kvm_children)
         self.root = Dir(self._root_children)

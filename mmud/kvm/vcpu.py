@@ -56,6 +56,7 @@ from mmud.x86.paging import (
 )
 
 if TYPE_CHECKING:
+    from mmud.kvm.isolation import VmIsolation
     from mmud.kvm.vm import VM
 
 # Requests (KVM_REQ_*), serviced at the next guest entry in vcpu_enter_guest()'s order.
@@ -103,6 +104,8 @@ class Access:
 
 
 class Vcpu:
+    isolation: VmIsolation | None = None  # the VM's, when address_space_isolation=Y
+
     def __init__(self, vm: VM, index: int) -> None:
         self.vm = vm
         self.kvm_mmu = vm.mmu
@@ -237,6 +240,7 @@ class Vcpu:
 
     def enter_guest(self) -> None:
         """vcpu_enter_guest(): service requests, then make sure a root is loaded."""
+        if self.isolation: self.isolation.enter()  # isolation
         mmu = self.kvm_mmu
         if self.requests:
             req, self.requests = self.requests, 0
@@ -351,6 +355,7 @@ class Vcpu:
 
     def kvm_mmu_page_fault(self, gva: int, error_code: int) -> int:
         mmu = self.kvm_mmu
+        if mmu.asi: mmu.asi.touch_vcpu(self)  # isolation
         r = RET_PF_INVALID
         if error_code & PFERR_RSVD_MASK:
             r = self.handle_mmio_page_fault(gva)

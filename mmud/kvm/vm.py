@@ -24,6 +24,7 @@ from mmud.kvm.memslot import (
 from mmud.kvm.mmu import spte as S
 from mmud.kvm.mmu import audit, zap
 from mmud.kvm.mmu.mmu import KVM_MIN_ALLOC_MMU_PAGES, KvmMmu
+from mmud.kvm.isolation import kvm_isolation_init_vm
 from mmud.kvm.params import Params
 from mmud.kvm.vcpu import Vcpu
 from mmud.x86.paging import PAGE_SHIFT, PAGE_SIZE
@@ -58,6 +59,7 @@ class Kvm:
         self.set_memslot(0, 0, self.mem_bytes)
         self.vcpus.extend(Vcpu(self, i) for i in range(vcpus))
         self.mmu.vcpus = self.vcpus
+        self.isolation = kvm_isolation_init_vm(self)
 
     # --- statistics ----------------------------------------------------------------------------
 

@@ -29,6 +29,7 @@ from mmud.kvm.mmu.page import (
 from mmud.x86.paging import ACC_WRITE_MASK, PT_WRITABLE_MASK
 
 if TYPE_CHECKING:
+    from mmud.kvm.isolation import VmIsolation
     from mmud.kvm.mmu.audit import AuditTrack
     from mmud.kvm.params import Params
     from mmud.kvm.vcpu import Vcpu
@@ -60,6 +61,8 @@ def sptep_of(sp: ShadowPage, i: int) -> int:
 
 class KvmMmu:
     """MMU state of one VM. Only the simulation loop touches it (no locks inside)."""
+
+    asi: VmIsolation | None = None  # on the KVM address space: the VM's isolation
 
     def __init__(
         self, memslots: Memslots, stat: dict[str, int], params: Params, clock_ns: Callable[[], int]
@@ -130,6 +133,7 @@ class KvmMmu:
     # --- rmap -------------------------------------------------------------------------------
 
     def rmap_add(self, slot: Memslot, gfn: int, sptep: int) -> int:
+        if self.asi: self.asi.touch_rmap(gfn, True)  # isolation
         rmap = slot.rmap.get(gfn)
         if rmap is None:
             slot.rmap[gfn] = [sptep]
@@ -154,6 +158,7 @@ class KvmMmu:
 
     def rmap_write_protect(self, gfn: int) -> bool:
         """Clear W and MMU-writable in every spte mapping gfn; True if any changed."""
+        if self.asi: self.asi.touch_rmap(gfn)  # isolation
         if self.audit_track is not None: self.audit_track.note(None, gfn)  # audit track
         slot = self.memslots.lookup(gfn)
         if slot is None:
@@ -190,10 +195,12 @@ class KvmMmu:
     # --- page tracking (KVM_PAGE_TRACK_WRITE) ------------------------------------------------
 
     def page_track_is_active(self, gfn: int) -> bool:
+        if self.asi: self.asi.touch_gfn_track(gfn)  # isolation
         slot = self.memslots.lookup(gfn)
         return slot is not None and slot.gfn_track.get(gfn, 0) > 0
 
     def account_shadowed(self, sp: ShadowPage) -> None:
+        if self.asi: self.asi.touch_gfn_track(sp.gfn, True)  # isolation
         if self.audit_track is not None: self.audit_track.note(sp, sp.gfn)  # audit track
         self.indirect_shadow_pages += 1
         gfn = sp.gfn
@@ -222,6 +229,7 @@ class KvmMmu:
     # --- shadow page lookup and allocation ---------------------------------------------------
 
     def alloc_page(self, gfn: int, role: int) -> ShadowPage:
+        if self.asi: self.asi.touch_hash(gfn, True)  # isolation
         sp = self.pool.alloc()
         sp.init(gfn, role, self.mmu_valid_gen)
         if self.audit_track is not None: self.audit_track.note(sp, gfn)  # audit track
@@ -232,11 +240,13 @@ class KvmMmu:
 
     def free_page(self, sp: ShadowPage) -> None:
         """kvm_mmu_free_page(): the sp leaves the hash and returns to the pool."""
+        if self.asi: self.asi.touch_hash(sp.gfn, True)  # isolation
         self.page_hash[hash_64(sp.gfn)].remove(sp)
         self.pool.release(sp)
 
     def get_page(self, vcpu: Vcpu, gfn: int, level: int, direct: bool, access: int) -> ShadowPage:
         """kvm_mmu_get_page(): find the sp for (gfn, role) or build it."""
+        if self.asi: self.asi.touch_hash(gfn)  # isolation
         from mmud.kvm.mmu import sync, zap
 
         role = make_role(vcpu.base_role, level, direct, access)
@@ -285,6 +295,7 @@ class KvmMmu:
     # --- linking ------------------------------------------------------------------------------
 
     def link_shadow_page(self, parent: ShadowPage, i: int, sp: ShadowPage) -> None:
+        if self.asi: self.asi.touch_sp(sp, True)  # isolation
         if self.audit_track is not None: self.audit_track.note(sp, None)  # audit track
         if self.audit_track is not None: self.audit_track.note(parent, None)  # audit track
         parent.spt[i] = S.make_nonleaf_spte(sp.index)
@@ -350,6 +361,7 @@ class KvmMmu:
         return found
 
     def kvm_unsync_page(self, sp: ShadowPage) -> None:
+        if self.asi: self.asi.touch_sp(sp, True)  # isolation
         if self.audit_track is not None: self.audit_track.note(sp, sp.gfn)  # audit track
         self.stat["mmu_unsync"] += 1
         sp.unsync = True
@@ -386,6 +398,7 @@ class KvmMmu:
         host_writable: bool,
     ) -> int:
         spt = sp.spt
+        if self.asi: self.asi.touch_spt(sp, i, True)  # isolation
         old = spt[i]
         spte = S.make_leaf_spte(pfn, pte_access, sp.level, host_writable)
         if self.audit_track is not None: self.audit_track.note(sp, gfn)  # audit track

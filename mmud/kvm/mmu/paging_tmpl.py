@@ -66,6 +66,7 @@ def walk_addr(mmu: KvmMmu, vcpu: Vcpu, addr: int, error_code: int) -> GuestWalke
     rsvd = vcpu.rsvd_table
     memslots = mmu.memslots
     w = GuestWalker()
+    if mmu.asi: mmu.asi.touch_memslots()  # isolation
     table = vcpu.cr3 & CR3_ADDR_MASK
     pte_access = ACC_ALL
     level = 4

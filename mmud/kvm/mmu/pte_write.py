@@ -54,6 +54,7 @@ def need_remote_flush(old: int, new: int) -> bool:
 
 def kvm_mmu_pte_write(mmu: KvmMmu, vcpu: Vcpu, gpa: int, nbytes: int) -> None:
     """The guest wrote nbytes at gpa (already in memory); update the shadow of that gpte."""
+    if mmu.asi: mmu.asi.touch_hash(gpa >> PAGE_SHIFT)  # isolation
     if not mmu.indirect_shadow_pages:
         return
     gfn = gpa >> PAGE_SHIFT

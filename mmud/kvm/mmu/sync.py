@@ -51,6 +51,7 @@ def leaf_pte_access(sp_access: int, gpte: int, nxe: bool) -> int:
 
 def sync_page(mmu: KvmMmu, vcpu: Vcpu, sp: ShadowPage) -> int:
     """FNAME(sync_page): re-read all 512 gptes of an unsync sp; returns present sptes left."""
+    if mmu.asi: mmu.asi.touch_sp(sp)  # isolation
     if mmu.audit_track is not None: mmu.audit_track.note(sp, sp.gfn)  # audit track
     nxe = vcpu.nxe
     read = mmu.memslots.read_u64
@@ -119,6 +120,7 @@ def kvm_sync_pages(mmu: KvmMmu, vcpu: Vcpu, gfn: int, invalid_list: list[ShadowP
 
 def mmu_sync_children(mmu: KvmMmu, vcpu: Vcpu, parent: ShadowPage) -> None:
     """Sync every unsync page below parent, KVM_PAGE_ARRAY_NR pages per batch."""
+    if mmu.asi: mmu.asi.touch_sp(parent)  # isolation
     if mmu.bug == "sync_skipped":
         return
     invalid_list: list[ShadowPage] = []
@@ -153,6 +155,7 @@ def kvm_mmu_sync_roots(mmu: KvmMmu, vcpu: Vcpu) -> None:
 
 def invlpg_root(mmu: KvmMmu, vcpu: Vcpu, gva: int, root: ShadowPage) -> None:
     """FNAME(invlpg) for one root: rebuild the leaf spte of gva if its page is unsync."""
+    if mmu.asi: mmu.asi.touch_sp(root)  # isolation
     sp = root
     level = root.level
     while True:

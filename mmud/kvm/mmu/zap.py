@@ -53,6 +53,7 @@ def _unlink_parents(mmu: KvmMmu, sp: ShadowPage) -> None:
 
 def prepare_zap_page(mmu: KvmMmu, sp: ShadowPage, invalid_list: list[ShadowPage]) -> int:
     """__kvm_mmu_prepare_zap_page(); returns how many pages it moved to invalid_list."""
+    if mmu.asi: mmu.asi.touch_sp(sp, True)  # isolation
     mmu.stat["mmu_shadow_zapped"] += 1
     nr_zapped = 0
     if sp.level > 1:

@@ -1,0 +1,102 @@
+"""KVM address-space isolation and its page-fault log (the KVM ASI RFC series, 2019).
+
+KVM handles VM exits on a reduced "KVM address space" (kvm_mm) that maps only what KVM is
+known to need; KVM code touching anything else takes a page fault, whose handler switches
+to the full kernel address space, logs the fault once per faulting instruction and retries.
+The log (`kvm/fault_log`) tells the developer what to add to the KVM address space
+(`kvm/isolation/map`).
+
+Modules, one job each:
+- symbols: kallsyms for KVM code — frames of the simulated KVM as `symbol+off/size`;
+- layout: the addresses and symbol names of the data KVM uses;
+- addrspace: kvm_mm — the mapping set, map requests, page-table dumps;
+- faultlog: the tracking table and message format of kvm_log_page_fault();
+- context: the switches, the touch points and the fault handler.
+
+State that the kernel keeps in module globals (kvm_mm, kvm_last_fault[], the parameters)
+lives in one `ModuleIsolation` per parameter block, like the audit's module state.
+"""
+
+from __future__ import annotations
+
+import errno
+import weakref
+from typing import TYPE_CHECKING
+
+from mmud.kvm.isolation.addrspace import (
+    INITIAL_SYMBOLS,
+    INITIAL_VCPU_SYMBOLS,
+    MapRequest,
+    parse_map,
+)
+from mmud.kvm.isolation.context import ModuleIsolation, VmIsolation
+from mmud.kvm.isolation.symbols import KernelText
+
+if TYPE_CHECKING:
+    from mmud.kvm.params import Params
+    from mmud.kvm.vm import Kvm
+
+__all__ = [
+    "ModuleIsolation",
+    "VmIsolation",
+    "arm_switch_fault",
+    "isolation_map",
+    "kvm_isolation_init_vm",
+    "module_isolation",
+    "parse_map",
+]
+
+_modules: weakref.WeakKeyDictionary[Params, ModuleIsolation] = weakref.WeakKeyDictionary()
+_text: list[KernelText] = []  # built once per process: the layout of the code never changes
+
+
+def kernel_text() -> KernelText:
+    if not _text:
+        _text.append(KernelText())
+    return _text[0]
+
+
+def module_isolation(params: Params) -> ModuleIsolation:
+    """The isolation state of the kvm module whose parameter block is `params`."""
+    state = _modules.get(params)
+    if state is None:
+        state = ModuleIsolation(bool(params["address_space_isolation"]),
+                                bool(params["page_fault_stack"]), kernel_text())
+        _modules[params] = state
+    return state
+
+
+def kvm_isolation_init_vm(kvm: Kvm) -> VmIsolation | None:
+    """A VM is created: clear the fault log and map its structures (None: isolation is off)."""
+    module = module_isolation(kvm.params)
+    if not module.enabled:
+        return None
+    ctx = VmIsolation(kvm, module)
+    module.current = ctx
+    module.log.clear()
+    symbols = ctx.symbols()
+    names = list(INITIAL_SYMBOLS)
+    names += [f.format(i=v.index) for v in kvm.vcpus for f in INITIAL_VCPU_SYMBOLS]
+    mapped = {what for _, _, what in module.mm.named}
+    for name in names:
+        if name not in mapped:
+            module.mm.apply(MapRequest(symbol=name), symbols)
+    for vcpu in kvm.vcpus:
+        vcpu.isolation = ctx
+    return ctx
+
+
+def isolation_map(params: Params, req: MapRequest) -> None:
+    """A `kvm/isolation/map` write; EINVAL for a symbol no VM has."""
+    module = module_isolation(params)
+    symbols = module.symbols()
+    if symbols is None:
+        raise OSError(errno.EINVAL, "address space isolation is off")
+    module.mm.apply(req, symbols)
+
+
+def arm_switch_fault(kvm: Kvm) -> None:
+    """Arm the `isolation_switch_fault` bug in one VM (EINVAL when isolation is off)."""
+    if kvm.isolation is None:
+        raise OSError(errno.EINVAL, "address space isolation is off")
+    kvm.isolation.arm_switch_fault()

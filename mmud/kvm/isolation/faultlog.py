@@ -1,0 +1,81 @@
+"""The isolation fault log: the series' kvm_log_page_fault() rules and message format.
+
+- A fault is logged only the first time its IP is seen; the table holds
+  KVM_LAST_FAULT_COUNT IPs and is cleared when a VM is created (kvm_isolation_init_vm).
+- The fault that finds the table full is logged after a `fault tracking buffer is full`
+  warning, with the number 128.  The kernel repeats both lines for every later fault of an
+  untracked IP, which buries the log; mmud prints the warning and that one entry once, and
+  only counts the faults after it (`dropped`).
+- An entry is `KVM isolation: page fault #<n> (<error code>) at <ip %pS> on <address %px>
+  (<address %pS>)`, then, with page_fault_stack=Y, a `Call Trace:` of the callers.
+
+Every line carries a printk stamp `[seconds.micros]` of the VM's simulated clock (time since
+the VM was created), so a run's log is the same for the same seed.  New entries also wait in
+`pending` until the owner of the process (the daemon) persists and logs them.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+KVM_LAST_FAULT_COUNT = 128
+LOG_LINES = 8192  # the ring keeps the newest lines, as the printk buffer does
+
+
+def stamp(ns: int) -> str:
+    """printk's `[%5lu.%06lu] ` time prefix."""
+    return f"[{ns // 1_000_000_000:5d}.{ns // 1000 % 1_000_000:06d}] "
+
+
+class FaultLog:
+    def __init__(self) -> None:
+        self.lines: deque[str] = deque(maxlen=LOG_LINES)
+        self.pending: list[tuple[str, ...]] = []  # entries not yet handed to the daemon
+        self.version = 0  # bumped on every change, so a publisher can skip unchanged logs
+        self.clear()
+
+    def clear(self) -> None:
+        """kvm_clear_page_fault(): forget every IP and empty the log."""
+        self.ips: dict[int, int] = {}
+        self.full = False
+        self.dropped = 0
+        self.lines.clear()
+        self.version += 1
+
+    def track(self, ip: int) -> int | None:
+        """The entry number of a new IP, or None if it is not to be logged."""
+        if ip in self.ips:
+            return None
+        n = len(self.ips)
+        if n >= KVM_LAST_FAULT_COUNT:
+            if self.full:
+                self.dropped += 1
+                return None
+            self.full = True
+            return n
+        self.ips[ip] = n
+        return n
+
+    def entry(self, ns: int, n: int, error_code: int, ip: str, address: int, where: str,
+              trace: list[str] | None) -> tuple[str, ...]:
+        """Append one fault's lines (and the full warning before the first untracked one)."""
+        out = []
+        if n >= KVM_LAST_FAULT_COUNT:
+            out.append(f"KVM isolation: fault tracking buffer is full [{KVM_LAST_FAULT_COUNT}]")
+        out.append(f"KVM isolation: page fault #{n} ({error_code}) at {ip} "
+                   f"on {address:016x} ({where})")
+        if trace is not None:
+            out += ["Call Trace:", *(f" {frame}" for frame in trace)]
+        return self.append(ns, out)
+
+    def append(self, ns: int, lines: list[str]) -> tuple[str, ...]:
+        prefix = stamp(ns)
+        stamped = tuple(prefix + line for line in lines)
+        self.lines.extend(stamped)
+        self.pending.append(stamped)
+        self.version += 1
+        return stamped
+
+    def take_pending(self) -> list[tuple[str, ...]]:
+        out, self.pending = self.pending, []
+        return out

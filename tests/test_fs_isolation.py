@@ -1,0 +1,85 @@
+"""kvm/fault_log and kvm/isolation/ through a real mount, with a state directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import time
+
+import pytest
+
+from mmud.daemon.mountpoint import is_mounted
+from tests.fusemount import Daemon, assert_refused, echo, shell_write, wait_for
+
+ENTRY = "KVM isolation: page fault #"
+
+
+@pytest.fixture(scope="module")
+def iso(workdir):
+    d = Daemon(workdir / "iso", "--state-dir", str(workdir / "state"), "--seed", "3").start()
+    yield d
+    if d.proc.poll() is None:
+        assert d.stop() == 0, d.log()
+    assert not is_mounted(d.mount)
+
+
+def entry_lines(d: Daemon) -> list[str]:
+    return [line for line in d.read("kvm/fault_log").splitlines() if ENTRY in line]
+
+
+def test_fresh_daemon_logs_within_a_second(iso):
+    deadline = time.monotonic() + 1.0
+    wait_for(lambda: entry_lines(iso), 1.0, "a fault_log entry")
+    assert time.monotonic() <= deadline
+    text = iso.read("kvm/fault_log")
+    assert "Call Trace:" in text
+    ips = [line.split(" at ")[1].split(" on ")[0] for line in entry_lines(iso)]
+    assert len(ips) == len(set(ips))
+
+
+def test_modes(iso):
+    def mode(rel: str) -> int:
+        return stat.S_IMODE(os.stat(iso.path(rel)).st_mode)
+
+    assert (mode("kvm/fault_log"), mode("kvm/isolation/map"),
+            mode("kvm/isolation/mappings")) == (0o444, 0o200, 0o444)
+    assert int(iso.read("kvm/isolation_faults")) > 0
+
+
+def test_map_a_symbol_then_mappings_show_it(iso):
+    assert echo(iso.path("kvm/isolation/map"), "mmu_page_hash").returncode == 0
+    assert any(line.endswith(" mmu_page_hash") for line in
+               iso.read("kvm/isolation/mappings").splitlines())
+    assert shell_write(iso.path("kvm/isolation/map"), "ffff888103300000 10\n").returncode == 0
+    for bad in ("no_such_symbol", "1 2 3", "ffff888100000000 0", "kvm kvm"):
+        assert_refused(shell_write(iso.path("kvm/isolation/map"), bad))
+
+
+def test_restart_clears_the_log_and_the_history_keeps_it(iso, workdir):
+    wait_for(lambda: entry_lines(iso), 5, "entries")
+    assert echo(iso.path("vm0/state"), "pause").returncode == 0
+    before = entry_lines(iso)
+    assert echo(iso.path("vm0/state"), "restart").returncode == 0
+    assert entry_lines(iso) == []
+    history = workdir / "state" / "fault_log.jsonl"
+    records = [json.loads(line) for line in history.read_text().splitlines()]
+    kept = [line for r in records for line in r["lines"] if ENTRY in line]
+    assert set(before) <= set(kept)
+    assert records[0]["vm"] == "vm0" and records[0]["seed"] == 3
+    assert '"event": "isolation_fault"' in iso.log()
+    # mmu_page_hash is mapped now: the fresh VM never faults on it.
+    assert echo(iso.path("vm0/state"), "run").returncode == 0
+    wait_for(lambda: len(entry_lines(iso)) >= 2, 5, "new entries")
+    time.sleep(0.3)
+    assert "(mmu_page_hash+" not in iso.read("kvm/fault_log")
+
+
+def test_page_fault_stack_off(workdir):
+    d = Daemon(workdir / "nostack", "--param", "page_fault_stack=N").start()
+    try:
+        wait_for(lambda: entry_lines(d), 5, "entries")
+        assert "Call Trace:" not in d.read("kvm/fault_log")
+        assert d.read("parameters/page_fault_stack") == "N\n"
+    finally:
+        assert d.stop() == 0, d.log()
