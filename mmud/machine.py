@@ -1,7 +1,8 @@
 """A runnable VM: the KVM side (mmud.kvm.vm.Kvm) plus a guest workload on every vCPU.
 
 This is `mmud.VM`. It sits above both the simulated KVM and the guest workloads, and owns the
-seeded scheduler that interleaves the vCPUs.
+seeded scheduler that interleaves the vCPUs with host tasks (mmud.host, and the lock breaks
+of a fast zap of all shadow pages).
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from mmud.guest import WORKLOADS
+from mmud.host import HOST_WORKLOADS
+from mmud.kvm.mmu.zap import ZapRun
 from mmud.kvm.params import Params
 from mmud.kvm.vm import Kvm
 from mmud.sched import Scheduler
@@ -28,16 +31,20 @@ class VM(Kvm):
         params: Params | Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(mem_mb=mem_mb, vcpus=vcpus, params=params)
-        if workload is not None and workload not in WORKLOADS:
-            raise ValueError(f"unknown workload {workload!r} (known: {', '.join(WORKLOADS)})")
+        known = [*WORKLOADS, *HOST_WORKLOADS]
+        if workload is not None and workload not in known:
+            raise ValueError(f"unknown workload {workload!r} (known: {', '.join(known)})")
         self.seed = seed
         self.steps = 0
         self.workload_name = workload
         self.scheduler = Scheduler(seed)
-        self.workload = WORKLOADS[workload](self, seed) if workload else None
+        guest, host_task = HOST_WORKLOADS.get(workload, (workload, None))
+        self.workload = WORKLOADS[guest](self, seed) if guest else None
         if self.workload is not None:
             for vcpu in self.vcpus:
                 self.scheduler.add(f"vcpu{vcpu.index}", self.workload.task(vcpu))
+        if host_task is not None:
+            self.scheduler.add(workload, host_task(self, seed))
 
     def step(self, n: int = 1) -> int:
         """Run n scheduler steps (fewer if every task ended); returns the steps run."""
@@ -49,3 +56,11 @@ class VM(Kvm):
         self.steps += done
         if self.isolation: self.isolation.exit()  # KVM_RUN returns to userspace
         return done
+
+    def run_lock_breaks(self, run: ZapRun) -> None:
+        """A fast zap of a running VM is a host task: each of its scheduler steps holds the
+        MMU lock for one batch, and the vCPUs' steps run in the breaks between batches."""
+        if not len(self.scheduler):
+            super().run_lock_breaks(run)
+            return
+        self.scheduler.add("kvm_zap_obsolete_pages", run.task())

@@ -23,6 +23,7 @@ from typing import Any, Protocol
 import mmud
 from mmud.guest import memory
 from mmud.guest.frames import BadPage, FrameAllocator, OutOfMemory
+from mmud.guest.ioremap import IoramDriver, ioram_mappable, ioremap_boot
 from mmud.guest.mm import MM, VM_WRITE, VMA
 from mmud.guest.pgtable import (
     _KERNPG_TABLE,
@@ -69,6 +70,7 @@ COUNTERS = (
     "oom_kills",
     "oops",  # kernel-mode faults and bad page maps: the task is abandoned
     "data_errors",  # a load returned something other than what was stored
+    "ioram_io",  # write + read-back pairs on the ioram device
 )
 
 # Boot page tables: frame 0 stays unused (as the real-mode IVT page would), then the kernel
@@ -80,6 +82,8 @@ MAX_FAULT_RETRIES = 4
 TIMESLICE = (16, 128)
 # Error messages kept verbatim for the report; the count goes on in `data_errors`.
 MAX_ERRORS_KEPT = 16
+# Chance per time slice that the ioram driver does one write and one read.
+IORAM_IO_CHANCE = 0.25
 # Frames fork keeps free beyond a copy of the parent's pages (tables, COW breaks).
 FORK_RESERVE = 256
 
@@ -121,6 +125,10 @@ class Kernel:
         self.nr_processes = 0
         self._next_pid = 1
         first_free, end_pfn = self._boot_page_tables()
+        self.ioram: IoramDriver | None = None
+        if ioram_mappable(vm.mem_bytes):
+            first_free = ioremap_boot(vm.write_u64, SWAPPER_PGD_PFN, first_free)
+            self.ioram = IoramDriver(random.Random(f"ioram/{seed}"))
         self.frames = FrameAllocator(first_free, end_pfn)
         self.init_mm = MM(pgd=SWAPPER_PGD_PFN)
         self.idle_tasks: dict[int, Task] = {}
@@ -181,6 +189,9 @@ class Kernel:
 
     def run_slice(self, vcpu: Any) -> Iterator[None]:
         """Pick the next runnable task and run it for a time slice, or idle one step."""
+        if self.ioram is not None and self.ioram.rng.random() < IORAM_IO_CHANCE:
+            self.ioram.io(vcpu, self.error)
+            self.counters["ioram_io"] += 1
         if not self.runqueue:
             self._switch_mm(vcpu, self.init_mm)
             yield

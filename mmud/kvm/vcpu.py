@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from mmud.kvm import stats
-from mmud.kvm.mmu import paging_tmpl, pte_write, roots, sync, zap
+from mmud.kvm.mmu import mmio, paging_tmpl, pte_write, roots, sync, zap
 from mmud.kvm.mmu import spte as S
-from mmud.kvm.mmu.mmu import RET_PF_EMULATE, RET_PF_INVALID, RET_PF_RETRY
+from mmud.kvm.mmu.mmu import RET_PF_EMULATE, RET_PF_INVALID
 from mmud.kvm.mmu.page import (
     ROLE_CR0_WP,
     ROLE_GPTE_IS_8_BYTES,
@@ -358,31 +358,10 @@ class Vcpu:
         if mmu.asi: mmu.asi.touch_vcpu(self)  # isolation
         r = RET_PF_INVALID
         if error_code & PFERR_RSVD_MASK:
-            r = self.handle_mmio_page_fault(gva)
+            r = mmio.handle_mmio_page_fault(mmu, self, gva)
         if r == RET_PF_INVALID:
             r = paging_tmpl.page_fault(mmu, self, gva, error_code)
         return r
-
-    def handle_mmio_page_fault(self, gva: int) -> int:
-        """The RSVD fast path: emulate straight from a current MMIO spte or the MMIO cache."""
-        if self.match_mmio_gva(gva):
-            return RET_PF_EMULATE
-        sp = self.root
-        level = sp.level
-        mmu = self.kvm_mmu
-        while True:
-            spte = sp.spt[pt_index(gva, level)]
-            if level == 1 or not spte & S.SPTE_MMU_PRESENT or spte & S.PT_PAGE_SIZE_MASK:
-                break
-            sp = mmu.child_of(spte)
-            level -= 1
-        if not S.is_mmio_spte(spte):
-            return RET_PF_RETRY
-        gen = self.vm.memslots.generation
-        if gen & (1 << 63) or gen & S.MMIO_SPTE_GEN_MASK != S.get_mmio_spte_generation(spte):
-            return RET_PF_INVALID
-        self.cache_mmio_info(gva, S.get_mmio_spte_gfn(spte), S.get_mmio_spte_access(spte))
-        return RET_PF_EMULATE
 
     # --- the emulator -----------------------------------------------------------------------------
 
@@ -488,8 +467,10 @@ class Vcpu:
         dst = self._string_target(dst_gva & ~0xFFF, 1)
         if dst is None:
             return
-        if src is None:  # reading a device page: what the device returns
-            dst[3][dst[1]:dst[1] + 512] = self.vm.mmio_read(src_gva)
+        if src is None:  # reading a device page: one device read per word
+            gpa = self._emulated_gpa(src_gva & ~0xFFF, 0)
+            self.stat["mmio_exits"] += 512
+            dst[3][dst[1]:dst[1] + 512] = self.vm.mmio_bus.read_page(gpa)
         else:
             dst[3][dst[1]:dst[1] + 512] = src[3][src[1]:src[1] + 512]
 

@@ -9,34 +9,16 @@ from __future__ import annotations
 import errno
 from collections.abc import Mapping
 
-import numpy as np
-
-from mmud.kvm import stats
-from mmud.kvm.memslot import (
-    KVM_ADDRESS_SPACE_NUM,
-    KVM_MEM_LOG_DIRTY_PAGES,
-    KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS,
-    KVM_USER_MEM_SLOTS,
-    MAX_SLOT_PAGES,
-    Memslot,
-    Memslots,
-)
-from mmud.kvm.mmu import spte as S
+from mmud.kvm import kvm_main, stats
+from mmud.kvm.devices import IORAM_BASE, IORAM_SIZE, IoRam, MmioBus
+from mmud.kvm.kvm_main import KvmError
+from mmud.kvm.memslot import KVM_MEM_LOG_DIRTY_PAGES, Memslots
 from mmud.kvm.mmu import audit, zap
 from mmud.kvm.mmu.mmu import KVM_MIN_ALLOC_MMU_PAGES, KvmMmu
 from mmud.kvm.isolation import kvm_isolation_init_vm
 from mmud.kvm.params import Params
 from mmud.kvm.vcpu import Vcpu
-from mmud.x86.paging import PAGE_SHIFT, PAGE_SIZE
-
-MMIO_READ_VALUE = (1 << 64) - 1  # an unclaimed bus reads all ones
-
-
-class KvmError(OSError):
-    """An ioctl's failure, with the errno the kernel would return."""
-
-    def __init__(self, err: int, message: str) -> None:
-        super().__init__(err, message)
+from mmud.x86.paging import PAGE_SHIFT
 
 
 class Kvm:
@@ -56,6 +38,8 @@ class Kvm:
         self.mmu = KvmMmu(self.memslots, self.stat)
         self.mmio_caching = bool(self.params["mmio_caching"])
         self.vcpus: list[Vcpu] = []
+        self.mmio_bus = MmioBus([IoRam(IORAM_BASE, IORAM_SIZE)])
+        self.last_zap: zap.ZapRun | None = None
         self.set_memslot(0, 0, self.mem_bytes)
         self.vcpus.extend(Vcpu(self, i) for i in range(vcpus))
         self.mmu.vcpus = self.vcpus
@@ -108,73 +92,17 @@ class Kvm:
     # --- emulated devices (userspace's side of an MMIO exit) -----------------------------------
 
     def mmio_read(self, gpa: int) -> int:
-        return MMIO_READ_VALUE
+        return self.mmio_bus.read(gpa)
 
     def mmio_write(self, gpa: int, value: int) -> None:
-        """Writes to unclaimed guest-physical addresses are dropped."""
+        self.mmio_bus.write(gpa, value)
 
     # --- memslots (KVM_SET_USER_MEMORY_REGION) -----------------------------------------------
 
     def set_memslot(self, slot: int, gpa: int, size: int, log_dirty: bool = False) -> None:
         """Create, move, change flags of, or (size 0) delete a memslot, as KVM does."""
-        if not 0 <= slot < KVM_USER_MEM_SLOTS:
-            raise KvmError(errno.EINVAL, f"slot {slot} out of range")
-        if gpa & (PAGE_SIZE - 1) or size & (PAGE_SIZE - 1) or gpa < 0 or size < 0:
-            raise KvmError(errno.EINVAL, "gpa and size must be page aligned")
-        npages = size >> PAGE_SHIFT
-        if npages > MAX_SLOT_PAGES:
-            raise KvmError(errno.EINVAL, "slot larger than 4 GiB")
-        base_gfn = gpa >> PAGE_SHIFT
         flags = KVM_MEM_LOG_DIRTY_PAGES if log_dirty else 0
-        old = self.memslots.slots.get(slot)
-        if npages == 0:
-            if old is None:
-                raise KvmError(errno.EINVAL, f"slot {slot} does not exist")
-            self._invalidate_slot(old)
-            self.memslots.remove(slot)
-            self.memslots.drop_backing(old.backing)
-        elif old is None:
-            if self.memslots.overlaps(base_gfn, npages):
-                raise KvmError(errno.EEXIST, "overlaps another memslot")
-            backing = self.memslots.new_backing(npages)
-            self.memslots.install(Memslot(slot, base_gfn, npages, flags, backing))
-        elif npages != old.npages:
-            raise KvmError(errno.EINVAL, "a memslot cannot be resized")
-        elif base_gfn != old.base_gfn:
-            if self.memslots.overlaps(base_gfn, npages, ignore=slot):
-                raise KvmError(errno.EEXIST, "overlaps another memslot")
-            self._invalidate_slot(old)
-            self.memslots.install(Memslot(slot, base_gfn, npages, flags, old.backing))
-        elif flags != old.flags:
-            old.flags = flags
-            self._update_dirty_logging(old)
-        else:
-            return
-        new = self.memslots.slots.get(slot)
-        if new is not None and new is not old:
-            self._update_dirty_logging(new)
-        self._bump_generation()
-        if not self.mmu.n_requested_mmu_pages:
-            zap.kvm_mmu_change_mmu_pages(self.mmu, self.mmu.default_mmu_pages())
-
-    def _invalidate_slot(self, slot: Memslot) -> None:
-        """DELETE/MOVE: publish the change in progress, then zap all shadow pages (fast)."""
-        self.memslots.generation |= KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS
-        zap.kvm_mmu_zap_all_fast(self.mmu)
-
-    def _bump_generation(self) -> None:
-        gen = (self.memslots.generation & ~KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS) + KVM_ADDRESS_SPACE_NUM
-        self.memslots.generation = gen
-        # kvm_mmu_invalidate_mmio_sptes(): on wrap of the generation bits MMIO sptes keep,
-        # stale sptes could match again, so every shadow page goes.
-        if not gen & S.MMIO_SPTE_GEN_MASK & ~(KVM_ADDRESS_SPACE_NUM - 1):
-            zap.kvm_mmu_zap_all_fast(self.mmu)
-
-    def _update_dirty_logging(self, slot: Memslot) -> None:
-        if slot.log_dirty and slot.dirty_bitmap is None:
-            slot.dirty_bitmap = np.zeros((slot.npages + 63) // 64, dtype=np.uint64)
-        elif not slot.log_dirty:
-            slot.dirty_bitmap = None
+        kvm_main.kvm_set_memory_region(self, slot, gpa, size, flags)
 
     def set_nr_mmu_pages(self, nr: int) -> None:
         """KVM_SET_NR_MMU_PAGES."""
@@ -182,11 +110,41 @@ class Kvm:
             raise KvmError(errno.EINVAL, f"at least {KVM_MIN_ALLOC_MMU_PAGES} pages")
         zap.kvm_mmu_set_nr_mmu_pages(self.mmu, nr)
 
-    def zap_all(self, fast: bool = True) -> None:
-        if fast:
-            zap.kvm_mmu_zap_all_fast(self.mmu)
-        else:
-            zap.kvm_mmu_zap_all(self.mmu)
+    # --- zapping every shadow page -------------------------------------------------------------
+
+    def kvm_mmu_zap_all_fast(self) -> zap.ZapRun:
+        """Start a fast zap (after any unfinished one: slots_lock serialises them)."""
+        self.finish_zap()
+        self.last_zap = zap.kvm_mmu_zap_all_fast(self.mmu)
+        return self.last_zap
+
+    @property
+    def zap_in_progress(self) -> bool:
+        """A fast zap is still freeing obsolete pages in its lock breaks."""
+        return self.last_zap is not None and not self.last_zap.done
+
+    def finish_zap(self) -> None:
+        """Run an unfinished zap to its end."""
+        if self.last_zap is not None:
+            self.last_zap.finish()
+
+    def zap_all(self, fast: bool = True) -> zap.ZapRun:
+        """Zap every shadow page: fast (by generation, with lock breaks) or slow (one walk)."""
+        if not fast:
+            self.finish_zap()
+            self.last_zap = zap.kvm_mmu_zap_all(self.mmu)
+            self.last_zap.finish()
+            return self.last_zap
+        run = self.kvm_mmu_zap_all_fast()
+        self.run_lock_breaks(run)
+        return run
+
+    def run_lock_breaks(self, run: zap.ZapRun) -> None:
+        """Drive a zap started by zap_all(); here nothing else runs, so straight to the end.
+
+        A VM that runs vCPUs (mmud.machine.VM) lets them run in the breaks instead.
+        """
+        self.finish_zap()
 
     def audit(self) -> list[str]:
         """Run one full audit now (every check, every vCPU's tree); the error lines."""

@@ -200,6 +200,11 @@ def kvm_mmu_audit(mmu: KvmMmu, vcpu: Vcpu | None, point: str, written_gfn: int |
         tree = [sp for v in vcpus if v.root is not None for sp in C.reachable_pages(mmu, v.root)]
         gfns = None
     else:
+        if point == AUDIT_POST_SYNC:
+            # What the sync was to cover: the root's unsync paths, whether touched or not.
+            for v in vcpus:
+                if v.root is not None:
+                    track.sps.update(C.unsync_paths(mmu, v.root))
         pages = _incremental_pages(mmu, track)
         tree = pages
         gfns = set(track.gfns)

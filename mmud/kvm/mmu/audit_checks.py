@@ -179,6 +179,23 @@ def children(mmu: KvmMmu, sp: ShadowPage) -> list[ShadowPage]:
     return [mmu.child_of(int(row[i])) for i in nonleaf.tolist()]
 
 
+def unsync_paths(mmu: KvmMmu, root: ShadowPage) -> list[ShadowPage]:
+    """Pages on root's unsync-child paths (read-only: stale bits are left as they are)."""
+    out: list[ShadowPage] = []
+    todo = [root]
+    while todo:
+        sp = todo.pop()
+        out.append(sp)
+        bitmap = sp.unsync_child_bitmap
+        while bitmap:
+            low = bitmap & -bitmap
+            bitmap ^= low
+            spte = sp.spt[low.bit_length() - 1]
+            if spte & S.SPTE_MMU_PRESENT and not spte & PT_PAGE_SIZE_MASK:
+                todo.append(mmu.child_of(spte))
+    return out
+
+
 def reaches(mmu: KvmMmu, sp: ShadowPage, root: ShadowPage) -> bool:
     """Whether root's tree contains sp (following parent_ptes upward)."""
     pages = mmu.pool.pages

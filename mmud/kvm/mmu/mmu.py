@@ -180,6 +180,7 @@ class KvmMmu:
 
     def drop_spte(self, sp: ShadowPage, i: int) -> None:
         """Clear a present leaf spte and take it out of its rmap."""
+        if self.audit_track is not None: self.audit_track.note(sp, sp.gfn_of(i))  # audit track
         if self.bug != "rmap_remove_skipped":
             self.rmap_remove(sp, i)
         sp.spt[i] = 0

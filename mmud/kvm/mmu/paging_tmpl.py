@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from mmud.kvm.mmu import mmio, zap
 from mmud.kvm.mmu import spte as S
-from mmud.kvm.mmu import zap
 from mmud.kvm.mmu.mmu import RET_PF_EMULATE, RET_PF_RETRY, KvmMmu
 from mmud.x86.paging import (
     ACC_ALL,
@@ -227,5 +227,5 @@ def fetch(mmu: KvmMmu, vcpu: Vcpu, addr: int, w: GuestWalker, write_fault: bool,
     i = (addr >> PAGE_SHIFT) & 511
     vcpu.stat["pf_fixed"] += 1
     if pfn is None:
-        return mmu.set_mmio_spte(vcpu, sp, i, w.gfn, w.pte_access)
+        return mmio.mark_mmio_spte(mmu, vcpu, sp, i, w.gfn, w.pte_access)
     return mmu.mmu_set_spte(vcpu, sp, i, w.pte_access, write_fault, w.gfn, pfn)

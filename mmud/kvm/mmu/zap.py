@@ -8,6 +8,8 @@ invalid, until the last root reference is dropped.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from mmud.kvm.mmu import spte as S
@@ -159,38 +161,111 @@ def kvm_mmu_unprotect_page(mmu: KvmMmu, gfn: int) -> bool:
     return found
 
 
-def kvm_mmu_zap_all(mmu: KvmMmu) -> int:
-    """The slow whole-VM zap: every page one by one, newest first; returns pages freed.
+class ZapRun:
+    """One zap of every shadow page, as the MMU lock saw it.
+
+    `holds()` runs the zap: each item it yields is a lock break (cond_resched_lock), where
+    whoever drives the zap lets the vCPUs run. The figures are host time with the lock held:
+    `max_hold_ns` is the longest stretch without a break, i.e. the longest any vCPU waiting
+    for the MMU lock stalls.
+    """
+
+    def __init__(self, fast: bool, walk: Callable[[ZapRun], Iterator[None]]) -> None:
+        self.fast = fast
+        self.pages = 0  # pages freed
+        self.breaks = 0
+        self.hold_ns = 0  # total time the lock was held
+        self.max_hold_ns = 0
+        self.done = False
+        self._holds = walk(self)
+
+    def hold(self) -> bool:
+        """Run up to the next lock break; False once the zap is complete."""
+        if self.done:
+            return False
+        t0 = time.perf_counter_ns()
+        try:
+            next(self._holds)
+        except StopIteration:
+            self.done = True
+        held = time.perf_counter_ns() - t0
+        self.hold_ns += held
+        self.max_hold_ns = max(self.max_hold_ns, held)
+        self.breaks += not self.done
+        return not self.done
+
+    def finish(self) -> None:
+        """Run to the end; the breaks are taken but nothing else runs in them."""
+        while self.hold():
+            pass
+
+    def task(self) -> Iterator[None]:
+        """The zap as a scheduler task: each step holds the lock up to the next break."""
+        while self.hold():
+            yield
+
+
+def _zap_all_walk(mmu: KvmMmu, run: ZapRun) -> Iterator[None]:
+    """kvm_mmu_zap_all as before ≈v3.11: one walk, newest first, without a lock break.
 
     Invalid pages still pinned as roots are skipped: they go when their vCPUs drop them.
+    (≈v5.6 added cond_resched_lock() to this walk; mmud keeps the old form as the
+    comparison the fast zap was introduced against.)
     """
     invalid_list: list[ShadowPage] = []
     for sp in reversed(list(mmu.active_mmu_pages)):
         if sp in mmu.active_mmu_pages and not (sp.invalid and sp.root_count):
-            prepare_zap_page(mmu, sp, invalid_list)
-    zapped = len(invalid_list)
+            run.pages += prepare_zap_page(mmu, sp, invalid_list)
     commit_zap_page(mmu, invalid_list)
-    return zapped
+    yield from ()  # no lock break
 
 
-def kvm_zap_obsolete_pages(mmu: KvmMmu) -> None:
-    """Zap obsolete pages oldest first, stopping at the first valid one (they are newer)."""
+def kvm_mmu_zap_all(mmu: KvmMmu) -> ZapRun:
+    """The slow whole-VM zap: every page one by one with the lock held throughout."""
+    return ZapRun(False, lambda run: _zap_all_walk(mmu, run))
+
+
+def kvm_zap_obsolete_pages(mmu: KvmMmu, run: ZapRun) -> Iterator[None]:
+    """Zap obsolete pages oldest first, BATCH_ZAP_PAGES per lock hold.
+
+    The walk starts at the tail and stops at the first valid page: active_mmu_pages is a
+    FIFO, so everything newer than a valid page is valid too (pages the vCPUs build during
+    a lock break are new). Invalid pages pinned as roots are skipped; they are freed when
+    their vCPUs drop them. After a break the walk restarts from the tail. No TLB flush per
+    page: every vCPU has been asked to load a new root, and the zapped pages are committed,
+    with one remote flush, at the end.
+    """
     invalid_list: list[ShadowPage] = []
-    for sp in list(mmu.active_mmu_pages):
-        if not mmu.is_obsolete_sp(sp):
+    active = mmu.active_mmu_pages
+    while True:
+        batch = 0
+        lock_break = False
+        for sp in list(active):  # a copy: zapping reorders and shrinks the list
+            if not mmu.is_obsolete_sp(sp):
+                break
+            if sp not in active or (sp.invalid and sp.root_count):
+                continue
+            if batch >= BATCH_ZAP_PAGES:
+                lock_break = True
+                break
+            nr_zapped = prepare_zap_page(mmu, sp, invalid_list)
+            batch += nr_zapped
+            run.pages += nr_zapped
+        if not lock_break:
             break
-        if sp.invalid or sp not in mmu.active_mmu_pages:
-            continue
-        prepare_zap_page(mmu, sp, invalid_list)
+        yield  # cond_resched_lock(&kvm->mmu_lock): vCPUs run, then the walk restarts
     commit_zap_page(mmu, invalid_list)
 
 
-def kvm_mmu_zap_all_fast(mmu: KvmMmu) -> None:
-    """Invalidate every shadow page at once by toggling mmu_valid_gen.
+def kvm_mmu_zap_all_fast(mmu: KvmMmu) -> ZapRun:
+    """Invalidate every shadow page at once by toggling mmu_valid_gen (≈v5.4).
 
-    Lookups skip obsolete pages at once, every vCPU is made to drop its roots, and the
-    obsolete pages are then freed oldest first.
+    The toggle and the reload request happen now, under the lock, so no vCPU can miss
+    them: lookups skip obsolete pages from here on, and every vCPU drops its roots at its
+    next entry. The returned run frees the obsolete pages; drive it to the end (`finish`)
+    or let vCPUs run in its lock breaks (`task`). The caller serialises zaps (slots_lock):
+    with a 0/1 generation there must never be two obsolete generations at once.
     """
     mmu.mmu_valid_gen ^= 1
     mmu.kvm_reload_remote_mmus()
-    kvm_zap_obsolete_pages(mmu)
+    return ZapRun(True, lambda run: kvm_zap_obsolete_pages(mmu, run))

@@ -1,0 +1,63 @@
+"""The VMM's emulated devices: what answers a guest access to a gpa without a memslot.
+
+Every such access exits to userspace (KVM_EXIT_MMIO, `mmio_exits`); the VMM hands it to the
+device claiming the address, or — nothing claims it — reads return all ones (an unclaimed
+bus floats high) and writes are dropped.
+
+`ioram` is a device that behaves like RAM: what the guest writes it reads back. Being a
+device rather than a memslot, every access to it is emulated, which makes it the plainest
+way to watch the MMIO path (MMIO sptes, the RSVD fault, the emulator) carry data.
+Accesses are aligned 8-byte words, the width the vCPU model uses.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from mmud.x86.paging import PAGE_SIZE
+
+IORAM_BASE = 0xFF000000
+IORAM_SIZE = 1 << 20
+MMIO_READ_VALUE = (1 << 64) - 1  # an unclaimed bus reads all ones
+
+
+class IoRam:
+    """A RAM-like device: reads return what was written (zeroes at first)."""
+
+    def __init__(self, base: int, size: int) -> None:
+        self.base = base
+        self.size = size
+        self.words = np.zeros(size // 8, dtype=np.uint64)
+
+    def claims(self, gpa: int) -> bool:
+        return self.base <= gpa < self.base + self.size
+
+    def read(self, gpa: int) -> int:
+        return int(self.words[(gpa - self.base) >> 3])
+
+    def write(self, gpa: int, value: int) -> None:
+        self.words[(gpa - self.base) >> 3] = value
+
+
+class MmioBus:
+    """The devices of the VMM, searched in order."""
+
+    def __init__(self, devices: list[IoRam]) -> None:
+        self.devices = devices
+
+    def _device(self, gpa: int) -> IoRam | None:
+        return next((d for d in self.devices if d.claims(gpa)), None)
+
+    def read(self, gpa: int) -> int:
+        device = self._device(gpa)
+        return MMIO_READ_VALUE if device is None else device.read(gpa)
+
+    def write(self, gpa: int, value: int) -> None:
+        device = self._device(gpa)
+        if device is not None:
+            device.write(gpa, value)
+
+    def read_page(self, gpa: int) -> np.ndarray:
+        """The 512 words of the page at gpa, one device read each (a `rep movs` from MMIO)."""
+        page = gpa & ~(PAGE_SIZE - 1)
+        return np.array([self.read(page + 8 * k) for k in range(PAGE_SIZE // 8)], dtype=np.uint64)

@@ -1,0 +1,160 @@
+"""The run-time MMU audit: clean runs, rate limiting, switches, and each injected bug
+reported by the check docs/audit.md names — in full scope at the first audit point after
+the bug's code path, in incremental scope at the post point of that very operation."""
+
+from __future__ import annotations
+
+import pytest
+
+import mmud
+from mmud.kvm.mmu.bugs import BUGS, render_choices
+from tests.guest_tables import DIRECT_VA, P, U, W, GuestTables, idx
+
+VA = 0x0000_0000_0040_0000
+
+
+def audited_vm(scope: str, **kw) -> mmud.VM:
+    params = {"mmu_audit": "1", "mmu_audit_ratelimit_ms": "0", "mmu_audit_scope": scope}
+    return mmud.VM(params=params, **kw)
+
+
+@pytest.mark.parametrize("scope", ["full", "incremental"])
+@pytest.mark.parametrize("workload", ["kernel", "stream"])
+def test_no_bug_no_error_at_every_point(scope, workload):
+    vm = audited_vm(scope, mem_mb=64, vcpus=2, seed=5, workload=workload)
+    vm.step(1200 if scope == "full" else 8000)
+    stats = vm.stats
+    assert stats["mmu_audit_runs"] > 50
+    assert stats["mmu_audit_errors"] == 0, vm.audit_log()[:5]
+    assert vm.audit() == []
+
+
+def test_audit_off_runs_nothing():
+    vm = mmud.VM(mem_mb=64, seed=5, workload="kernel")
+    vm.step(3000)
+    assert vm.stats["mmu_audit_runs"] == 0 and vm.stats["mmu_audit_ratelimited"] == 0
+
+
+def test_switch_at_run_time():
+    vm = mmud.VM(mem_mb=64, seed=5, workload="kernel",
+                 params={"mmu_audit_ratelimit_ms": "0", "mmu_audit_scope": "incremental"})
+    vm.step(1000)
+    vm.params["mmu_audit"] = "1\n"
+    vm.step(1000)
+    runs = vm.stats["mmu_audit_runs"]
+    assert runs > 0
+    vm.params["mmu_audit"] = "0"
+    vm.step(1000)
+    assert vm.stats["mmu_audit_runs"] == runs
+
+
+def test_rate_limit_window_and_suppressed_report():
+    params = {"mmu_audit": "1", "mmu_audit_ratelimit_ms": "100", "mmu_audit_ratelimit_burst": "3"}
+    vm = mmud.VM(mem_mb=64, seed=5, workload="kernel", params=params)
+    vm.step(20000)  # 400 ms of simulated time: four windows of 100 ms
+    stats = vm.stats
+    assert 3 <= stats["mmu_audit_runs"] <= 3 * 5
+    assert stats["mmu_audit_ratelimited"] > 0
+    assert any(line.startswith("kvm_mmu_audit: ") and line.endswith(" callbacks suppressed\n")
+               for line in vm.audit_log())
+
+
+def test_rate_limit_is_shared_by_the_vms_of_a_module():
+    params = mmud.Params({"mmu_audit": "1", "mmu_audit_ratelimit_ms": "100000", "mmu_audit_ratelimit_burst": "4"})
+    a = mmud.VM(mem_mb=64, seed=1, workload="kernel", params=params)
+    b = mmud.VM(mem_mb=64, seed=2, workload="kernel", params=params)
+    a.step(2000)
+    b.step(2000)
+    assert a.stats["mmu_audit_runs"] + b.stats["mmu_audit_runs"] == 4
+
+
+def test_inject_lists_bugs_with_the_armed_one_in_brackets():
+    assert render_choices(None).startswith("[none] rmap_add_skipped ")
+    assert " [wrong_pfn] " in render_choices("wrong_pfn")
+    vm = mmud.VM(mem_mb=64)
+    with pytest.raises(mmud.KvmError):
+        vm.inject("no_such_bug")
+    vm.inject("wrong_pfn")
+    assert vm.mmu.bug == "wrong_pfn"
+    vm.inject("none")
+    assert vm.mmu.bug is None
+
+
+# --- each bug, and the check that catches it --------------------------------------------------
+
+def _setup(scope: str):
+    vm = audited_vm(scope, mem_mb=64)
+    gt = GuestTables(vm)
+    gt.map(VA, flags=P | W | U)
+    vcpu = vm.vcpus[0]
+    vcpu.cr3 = gt.pml4
+    return vm, gt, vcpu
+
+
+def _touch(vm, gt, vcpu):
+    vcpu.write_u64(VA, 1, user=True)
+
+
+def trigger_fault(vm, gt, vcpu):
+    _touch(vm, gt, vcpu)
+
+
+def trigger_write_protect_skipped(vm, gt, vcpu):
+    # The guest writes the (not yet shadowed) page table through its direct map, then the
+    # first access through that table shadows it.
+    pte = gt.entry_gpa(VA, 1)
+    gt.guest_write_entry(vcpu, (pte & ~0xFFF) + 8 * 100, 0)
+    _touch(vm, gt, vcpu)
+
+
+def trigger_sync(vm, gt, vcpu):
+    _touch(vm, gt, vcpu)
+    pte = gt.entry_gpa(VA, 1)
+    gt.guest_write_entry(vcpu, pte, vm.read_u64(pte) & ~P)  # leaf table goes unsync
+    vcpu.cr3 = vcpu.cr3
+
+
+def trigger_upper_table_store(vm, gt, vcpu):
+    _touch(vm, gt, vcpu)
+    pde = gt.entry_gpa(VA, 2)
+    gt.guest_write_entry(vcpu, pde, vm.read_u64(pde) & ~W)
+
+
+SCENARIOS = {
+    "rmap_add_skipped": (trigger_fault, "post page fault", "no rmap for writable spte"),
+    "write_protect_skipped": (trigger_write_protect_skipped, "post page fault", "shadow page has writable mappings: gfn"),
+    "wrong_pfn": (trigger_fault, "post page fault", "levels 4 pfn "),
+    "sync_skipped": (trigger_sync, "post sync", "after sync root."),
+    "unsync_nonleaf": (trigger_upper_table_store, "post page fault", "unsync sp: "),
+    "rmap_remove_skipped": (trigger_sync, "post sync", "which does not map it"),
+    "pte_write_ignored": (trigger_upper_table_store, "post pte write", "for gpte"),
+    "parent_unlink_skipped": (trigger_upper_table_store, "post pte write", "which does not point at it"),
+}
+
+
+def test_every_bug_has_a_scenario():
+    assert set(SCENARIOS) == {b.name for b in BUGS}
+
+
+@pytest.mark.parametrize("scope", ["full", "incremental"])
+@pytest.mark.parametrize("bug", list(SCENARIOS))
+def test_bug_is_reported_by_its_check(bug, scope):
+    trigger, point, message = SCENARIOS[bug]
+    vm, gt, vcpu = _setup(scope)
+    vm.inject(bug)
+    trigger(vm, gt, vcpu)
+    log = vm.audit_log()
+    assert log, f"{bug}: nothing reported"
+    first = log[0]
+    assert first.startswith(f"audit: ({point}) error: "), (bug, first)
+    assert any(message in line for line in log if line.startswith(f"audit: ({point}) error: ")), (bug, log[:5])
+
+
+@pytest.mark.parametrize("bug", list(SCENARIOS))
+def test_scenarios_are_clean_without_the_bug(bug):
+    trigger, _, _ = SCENARIOS[bug]
+    for scope in ("full", "incremental"):
+        vm, gt, vcpu = _setup(scope)
+        trigger(vm, gt, vcpu)
+        assert vm.audit_log() == [] and vm.audit() == []
+        assert vm.stats["mmu_audit_runs"] > 0
