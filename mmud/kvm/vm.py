@@ -7,13 +7,14 @@ this layer (mmud/machine.py); this class is what the ioctls of a VM fd would rea
 from __future__ import annotations
 
 import errno
+import weakref
 from collections.abc import Mapping
 
 from mmud.kvm import kvm_main, stats
 from mmud.kvm.devices import IORAM_BASE, IORAM_SIZE, IoRam, MmioBus
 from mmud.kvm.kvm_main import KvmError
 from mmud.kvm.memslot import KVM_MEM_LOG_DIRTY_PAGES, Memslots
-from mmud.kvm.mmu import audit, zap
+from mmud.kvm.mmu import audit, bugs, zap
 from mmud.kvm.mmu.mmu import KVM_MIN_ALLOC_MMU_PAGES, KvmMmu
 from mmud.kvm.isolation import kvm_isolation_init_vm
 from mmud.kvm.params import Params
@@ -35,7 +36,9 @@ class Kvm:
         self.mem_bytes = mem_mb << 20
         self.stat = stats.new_vm_stats()
         self.memslots = Memslots()
-        self.mmu = KvmMmu(self.memslots, self.stat)
+        self.clock_ns = 0  # simulated time, advanced by whoever runs the vCPUs
+        self.mmu = KvmMmu(self.memslots, self.stat, self.params, lambda: self.clock_ns)
+        self._watch_params()
         self.mmio_caching = bool(self.params["mmio_caching"])
         self.vcpus: list[Vcpu] = []
         self.mmio_bus = MmioBus([IoRam(IORAM_BASE, IORAM_SIZE)])
@@ -44,6 +47,31 @@ class Kvm:
         self.vcpus.extend(Vcpu(self, i) for i in range(vcpus))
         self.mmu.vcpus = self.vcpus
         self.isolation = kvm_isolation_init_vm(self)
+
+    def _watch_params(self) -> None:
+        """Follow run-time parameter writes; the watcher holds the VM weakly."""
+        ref = weakref.ref(self)
+        params = self.params
+
+        def changed(name: str, value: object) -> None:
+            vm = ref()
+            if vm is None:
+                params.unwatch(changed)
+            elif name.startswith("mmu_audit"):
+                vm._apply_audit_params()
+
+        self.params.watch(changed)
+        self._apply_audit_params()
+
+    def _apply_audit_params(self) -> None:
+        mmu = self.mmu
+        audit.update_ratelimit(self.params)
+        mmu.audit_enabled = bool(self.params["mmu_audit"])
+        incremental = mmu.audit_enabled and self.params["mmu_audit_scope"] == "incremental"
+        if not incremental:
+            mmu.audit_track = None
+        elif mmu.audit_track is None:
+            mmu.audit_track = audit.AuditTrack()  # from now on: what changes
 
     # --- statistics ----------------------------------------------------------------------------
 
@@ -149,3 +177,13 @@ class Kvm:
     def audit(self) -> list[str]:
         """Run one full audit now (every check, every vCPU's tree); the error lines."""
         return audit.audit_full(self.mmu, self.vcpus, "manual")
+
+    def inject(self, name: str) -> None:
+        """Arm the MMU bug `name` (bugs.BUGS); "none" disarms."""
+        if name != "none" and name not in bugs.BUG_BY_NAME:
+            raise KvmError(errno.EINVAL, f"unknown bug {name!r}")
+        self.mmu.bug = None if name == "none" else name
+
+    def audit_log(self) -> list[str]:
+        """The module's audit log (kvm/audit_log), oldest first."""
+        return list(audit.module_audit(self.params).lines)

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from mmud.kvm.mmu import mmio, zap
 from mmud.kvm.mmu import spte as S
+from mmud.kvm.mmu.audit import AUDIT_POST_PAGE_FAULT, AUDIT_PRE_PAGE_FAULT, kvm_mmu_audit
 from mmud.kvm.mmu.mmu import RET_PF_EMULATE, RET_PF_RETRY, KvmMmu
 from mmud.x86.paging import (
     ACC_ALL,
@@ -181,9 +182,12 @@ def page_fault(mmu: KvmMmu, vcpu: Vcpu, addr: int, error_code: int) -> int:
                 w.pte_access = (w.pte_access | ACC_WRITE_MASK) & ~ACC_USER_MASK
                 if vcpu.smep:
                     w.pte_access &= ~ACC_EXEC_MASK
+    if mmu.audit_enabled: kvm_mmu_audit(mmu, vcpu, AUDIT_PRE_PAGE_FAULT)  # audit point
     if not zap.make_mmu_pages_available(mmu):
         return RET_PF_RETRY
-    return fetch(mmu, vcpu, addr, w, write_fault, pfn)
+    r = fetch(mmu, vcpu, addr, w, write_fault, pfn)
+    if mmu.audit_enabled: kvm_mmu_audit(mmu, vcpu, AUDIT_POST_PAGE_FAULT)  # audit point
+    return r
 
 
 def fetch(mmu: KvmMmu, vcpu: Vcpu, addr: int, w: GuestWalker, write_fault: bool, pfn: int | None) -> int:

@@ -36,6 +36,7 @@ def mmu_page_zap_pte(mmu: KvmMmu, sp: ShadowPage, i: int) -> bool:
             mmu.drop_parent_pte(mmu.child_of(spte), sp, i)
         return True
     if S.is_mmio_spte(spte):
+        if mmu.audit_track is not None: mmu.audit_track.note(sp, None)  # audit track
         sp.spt[i] = 0
     return False
 
@@ -56,6 +57,7 @@ def _unlink_parents(mmu: KvmMmu, sp: ShadowPage) -> None:
 def prepare_zap_page(mmu: KvmMmu, sp: ShadowPage, invalid_list: list[ShadowPage]) -> int:
     """__kvm_mmu_prepare_zap_page(); returns how many pages it moved to invalid_list."""
     if mmu.asi: mmu.asi.touch_sp(sp, True)  # isolation
+    if mmu.audit_track is not None: mmu.audit_track.note(sp, sp.gfn)  # audit track
     mmu.stat["mmu_shadow_zapped"] += 1
     nr_zapped = 0
     if sp.level > 1:
