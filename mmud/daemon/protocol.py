@@ -24,6 +24,7 @@ class VmSnapshot:
     steps: int
     stats: dict[str, int]  # every stat of mmud.kvm.stats, vCPU stats summed over vCPUs
     status: str  # the vm<N>/status text
+    inject: str = "[none]\n"  # the vm<N>/inject text: injectable bugs, the armed one in brackets
 
 
 @dataclass(frozen=True)

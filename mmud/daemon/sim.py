@@ -26,6 +26,7 @@ from mmud.daemon.protocol import Reply, Request, Snapshot, VmSnapshot
 from mmud.daemon.faultlog import FaultLogPublisher
 from mmud.daemon.status import RateMeter, render_status
 from mmud.kvm.isolation import isolation_map, parse_map
+from mmud.kvm.mmu.audit import module_audit
 from mmud.kvm.params import ParamError, Params
 from mmud.log import setup_logging
 
@@ -93,6 +94,7 @@ class Simulation:
             "clear_stat": self.clear_stat,
             "state": self.set_state,
             "isolation_map": self.isolation_map,
+            "inject": self.inject,
         }
         self.isolation = FaultLogPublisher(self.params, config.state_dir)
         self.logs: dict[str, tuple[str, ...]] = {}
@@ -169,12 +171,14 @@ class Simulation:
             seq=self._seq,
             params={n: self.params.render(n) for n in self.params.names()},
             vms=tuple(self._vm_snapshot(s) for s in self.slots),
-            logs={**self.logs, **self.isolation.logs(self._fault_context())}))
+            logs={**self.logs, **self.isolation.logs(self._fault_context()),
+                  "audit_log": tuple(line.rstrip("\n") for line in module_audit(self.params).lines)}))
 
     def _vm_snapshot(self, s: _Slot) -> VmSnapshot:
         stats = s.vm.stats
         status = render_status(s.vm, s.state, s.rates.update(s.vm.steps, stats), s.failure)
-        return VmSnapshot(s.name, s.debugfs_dir, s.state, s.vm.steps, stats, status)
+        return VmSnapshot(s.name, s.debugfs_dir, s.state, s.vm.steps, stats, status,
+                          s.vm.render_inject())
 
     # -- request handlers ---------------------------------------------------------------
 
@@ -200,6 +204,11 @@ class Simulation:
         """Where new fault-log entries happened: the newest VM (the one isolation logs for)."""
         s = self.slots[-1]
         return {"vm": s.name, "seed": s.config.seed, "step": s.vm.steps}
+
+    def inject(self, vm: str, name: str) -> None:
+        """`vm<N>/inject`: arm a bug in that VM ("none" disarms)."""
+        self._slot(vm).vm.inject(name)
+        log.info("bug_armed", vm=vm, bug=name, step=self._slot(vm).vm.steps)
 
     def isolation_map(self, text: bytes) -> None:
         """`kvm/isolation/map`: extend the KVM address space (EINVAL: unknown symbol)."""

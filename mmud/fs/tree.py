@@ -3,6 +3,7 @@
     parameters/<param>          like /sys/module/kvm/parameters
     kvm/mmu-debug, kvm/<stat>   like /sys/kernel/debug/kvm (stats summed over VMs)
     kvm/fault_log, kvm/isolation/{map,mappings}   address-space isolation (issue 5)
+    kvm/audit_log, vm<N>/inject                   the MMU audit's log; bug injection
     kvm/<pid>-<fd>/<stat>       one directory per VM, named as KVM names it
     vm<N>/state, vm<N>/status   simulator control, one directory per VM
 
@@ -28,6 +29,7 @@ from mmud.fs.nodes import (
     stat_file,
 )
 from mmud.kvm.params import Params
+from mmud.kvm.vm import INJECTABLE_BUGS
 from mmud.kvm.stats import STATS
 
 VM_STATE_ACTIONS = ("run", "pause", "restart")
@@ -41,7 +43,8 @@ class Tree:
         self.parameters = Dir({n: param_file(backend, params, n) for n in params.names()})
         self._kvm_files: dict[str, Node] = {"mmu-debug": mmu_debug_file(backend, params)}
         self._kvm_files.update({s.name: stat_file(backend, s) for s in STATS})
-        self._kvm_files.update(fault_log=log_file("fault_log"), isolation=isolation_dir(backend))
+        self._kvm_files.update(fault_log=log_file("fault_log"), isolation=isolation_dir(backend),
+                               audit_log=log_file("audit_log"))
         self._vm_dirs: dict[str, tuple[Dir, Dir]] = {}  # VM name -> (debugfs dir, vm<N>/ dir)
         self.kvm = Dir(self._kvm_children)
         self.root = Dir(self._root_children)
@@ -61,9 +64,15 @@ class Tree:
             one = snap.vm(vm)
             return one.status.encode() if one else b""
 
+        def inject(snap: Snapshot) -> bytes:
+            one = snap.vm(vm)
+            return one.inject.encode() if one else b""
+
         return {
             "state": choice_file(self.backend, state, "state", "action", VM_STATE_ACTIONS,
                                  {"vm": vm}),
+            "inject": choice_file(self.backend, inject, "inject", "name",
+                                  ("none", *INJECTABLE_BUGS), {"vm": vm}),
             "status": File(status),
         }
 

@@ -42,7 +42,6 @@ BUGS: tuple[Bug, ...] = (
 BUG_BY_NAME: dict[str, Bug] = {b.name: b for b in BUGS}
 
 
-def render_choices(armed: str | None) -> str:
+def render_choices(armed: str | None, names: tuple[str, ...] = tuple(BUG_BY_NAME)) -> str:
     """`none [rmap_add_skipped] …` — the armed one in brackets, like a block scheduler file."""
-    names = ["none", *BUG_BY_NAME]
-    return " ".join(f"[{n}]" if n == (armed or "none") else n for n in names) + "\n"
+    return " ".join(f"[{n}]" if n == (armed or "none") else n for n in ("none", *names)) + "\n"
