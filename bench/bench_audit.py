@@ -1,0 +1,142 @@
+"""The MMU audit's cost and its detection latency (issue 4).
+
+Throughput is guest steps per second of the `kernel` workload, each variant in its own
+process, variants alternating round by round (median of the rounds):
+- `audit_off_ratio`: audit off relative to a build of the same package with the audit
+  points removed (every line marked `# audit point` deleted from a copy of the source).
+- `audit_full_ratio[<mem>]`: full audit at every point (rate limit 0) relative to off, for a
+  guest whose RAM has first been touched through the guest kernel's direct map, so the
+  shadow MMU holds a page per 4 KiB of RAM — the size the audit must walk.
+- `audit_ratelimited_ratio`: full audit with the default limit (10 runs per 5 s) relative to off.
+- `audit_incremental_ratio`: incremental audit at every point relative to off.
+- `audit_full_sptes_per_s`: one full audit over a faulted 1 GiB guest, sptes checked
+  (512 per active shadow page) per second.
+- `detect_ops[<bug>,<mode>]`: MMU operations (VM exits: every page fault, trapped write,
+  CR3 load and INVLPG is one) from arming the bug until the audit first reports, for
+  full+ratelimited, full+every point and incremental. A bug not reported within the step
+  budget prints the budget with a `>` unit.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import mmud
+from bench._common import figure, interleaved, median
+from mmud.kvm.mmu.bugs import BUGS
+
+REPO = Path(__file__).resolve().parent.parent
+DIRECT_VA = 0xFFFF888000000000
+MODES = {
+    "ratelimited": {"mmu_audit": "1"},
+    "every": {"mmu_audit": "1", "mmu_audit_ratelimit_ms": "0"},
+    "incremental": {"mmu_audit": "1", "mmu_audit_ratelimit_ms": "0", "mmu_audit_scope": "incremental"},
+}
+
+# Runs in a child process: prints the steps per second of one measurement.
+_CHILD = """
+import json, sys, time
+sys.path.insert(0, sys.argv[1])
+import mmud
+cfg = json.loads(sys.argv[2])
+vm = mmud.VM(mem_mb=cfg["mem_mb"], seed=7, workload="kernel", params=cfg["params"])
+if cfg["touch"]:
+    v = vm.vcpus[0]
+    vm.step(200)
+    for gpa in range(0, vm.mem_bytes, 4096):
+        v.read_u64(0xFFFF888000000000 + gpa)
+vm.step(300)
+t = time.perf_counter()
+vm.step(cfg["steps"])
+print(cfg["steps"] / (time.perf_counter() - t))
+"""
+
+
+def stripped_package(dest: Path) -> Path:
+    """A copy of the mmud package with every audit point deleted."""
+    shutil.copytree(REPO / "mmud", dest / "mmud", ignore=shutil.ignore_patterns("__pycache__"))
+    for path in (dest / "mmud").rglob("*.py"):
+        lines = path.read_text().splitlines(keepends=True)
+        path.write_text("".join(line for line in lines if "# audit point" not in line))
+    return dest
+
+
+def steps_per_s(root: Path, params: dict[str, str], steps: int, mem_mb: int = 64, touch: bool = False) -> float:
+    cfg = json.dumps({"params": params, "steps": steps, "mem_mb": mem_mb, "touch": touch})
+    out = subprocess.run([sys.executable, "-c", _CHILD, str(root), cfg],
+                         capture_output=True, text=True, check=True)
+    return float(out.stdout.split()[-1])
+
+
+def _ratio(samples: dict[str, list[float]], a: str, b: str) -> float:
+    return median(samples[a]) / median(samples[b])
+
+
+def throughput(quick: bool) -> None:
+    rounds = 2 if quick else 5
+    steps = 2000 if quick else 20000
+    with tempfile.TemporaryDirectory(prefix="mmud-stripped-") as tmp:
+        stripped = stripped_package(Path(tmp))
+        samples = interleaved({
+            "stripped": lambda: [steps_per_s(stripped, {}, steps)],
+            "off": lambda: [steps_per_s(REPO, {}, steps)],
+            "ratelimited": lambda: [steps_per_s(REPO, MODES["ratelimited"], steps)],
+            "incremental": lambda: [steps_per_s(REPO, MODES["incremental"], steps)],
+        }, rounds)
+    figure("audit_off_ratio", _ratio(samples, "off", "stripped"), "ratio")
+    figure("audit_ratelimited_ratio", _ratio(samples, "ratelimited", "off"), "ratio")
+    figure("audit_incremental_ratio", _ratio(samples, "incremental", "off"), "ratio")
+    sizes = ((64, "64M"),) if quick else ((64, "64M"), (256, "256M"), (1024, "1G"))
+    for mem_mb, label in sizes:
+        full_steps = 20 if quick else 150
+        pair = interleaved({
+            "full": lambda: [steps_per_s(REPO, MODES["every"], full_steps, mem_mb, touch=True)],
+            "off": lambda: [steps_per_s(REPO, {}, full_steps * 20, mem_mb, touch=True)],
+        }, 1 if quick else 3)
+        figure(f"audit_full_ratio[{label}]", _ratio(pair, "full", "off"), "ratio")
+
+
+def full_audit_speed(quick: bool) -> None:
+    vm = mmud.VM(mem_mb=64 if quick else 1024, seed=7, workload="kernel")
+    vm.step(200)
+    vcpu = vm.vcpus[0]
+    for gpa in range(0, vm.mem_bytes, 4096):
+        vcpu.read_u64(DIRECT_VA + gpa)
+    pages = len(vm.mmu.active_mmu_pages)
+    times = []
+    for _ in range(3):
+        t = time.perf_counter()
+        assert vm.audit() == []
+        times.append(time.perf_counter() - t)
+    figure("audit_full_sptes_per_s", pages * 512 / median(times), "sptes/s")
+
+
+def detection(quick: bool) -> None:
+    budget = 3000 if quick else 60000
+    bugs = BUGS[:2] if quick else BUGS
+    for bug in bugs:
+        for mode, params in MODES.items():
+            vm = mmud.VM(mem_mb=64, vcpus=2, seed=11, workload="kernel", params=params)
+            vm.step(500)
+            exits = vm.stats["exits"]
+            vm.inject(bug.name)
+            steps = 0
+            while vm.stats["mmu_audit_errors"] == 0 and steps < budget:
+                steps += vm.step(10)
+            ops = vm.stats["exits"] - exits
+            if vm.stats["mmu_audit_errors"]:
+                figure(f"detect_ops[{bug.name},{mode}]", ops, "ops")
+            else:
+                figure(f"detect_ops[{bug.name},{mode}]", ops, "ops (>, not reported)")
+
+
+def run(quick: bool = False) -> None:
+    throughput(quick)
+    full_audit_speed(quick)
+    detection(quick)
