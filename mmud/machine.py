@@ -57,6 +57,12 @@ class VM(Kvm):
         if self.isolation: self.isolation.exit()  # KVM_RUN returns to userspace
         return done
 
+    def preempt(self) -> None:
+        """A vCPU loses its CPU inside a step: the scheduler runs other tasks meanwhile."""
+        done = self.scheduler.preempt()
+        self.clock_ns += done * STEP_NS
+        self.steps += done
+
     def run_lock_breaks(self, run: ZapRun) -> None:
         """A fast zap of a running VM is a host task: each of its scheduler steps holds the
         MMU lock for one batch, and the vCPUs' steps run in the breaks between batches."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 import mmud
+from mmud.kvm.dirty_log import kvm_get_dirty_log_protect, run_ioctl
 from mmud.kvm.mmu.bugs import BUGS, render_choices
 from tests.guest_tables import DIRECT_VA, P, U, W, GuestTables, idx
 
@@ -120,6 +121,38 @@ def trigger_upper_table_store(vm, gt, vcpu):
     gt.guest_write_entry(vcpu, pde, vm.read_u64(pde) & ~W)
 
 
+def _logged_write_and_harvest(vm, gt, vcpu):
+    """Log slot 0's dirty pages; a write makes VA dirty and writable; a harvest reports it."""
+    vm.set_memslot(0, 0, vm.mem_bytes, log_dirty=True)
+    _touch(vm, gt, vcpu)
+    assert vm.get_dirty_log(0)
+
+
+def _fault_elsewhere(vm, gt, vcpu):
+    """A slow fault on another page: its audit points see the logged slot."""
+    gt.map(VA + 0x1000, flags=P | W | U)
+    vcpu.write_u64(VA + 0x1000, 1, user=True)
+
+
+def trigger_dirty_harvest(vm, gt, vcpu):
+    _logged_write_and_harvest(vm, gt, vcpu)
+    _fault_elsewhere(vm, gt, vcpu)
+
+
+def trigger_write_in_harvest(vm, gt, vcpu):
+    # VA is write-protected and clean; a write (the fast path) makes it dirty, and another
+    # write faults at the harvest's preemption point, after its TLB entry was evicted.
+    _logged_write_and_harvest(vm, gt, vcpu)
+    _touch(vm, gt, vcpu)
+    harvest = kvm_get_dirty_log_protect(vm, 0, words_per_step=1 << 20)  # one chunk
+    next(harvest)
+    vcpu.tlb_flush_gva(VA)
+    _touch(vm, gt, vcpu)
+    run_ioctl(harvest)
+    assert vm.stats["pf_fast"] >= 1
+    _fault_elsewhere(vm, gt, vcpu)
+
+
 SCENARIOS = {
     "rmap_add_skipped": (trigger_fault, "post page fault", "no rmap for writable spte"),
     "write_protect_skipped": (trigger_write_protect_skipped, "post page fault", "shadow page has writable mappings: gfn"),
@@ -129,6 +162,8 @@ SCENARIOS = {
     "rmap_remove_skipped": (trigger_sync, "post sync", "which does not map it"),
     "pte_write_ignored": (trigger_upper_table_store, "post pte write", "for gpte"),
     "parent_unlink_skipped": (trigger_upper_table_store, "post pte write", "which does not point at it"),
+    "dirty_wp_before_snapshot": (trigger_write_in_harvest, "pre page fault", "is clean but spte"),
+    "dirty_wp_skipped": (trigger_dirty_harvest, "pre page fault", "is clean but spte"),
 }
 
 

@@ -41,6 +41,9 @@ if TYPE_CHECKING:
     from mmud.kvm.vm import Kvm
 
 KVM_VALID_MEM_FLAGS = KVM_MEM_LOG_DIRTY_PAGES | KVM_MEM_READONLY
+# KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 flags (uapi kvm.h); their ioctls are in dirty_log.py.
+KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE = 1 << 0
+KVM_DIRTY_LOG_INITIALLY_SET = 1 << 1
 
 
 class KvmError(OSError):
@@ -139,7 +142,13 @@ def kvm_arch_commit_memory_region(kvm: Kvm, new: Memslot | None, change: MrChang
         return
     if new.log_dirty and new.dirty_bitmap is None:
         new.dirty_bitmap = np.zeros((new.npages + 63) // 64, dtype=np.uint64)
-        if change is MrChange.FLAGS_ONLY:
+        if kvm.manual_dirty_log_protect & KVM_DIRTY_LOG_INITIALLY_SET:
+            # Every page starts dirty; pages are protected as userspace clears their bits
+            # (only huge sptes would be protected now, and mmud has none).
+            new.dirty_bitmap[:] = np.uint64((1 << 64) - 1)
+            if new.npages & 63:
+                new.dirty_bitmap[-1] = np.uint64((1 << (new.npages & 63)) - 1)
+        elif change is MrChange.FLAGS_ONLY:
             dirty.kvm_mmu_slot_remove_write_access(mmu, new)
     elif not new.log_dirty:
         new.dirty_bitmap = None

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from mmud.kvm import stats
-from mmud.kvm.mmu import mmio, paging_tmpl, pte_write, roots, sync, zap
+from mmud.kvm.mmu import fast_pf, mmio, paging_tmpl, pte_write, roots, sync, zap
 from mmud.kvm.mmu import spte as S
-from mmud.kvm.mmu.mmu import RET_PF_EMULATE, RET_PF_INVALID
+from mmud.kvm.mmu.mmu import RET_PF_EMULATE, RET_PF_INVALID, RET_PF_RETRY
 from mmud.kvm.mmu.page import (
     ROLE_CR0_WP,
     ROLE_GPTE_IS_8_BYTES,
@@ -105,6 +105,7 @@ class Access:
 
 class Vcpu:
     isolation: VmIsolation | None = None  # the VM's, when address_space_isolation=Y
+    fast_pf_gfn: int | None = None  # between a fast page fault's cmpxchg and mark_page_dirty
 
     def __init__(self, vm: VM, index: int) -> None:
         self.vm = vm
@@ -162,6 +163,7 @@ class Vcpu:
 
     def kvm_mmu_reset_context(self) -> None:
         """A paging-mode change: drop every root; lookups under the new role miss the old pages."""
+        self._lock_mmu()
         roots.kvm_mmu_unload(self.kvm_mmu, self)
         self._update_mode()
 
@@ -220,6 +222,7 @@ class Vcpu:
         """kvm_set_cr3(): same value = sync + flush; new value = (fast) root switch."""
         self.stat["exits"] += 1
         mmu = self.kvm_mmu
+        self._lock_mmu()
         if value == self._cr3:
             sync.kvm_mmu_sync_roots(mmu, self)
             self.request_tlb_flush()
@@ -244,6 +247,8 @@ class Vcpu:
         mmu = self.kvm_mmu
         if self.requests:
             req, self.requests = self.requests, 0
+            if req & (KVM_REQ_MMU_RELOAD | KVM_REQ_MMU_SYNC):
+                self._lock_mmu()
             if req & KVM_REQ_MMU_RELOAD:
                 roots.kvm_mmu_unload(mmu, self)
             if req & KVM_REQ_MMU_SYNC:
@@ -252,7 +257,14 @@ class Vcpu:
                 self.tlb.clear()
                 self.stat["tlb_flush"] += 1
         if self.root is None:
+            self._lock_mmu()
             roots.kvm_mmu_load(mmu, self)
+
+    def _lock_mmu(self) -> None:
+        """spin_lock(&kvm->mmu_lock): while a harvest holds it across its preemption
+        points, wait and let the other tasks run (only lockless work may overlap it)."""
+        if self.kvm_mmu.mmu_lock_held:
+            self.vm.wait_mmu_lock()
 
     def all_roots(self) -> list[ShadowPage]:
         found = [self.root] if self.root is not None else []
@@ -356,12 +368,22 @@ class Vcpu:
     def kvm_mmu_page_fault(self, gva: int, error_code: int) -> int:
         mmu = self.kvm_mmu
         if mmu.asi: mmu.asi.touch_vcpu(self)  # isolation
+        if fast_pf.page_fault_can_be_fast(error_code) and fast_pf.fast_page_fault(
+            self, gva, lambda spte: self._hw_allows(spte, error_code)
+        ):
+            return RET_PF_RETRY
+        self._lock_mmu()
         r = RET_PF_INVALID
         if error_code & PFERR_RSVD_MASK:
             r = mmio.handle_mmio_page_fault(mmu, self, gva)
         if r == RET_PF_INVALID:
             r = paging_tmpl.page_fault(mmu, self, gva, error_code)
         return r
+
+    def _hw_allows(self, spte: int, error_code: int) -> bool:
+        """Whether the processor would let the faulting access through spte."""
+        kind = 1 | (error_code >> 1 & 2) | (error_code >> 2 & 4)
+        return bool(_allowed_kinds(self.hw_permissions, S.spte_access(spte)) >> kind & 1)
 
     # --- the emulator -----------------------------------------------------------------------------
 
@@ -476,5 +498,6 @@ class Vcpu:
 
     def invlpg(self, gva: int) -> None:
         self.stat["exits"] += 1
+        self._lock_mmu()
         if is_canonical(gva):
             sync.kvm_mmu_invlpg(self.kvm_mmu, self, gva)

@@ -10,7 +10,7 @@ import errno
 import weakref
 from collections.abc import Mapping
 
-from mmud.kvm import kvm_main, stats
+from mmud.kvm import dirty_log, guest_rw, kvm_main, stats
 from mmud.kvm.devices import IORAM_BASE, IORAM_SIZE, IoRam, MmioBus
 from mmud.kvm.kvm_main import KvmError
 from mmud.kvm.memslot import KVM_MEM_LOG_DIRTY_PAGES, Memslots
@@ -26,7 +26,13 @@ ISOLATION_SWITCH_FAULT = "isolation_switch_fault"
 INJECTABLE_BUGS = (*bugs.BUG_BY_NAME, ISOLATION_SWITCH_FAULT)
 
 
+# Preemption points a waiter lets pass before it calls the lock holder stuck: a simulator bug.
+_MAX_LOCK_WAITS = 100_000
+
+
 class Kvm:
+    manual_dirty_log_protect = 0  # KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 flags
+
     def __init__(
         self,
         mem_mb: int = 64,
@@ -115,11 +121,55 @@ class Kvm:
             raise KvmError(errno.EFAULT, f"gpa {gpa:#x} is not guest RAM")
         self.mark_page_dirty(gpa >> PAGE_SHIFT)
 
+    def read_guest(self, gpa: int, size: int) -> bytes:
+        """kvm_read_guest() of a byte range; EFAULT unless it is all guest RAM."""
+        return guest_rw.kvm_read_guest(self.memslots, gpa, size)
+
+    def write_guest(self, gpa: int, data: bytes) -> None:
+        """kvm_write_guest() of a byte range: memory, then every page it touched is dirty."""
+        guest_rw.kvm_write_guest(self, gpa, data)
+
     def mark_page_dirty(self, gfn: int) -> None:
         slot = self.memslots.lookup(gfn)
         if slot is not None and slot.dirty_bitmap is not None:
             rel = gfn - slot.base_gfn
             slot.dirty_bitmap[rel >> 6] |= 1 << (rel & 63)
+
+    # --- dirty logging (KVM_GET_DIRTY_LOG, KVM_CLEAR_DIRTY_LOG) --------------------------------
+
+    def get_dirty_log(self, slot: int) -> bytes:
+        """KVM_GET_DIRTY_LOG: 1 bit per page of the slot, little-endian 64-bit words."""
+        return dirty_log.run_ioctl(dirty_log.kvm_get_dirty_log_protect(self, slot))
+
+    def enable_manual_dirty_log_protect(self, initially_set: bool = False) -> None:
+        """KVM_ENABLE_CAP(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)."""
+        flags = kvm_main.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE
+        if initially_set:
+            flags |= kvm_main.KVM_DIRTY_LOG_INITIALLY_SET
+        dirty_log.enable_manual_protect(self, flags)
+
+    def clear_dirty_log(self, slot: int, first_page: int, bitmap: bytes,
+                        num_pages: int | None = None) -> None:
+        """KVM_CLEAR_DIRTY_LOG; num_pages defaults to the bitmap's bits, cut at the slot end."""
+        if num_pages is None:
+            s = self.memslots.slots.get(slot)
+            num_pages = len(bitmap) * 8 if s is None else min(len(bitmap) * 8, s.npages - first_page)
+        dirty_log.run_ioctl(
+            dirty_log.kvm_clear_dirty_log_protect(self, slot, first_page, num_pages, bitmap))
+
+    # --- the vCPU threads' view of the host CPUs ------------------------------------------------
+
+    def preempt(self) -> None:
+        """A point where a vCPU thread may lose its CPU. With nothing else to run (a bare
+        Kvm driven by hand) nothing happens; mmud.machine.VM runs other tasks here."""
+
+    def wait_mmu_lock(self) -> None:
+        """Wait for kvm->mmu_lock, held by a harvest across its preemption points."""
+        for _ in range(_MAX_LOCK_WAITS):
+            if not self.mmu.mmu_lock_held:
+                return
+            self.preempt()
+        raise RuntimeError("kvm->mmu_lock is never released")
 
     # --- emulated devices (userspace's side of an MMIO exit) -----------------------------------
 

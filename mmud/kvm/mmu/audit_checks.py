@@ -19,6 +19,7 @@ Extended checks (mmud):
   translation      each spte of a synced indirect page equals what the guest's tables allow
                    now: same frame, no more rights (CR0.WP=0's supervisor-write shape allowed)
   write_tracking   every upper-level guest table with a valid shadow page is write-tracked
+  dirty_log        every page of a logged slot is dirty in its bitmap or not writable
 """
 
 from __future__ import annotations
@@ -390,6 +391,29 @@ def check_write_tracking(mmu: KvmMmu, sps: Iterable[ShadowPage]) -> list[str]:
     return out
 
 
+def check_dirty_log(mmu: KvmMmu, gfns: set[int] | None) -> list[str]:
+    """Every page of a logged slot is dirty in the current bitmap or has no writable spte
+    (kvm-mmu.md §12). Audit points never fall inside a harvest (it holds the MMU lock); a
+    page a vCPU's fast page fault made writable but has not yet marked is in its window."""
+    out = []
+    pages = mmu.pool.pages
+    in_flight = {v.fast_pf_gfn for v in mmu.vcpus}
+    for slot in mmu.memslots:
+        bitmap = slot.dirty_bitmap
+        if bitmap is None:
+            continue
+        for gfn in slot.rmap if gfns is None else sorted(g for g in gfns if g in slot.rmap):
+            rel = gfn - slot.base_gfn
+            if int(bitmap[rel >> 6]) >> (rel & 63) & 1 or gfn in in_flight:
+                continue
+            for sptep in slot.rmap[gfn]:
+                spte = pages[sptep >> 9].spt[sptep & 511]
+                if spte & PT_WRITABLE_MASK:
+                    out.append(f"dirty log: gfn {gfn:x} of slot {slot.id} is clean but spte "
+                               f"{spte:x} is writable\n")
+    return out
+
+
 def extended_checks(
     mmu: KvmMmu, sps: list[ShadowPage], gfns: set[int] | None, skip_gfn: int | None = None
 ) -> list[str]:
@@ -398,4 +422,5 @@ def extended_checks(
     out += check_parent_links(mmu, sps)
     out += check_translation(mmu, sps, skip_gfn)
     out += check_write_tracking(mmu, sps)
+    out += check_dirty_log(mmu, gfns)
     return out

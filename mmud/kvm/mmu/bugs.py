@@ -38,6 +38,10 @@ BUGS: tuple[Bug, ...] = (
         "translation (spte … does not match gpte …)"),
     Bug("parent_unlink_skipped", "drop_parent_pte() clears the spte but leaves the parent link",
         "parent_links (sp … lists parent … which does not point at it)"),
+    Bug("dirty_wp_before_snapshot", "a dirty-log harvest write-protects the dirty pages before it takes the bitmap",
+        "dirty_log (dirty log: gfn … is clean but spte … is writable)"),
+    Bug("dirty_wp_skipped", "a dirty-log harvest clears the bitmap without write-protecting the pages",
+        "dirty_log (dirty log: gfn … is clean but spte … is writable)"),
 )
 BUG_BY_NAME: dict[str, Bug] = {b.name: b for b in BUGS}
 

@@ -1,26 +1,70 @@
-"""Dirty logging's side of the shadow MMU: write-protecting a slot when logging starts.
+"""Dirty logging's side of the shadow MMU: write-protecting sptes so that writes are logged.
 
 With KVM_MEM_LOG_DIRTY_PAGES set, a guest write must fault (and mark the page dirty) at
-least once per harvest, so enabling logging clears W in every spte of the slot. Only W:
-MMU-writable stays, because these pages are not shadowed page tables and may be made
-writable again by the next write fault (kvm_mmu_slot_remove_write_access, ≈v5.6).
+least once per harvest. Dirty-log protection clears only W: MMU-writable stays, because
+these pages are not shadowed page tables, so the next write fault may make the spte
+writable again without the MMU lock (fast_pf.py). Write protection of guest page tables
+(KvmMmu.rmap_write_protect) clears both.
+
+mmud maps guest 2 MiB pages with 4 KiB sptes and has no huge sptes at all, so the kernel's
+"no writable huge mapping in a logged slot" holds by construction: every writable spte of a
+logged slot is a 4 KiB spte in the slot's level-1 rmap, which is all these functions walk.
 """
 
 from __future__ import annotations
 
+import numpy as np
+
 from mmud.kvm.memslot import Memslot
 from mmud.kvm.mmu.mmu import KvmMmu
+from mmud.kvm.mmu.page import CHUNK_PAGES
 from mmud.x86.paging import PT64_ENT_PER_PAGE, PT_WRITABLE_MASK
+
+_W = np.uint64(PT_WRITABLE_MASK)
+_NOT_W = np.uint64(~PT_WRITABLE_MASK & ((1 << 64) - 1))
+
+
+def _clear_w(mmu: KvmMmu, sptes: np.ndarray) -> bool:
+    """Clear W in the sptes named by sptep (pool index << 9 | entry); True if any had it."""
+    if not len(sptes):
+        return False
+    index = sptes >> 9
+    entry = sptes & (PT64_ENT_PER_PAGE - 1)
+    chunk = index // CHUNK_PAGES
+    row = index % CHUNK_PAGES
+    flush = False
+    for c in np.unique(chunk):
+        sel = chunk == c
+        spt = mmu.pool.spt_chunks[c]
+        r, e = row[sel], entry[sel]
+        if (spt[r, e] & _W).any():
+            spt[r, e] &= _NOT_W
+            flush = True
+    return flush
+
+
+def _rmap_sptes(slot: Memslot, gfns) -> np.ndarray:
+    """Every sptep in the rmaps of `gfns` (an iterable of gfns with a non-empty rmap)."""
+    rmap = slot.rmap
+    return np.fromiter((p for g in gfns for p in rmap[g]), dtype=np.int64)
 
 
 def kvm_mmu_slot_remove_write_access(mmu: KvmMmu, slot: Memslot) -> None:
-    flush = False
-    for rmap in slot.rmap.values():
-        for sptep in rmap:
-            spt = mmu.sp_of_sptep(sptep).spt
-            i = sptep & (PT64_ENT_PER_PAGE - 1)
-            if spt[i] & PT_WRITABLE_MASK:
-                spt[i] &= ~PT_WRITABLE_MASK
-                flush = True
-    if flush:
+    """Logging starts: clear W in every spte of the slot (≈v5.6), then flush."""
+    if _clear_w(mmu, _rmap_sptes(slot, list(slot.rmap))):
         mmu.kvm_flush_remote_tlbs()
+
+
+def kvm_mmu_write_protect_pt_masked(mmu: KvmMmu, slot: Memslot, pages: np.ndarray) -> bool:
+    """kvm_arch_mmu_enable_log_dirty_pt_masked() for the shadow MMU: clear W in the 4 KiB
+    sptes of the slot-relative `pages`; True if a TLB flush is needed.
+
+    Vectorised: only gfns that are both in `pages` and mapped are visited in Python.
+    """
+    if not slot.rmap or not len(pages):
+        return False
+    mapped = np.fromiter(slot.rmap.keys(), dtype=np.int64, count=len(slot.rmap))
+    wanted = np.zeros(slot.npages, dtype=bool)
+    wanted[pages] = True
+    hit = mapped[wanted[mapped - slot.base_gfn]]
+    return _clear_w(mmu, _rmap_sptes(slot, hit.tolist()))

@@ -63,6 +63,7 @@ class KvmMmu:
     """MMU state of one VM. Only the simulation loop touches it (no locks inside)."""
 
     asi: VmIsolation | None = None  # on the KVM address space: the VM's isolation
+    mmu_lock_held = False  # a harvest holds kvm->mmu_lock across its preemption points
 
     def __init__(
         self, memslots: Memslots, stat: dict[str, int], params: Params, clock_ns: Callable[[], int]

@@ -1,0 +1,84 @@
+"""The fast page fault: a write to an spte write-protected only for dirty logging.
+
+fast_page_fault() (mmu.c): a fault with P=1 and W=1 on a present spte that has
+MMU-writable but not W was caused by dirty-log protection alone, so it is fixed without
+the MMU lock: compare-and-exchange W into the spte, then mark_page_dirty(). In the kernel
+this serves the direct-map MMUs; mmud applies it to the shadow MMU's leaf sptes, where
+MMU-writable means the same thing (rmap_write_protect clears it for shadowed tables).
+
+Between the compare-and-exchange and mark_page_dirty sits a preemption point
+(`Kvm.preempt`): a harvest may run there. It is safe because the harvest takes its
+snapshot before it write-protects: a snapshot that misses the late bit is followed by a
+protection that makes the spte read-only again, and the bit is reported next time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from mmud.kvm.mmu import spte as S
+from mmud.x86.paging import (
+    PAGE_SHIFT,
+    PFERR_PRESENT_MASK,
+    PFERR_RSVD_MASK,
+    PFERR_WRITE_MASK,
+    PT_WRITABLE_MASK,
+)
+
+if TYPE_CHECKING:
+    from mmud.kvm.mmu.page import ShadowPage
+    from mmud.kvm.vcpu import Vcpu
+
+_FAST_ERROR = PFERR_PRESENT_MASK | PFERR_WRITE_MASK | PFERR_RSVD_MASK
+_WANT = PFERR_PRESENT_MASK | PFERR_WRITE_MASK
+
+
+def page_fault_can_be_fast(error_code: int) -> bool:
+    """Only a write to a present, non-MMIO spte can be a dirty-logging fault."""
+    return error_code & _FAST_ERROR == _WANT
+
+
+def walk_shadow_page_lockless(vcpu: Vcpu, gva: int) -> tuple[ShadowPage, int] | None:
+    """The last-level sp and index mapping gva, or None where the walk stops early."""
+    sp = vcpu.root
+    if sp is None:
+        return None
+    pages = vcpu.kvm_mmu.pool.pages
+    shift = 3 + 9 * sp.level
+    while True:
+        i = (gva >> shift) & 511
+        spte = sp.spt[i]
+        if not spte & S.SPTE_MMU_PRESENT:
+            return None
+        if shift == PAGE_SHIFT or spte & S.PT_PAGE_SIZE_MASK:
+            return sp, i
+        sp = pages[S.spte_child_index(spte)]
+        shift -= 9
+
+
+def fast_page_fault(vcpu: Vcpu, gva: int, allowed: Callable[[int], bool]) -> bool:
+    """Fix a dirty-logging write fault locklessly; True if the access may be retried.
+
+    `allowed(spte)` says whether the faulting access is allowed by an spte: the fault is
+    only dirty logging's if adding W makes it so (not a U/S or NX fault as well).
+    """
+    found = walk_shadow_page_lockless(vcpu, gva)
+    if found is None:
+        return False
+    sp, i = found
+    old = sp.spt[i]
+    if old & PT_WRITABLE_MASK:
+        return allowed(old)  # another vCPU fixed it first: spurious
+    if not S.is_mmu_writable_spte(old) or not allowed(old | PT_WRITABLE_MASK):
+        return False
+    # cmpxchg64(sptep, old, old | W): nothing runs between the read and this store (the
+    # preemption points are explicit), so the exchange always succeeds here.
+    sp.spt[i] = old | PT_WRITABLE_MASK
+    vcpu.stat["pf_fast"] += 1
+    gfn = sp.gfn_of(i)
+    vcpu.fast_pf_gfn = gfn
+    vcpu.vm.preempt()  # the window between making the spte writable and logging the page
+    vcpu.mark_page_dirty(gfn)
+    vcpu.fast_pf_gfn = None
+    return True
