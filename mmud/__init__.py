@@ -12,6 +12,7 @@ from mmud.kvm.params import ParamError, Params
 from mmud.kvm.vcpu import Access, GeneralProtection, PageFault, Vcpu
 from mmud.kvm.vm import KvmError
 from mmud.machine import VM
+from mmud.migration import MigrationResult, migrate
 
 __all__ = [
     "VM",
@@ -19,9 +20,11 @@ __all__ = [
     "GeneralProtection",
     "KvmError",
     "Memslot",
+    "MigrationResult",
     "PageFault",
     "ParamError",
     "Params",
     "TripleFault",
     "Vcpu",
+    "migrate",
 ]
