@@ -134,6 +134,7 @@ def test_remote_tlb_flush_reaches_every_vcpu():
     before = vm.stats["remote_tlb_flush"]
     vm.zap_all(fast=False)
     assert vm.stats["remote_tlb_flush"] > before
-    assert not other.tlb
-    assert other.read_u64(VA, user=True) == 1
+    flushes = vm.stats["tlb_flush"]
+    assert other.read_u64(VA, user=True) == 1  # the vCPU serviced KVM_REQ_TLB_FLUSH first
+    assert vm.stats["tlb_flush"] > flushes and len(other.tlb) == 1
     assert vm.audit() == []

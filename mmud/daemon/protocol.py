@@ -25,6 +25,7 @@ class VmSnapshot:
     stats: dict[str, int]  # every stat of mmud.kvm.stats, vCPU stats summed over vCPUs
     status: str  # the vm<N>/status text
     inject: str = "[none]\n"  # the vm<N>/inject text: injectable bugs, the armed one in brackets
+    memslots: str = ""  # the vm<N>/memslots table
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from typing import Any
 
 import structlog
 
+from mmud.daemon import vmctl
 from mmud.daemon.protocol import Reply, Request, Snapshot, VmSnapshot
 from mmud.daemon.faultlog import FaultLogPublisher
 from mmud.daemon.status import RateMeter, render_status
@@ -95,6 +96,9 @@ class Simulation:
             "state": self.set_state,
             "isolation_map": self.isolation_map,
             "inject": self.inject,
+            "memslot": lambda vm, **line: vmctl.set_memslot(self._slot(vm).vm, **line),
+            "zap_all": lambda vm, kind: vmctl.zap_all(self._slot(vm).vm, kind,
+                                                      self._slot(vm).running),
         }
         self.isolation = FaultLogPublisher(self.params, config.state_dir)
         self.logs: dict[str, tuple[str, ...]] = {}
@@ -178,7 +182,7 @@ class Simulation:
         stats = s.vm.stats
         status = render_status(s.vm, s.state, s.rates.update(s.vm.steps, stats), s.failure)
         return VmSnapshot(s.name, s.debugfs_dir, s.state, s.vm.steps, stats, status,
-                          s.vm.render_inject())
+                          s.vm.render_inject(), memslots=vmctl.render_memslots(s.vm.memslots))
 
     # -- request handlers ---------------------------------------------------------------
 

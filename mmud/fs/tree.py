@@ -6,6 +6,7 @@
     kvm/audit_log, vm<N>/inject                   the MMU audit's log; bug injection
     kvm/<pid>-<fd>/<stat>       one directory per VM, named as KVM names it
     vm<N>/state, vm<N>/status   simulator control, one directory per VM
+    vm<N>/memslots, vm<N>/zap_all   memslot changes, zap of every shadow page (issue 6)
 
 A later file is one more entry in `_kvm_files` or `_vm_files`, built from the node types.
 """
@@ -28,6 +29,7 @@ from mmud.fs.nodes import (
     param_file,
     stat_file,
 )
+from mmud.fs.memslots import memslots_file, zap_all_file
 from mmud.kvm.params import Params
 from mmud.kvm.vm import INJECTABLE_BUGS
 from mmud.kvm.stats import STATS
@@ -74,6 +76,8 @@ class Tree:
             "inject": choice_file(self.backend, inject, "inject", "name",
                                   ("none", *INJECTABLE_BUGS), {"vm": vm}),
             "status": File(status),
+            "memslots": memslots_file(self.backend, vm),
+            "zap_all": zap_all_file(self.backend, vm),
         }
 
     def _kvm_children(self, snap: Snapshot) -> Mapping[str, Node]:

@@ -1,0 +1,79 @@
+"""vm<N>/memslots and vm<N>/zap_all: KVM_SET_USER_MEMORY_REGION and zap-all from a shell.
+
+Both are simulator controls (Linux has no such files; a VMM makes the ioctls).  As every
+store does (mmud/fs/nodes.py), the line is parsed here and a bad one fails with EINVAL
+before anything reaches the simulation; whether the change is allowed (overlap: EEXIST,
+size or alignment: EINVAL) is KVM's decision, taken by the simulation.
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import Any
+
+from mmud.daemon.protocol import Snapshot
+from mmud.fs.nodes import Backend, RequestFile, choice_file
+from mmud.kvm.params import ParamError, kstrtoull
+
+# Action -> the number of numeric words after it (add may end with the word log_dirty).
+MEMSLOT_ACTIONS = {"add": 3, "move": 2, "flags": 1, "delete": 1}
+LOG_DIRTY_WORDS = {"log_dirty=0": False, "log_dirty=1": True}
+ZAP_KINDS = ("fast", "slow")
+
+
+def _number(word: str) -> int:
+    """kstrtoull(word, 0), as debugfs integer files parse: 0x… hex, a leading 0 octal."""
+    try:
+        return kstrtoull(word, 0)
+    except ParamError as e:
+        raise OSError(e.errno, f"{word!r}: {e}") from None
+
+
+def parse_memslot_line(data: bytes) -> dict[str, Any]:
+    """`add ID GPA SIZE [log_dirty]`, `move ID GPA`, `flags ID log_dirty=0|1`, `delete ID`.
+
+    One line (at most one trailing newline); numbers in the kernel's base-0 grammar.
+    Returns the request's arguments: action, slot, and gpa/size/log_dirty where given.
+    """
+    text = data.decode("latin-1")
+    line = text[:-1] if text.endswith("\n") else text
+    words = line.split(" ")
+    action, args = words[0], words[1:]
+    if "\n" in line or action not in MEMSLOT_ACTIONS:
+        raise OSError(errno.EINVAL, f"expected one of {', '.join(MEMSLOT_ACTIONS)}")
+    count = MEMSLOT_ACTIONS[action]
+    log_dirty: bool | None = None
+    if action == "add" and len(args) == count + 1 and args[-1] == "log_dirty":
+        args, log_dirty = args[:-1], True
+    elif action == "flags" and len(args) == count + 1 and args[-1] in LOG_DIRTY_WORDS:
+        args, log_dirty = args[:-1], LOG_DIRTY_WORDS[args[-1]]
+    elif action == "flags":
+        raise OSError(errno.EINVAL, "flags ID log_dirty=0|1")
+    if len(args) != count:
+        raise OSError(errno.EINVAL, f"{action} takes {count} numbers")
+    slot, gpa, size = [*map(_number, args), None, None][:3]
+    return {"action": action, "slot": slot, "gpa": gpa, "size": size, "log_dirty": log_dirty}
+
+
+def memslots_file(backend: Backend, vm: str) -> RequestFile:
+    """vm<N>/memslots (0644): the table of slots; a line written changes one slot."""
+    def render(snap: Snapshot) -> bytes:
+        one = snap.vm(vm)
+        return one.memslots.encode() if one else b""
+
+    def parse(data: bytes) -> dict[str, Any]:
+        return {"vm": vm, **parse_memslot_line(data)}
+
+    return RequestFile(backend, render, "memslot", parse)
+
+
+def zap_all_file(backend: Backend, vm: str) -> RequestFile:
+    """vm<N>/zap_all (0644): write `fast` or `slow` to zap every shadow page of the VM.
+
+    Readable, unlike a debugfs trigger (0200), because it is one of the simulator's choice
+    files: like vm<N>/state and vm<N>/inject, `cat` lists the words it takes ("fast slow"),
+    so a shell user finds them without the docs.  It keeps no state to read back; what a
+    zap did shows in kvm/mmu_shadow_zapped.
+    """
+    return choice_file(backend, lambda snap: f"{' '.join(ZAP_KINDS)}\n".encode(), "zap_all",
+                       "kind", ZAP_KINDS, {"vm": vm})
