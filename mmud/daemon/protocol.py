@@ -25,6 +25,8 @@ class VmSnapshot:
     stats: dict[str, int]  # every stat of mmud.kvm.stats, vCPU stats summed over vCPUs
     status: str  # the vm<N>/status text
     inject: str = "[none]\n"  # the vm<N>/inject text: injectable bugs, the armed one in brackets
+    dirty_log_slots: tuple[int, ...] = ()  # slots with dirty logging on: vm<N>/dirty_log/<slot>
+    migrate: str = ""  # the vm<N>/migrate text: rounds of the last migration and its result
     memslots: str = ""  # the vm<N>/memslots table
 
 

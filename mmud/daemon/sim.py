@@ -22,7 +22,7 @@ from typing import Any
 
 import structlog
 
-from mmud.daemon import vmctl
+from mmud.daemon import vmctl, vmio
 from mmud.daemon.protocol import Reply, Request, Snapshot, VmSnapshot
 from mmud.daemon.faultlog import FaultLogPublisher
 from mmud.daemon.status import RateMeter, render_status
@@ -70,6 +70,8 @@ class _Slot:
     running: bool = True
     failure: str | None = None  # why the VM crashed; only a restart clears it
     rates: RateMeter = field(default_factory=RateMeter)
+    migration: Any = None  # the running pre-copy (mmud.migration.Migration.run()), if any
+    migrate_text: Callable[[], str] = lambda: ""  # what vm<N>/migrate shows
 
     @property
     def state(self) -> str:
@@ -96,6 +98,10 @@ class Simulation:
             "state": self.set_state,
             "isolation_map": self.isolation_map,
             "inject": self.inject,
+            "memory_read": lambda vm, gpa, size: vmio.memory_read(self._slot(vm).vm, gpa, size),
+            "memory_write": lambda vm, gpa, data: vmio.memory_write(self._slot(vm).vm, gpa, data),
+            "dirty_log": lambda vm, slot: self._slot(vm).vm.get_dirty_log(slot),
+            "migrate": self.migrate,
             "memslot": lambda vm, **line: vmctl.set_memslot(self._slot(vm).vm, **line),
             "zap_all": lambda vm, kind: vmctl.zap_all(self._slot(vm).vm, kind,
                                                       self._slot(vm).running),
@@ -123,6 +129,7 @@ class Simulation:
                 self._drain(timeout=0)
             else:
                 self._drain(timeout=PUBLISH_SECONDS)
+            self._advance_migrations()
             if time.monotonic() - published >= PUBLISH_SECONDS:
                 self.publish()
                 published = time.monotonic()
@@ -182,7 +189,8 @@ class Simulation:
         stats = s.vm.stats
         status = render_status(s.vm, s.state, s.rates.update(s.vm.steps, stats), s.failure)
         return VmSnapshot(s.name, s.debugfs_dir, s.state, s.vm.steps, stats, status,
-                          s.vm.render_inject(), memslots=vmctl.render_memslots(s.vm.memslots))
+                          s.vm.render_inject(), vmio.dirty_log_slots(s.vm), s.migrate_text(),
+                          memslots=vmctl.render_memslots(s.vm.memslots))
 
     # -- request handlers ---------------------------------------------------------------
 
@@ -213,6 +221,37 @@ class Simulation:
         """`vm<N>/inject`: arm a bug in that VM ("none" disarms)."""
         self._slot(vm).vm.inject(name)
         log.info("bug_armed", vm=vm, bug=name, step=self._slot(vm).vm.steps)
+
+    def migrate(self, vm: str, action: str) -> None:
+        """`echo start > vm<N>/migrate`: pre-copy it into a new paused VM, one round per loop
+        turn while the source keeps running; the source is paused at the stop."""
+        from mmud.migration import Migration
+
+        s = self._slot(vm)
+        if s.migration is not None or not s.running:
+            raise OSError(errno.EBUSY, f"{vm} is migrating or not running")
+        migration = Migration.to_new_vm(s.vm)
+        name = f"vm{len(self.slots)}"
+        config = VmConfig(s.config.mem_mb, s.config.vcpus, s.config.seed, workload=None)
+        dest = _Slot(name, config, migration.dest, os.memfd_create(f"kvm-{name}", os.MFD_CLOEXEC),
+                     running=False)
+        self.slots.append(dest)
+        s.migration, s.migrate_text = migration.run(), migration.result.render
+        log.info("migration_started", vm=vm, dest=name, step=s.vm.steps)
+
+    def _advance_migrations(self) -> None:
+        for s in self.slots:
+            if s.migration is None:
+                continue
+            try:
+                next(s.migration)
+            except StopIteration as done:
+                s.migration, s.running = None, False
+                log.info("migration_done", vm=s.name, step=s.vm.steps,
+                         identical=done.value.identical, pages_sent=done.value.pages_sent)
+            except Exception as e:  # noqa: BLE001 - a failing migration stops the source only
+                s.migration = None
+                self._crash(s, e)
 
     def isolation_map(self, text: bytes) -> None:
         """`kvm/isolation/map`: extend the KVM address space (EINVAL: unknown symbol)."""

@@ -26,7 +26,7 @@ from typing import Any
 from mfusepy import FUSE, Operations
 
 from mmud.daemon.protocol import Snapshot
-from mmud.fs.nodes import Backend, Dir, File
+from mmud.fs.nodes import Backend, BinaryFile, Dir, File, Handle
 from mmud.fs.tree import Tree
 
 
@@ -36,6 +36,7 @@ class ControlFS(Operations):
     def __init__(self, tree: Tree, backend: Backend, ready: Callable[[], None]) -> None:
         self.tree, self.backend, self.ready = tree, backend, ready
         self.snaps: dict[int, bytes] = {}
+        self.handles: dict[int, Handle] = {}  # opens of BinaryFiles: I/O by offset
         self.ids = itertools.count(1)
         self.mtime_ns = time.time_ns()  # like sysfs: the time the file appeared
 
@@ -44,13 +45,13 @@ class ControlFS(Operations):
         assert snap is not None  # the daemon mounts only after the first snapshot
         return snap
 
-    def _file(self, path: str) -> File:
+    def _file(self, path: str) -> File | BinaryFile:
         node = self.tree.lookup(path, self._snap())
         if isinstance(node, Dir):
             raise OSError(errno.EISDIR, path)
         return node
 
-    def _writable(self, path: str) -> File:
+    def _writable(self, path: str) -> File | BinaryFile:
         node = self._file(path)
         if not node.writable:
             raise OSError(errno.EACCES, path)
@@ -78,15 +79,22 @@ class ControlFS(Operations):
         if (fi.flags & os.O_ACCMODE) != os.O_WRONLY and not node.mode & 0o444:
             raise OSError(errno.EACCES, path)  # a write-only file has no show method
         fi.direct_io, fi.fh = 1, next(self.ids)
+        if isinstance(node, BinaryFile):
+            self.handles[fi.fh] = node.open_handle()
+            return 0
         self.snaps[fi.fh] = node.render(self._snap()) if node.mode & 0o444 else b""
         return 0  # with raw_fi this is a status, not the handle
 
     def read(self, path: str, size: int, offset: int, fi: Any) -> bytes:
+        if (handle := self.handles.get(fi.fh)) is not None:
+            return handle.read(offset, size)
         return self.snaps.get(fi.fh, b"")[offset:offset + size]
 
     def write(self, path: str, data: bytes, offset: int, fi: Any) -> int:
         if not data:
             return 0  # sysfs never hands an empty buffer to a setter
+        if (handle := self.handles.get(fi.fh)) is not None:
+            return handle.write(offset, bytes(data))  # a byte file: positioned, short writes
         self._writable(path).store(bytes(data))  # the simulation logs what it applied
         return len(data)
 
@@ -96,6 +104,7 @@ class ControlFS(Operations):
 
     def release(self, path: str, fi: Any) -> int:
         self.snaps.pop(fi.fh, None)
+        self.handles.pop(fi.fh, None)
         return 0
 
 

@@ -79,6 +79,91 @@ class RequestFile(File):
         self.backend.request(self.op, **self.parse(data))
 
 
+class Handle(Protocol):
+    """One open of a BinaryFile: positioned I/O served by the simulation."""
+
+    def read(self, offset: int, size: int) -> bytes: ...
+
+    def write(self, offset: int, data: bytes) -> int: ...
+
+
+class BinaryFile:
+    """A file of raw bytes fetched from the simulation at read time, by offset.
+
+    Guest RAM and dirty bitmaps are state only the simulation holds (and a dirty-log read
+    changes it), so they are never in a snapshot: each open gets a Handle, and reads and
+    writes become requests for exactly the bytes asked.
+    """
+
+    def __init__(self, open_handle: Callable[[], Handle], mode: int) -> None:
+        self.open_handle = open_handle
+        self.mode = mode
+
+    @property
+    def writable(self) -> bool:
+        return bool(self.mode & 0o200)
+
+    def render(self, snap: Snapshot) -> bytes:
+        return b""
+
+
+class _MemoryHandle:
+    """vm<N>/memory: guest RAM at offset = gpa, one request per chunk."""
+
+    def __init__(self, backend: Backend, vm: str) -> None:
+        self.backend, self.vm = backend, vm
+
+    def read(self, offset: int, size: int) -> bytes:
+        out = b""
+        while len(out) < size:
+            got = self.backend.request("memory_read", vm=self.vm, gpa=offset + len(out),
+                                       size=size - len(out)).result
+            if not got:
+                break
+            out += got
+        return out
+
+    def write(self, offset: int, data: bytes) -> int:
+        done = 0
+        while done < len(data):
+            done += self.backend.request("memory_write", vm=self.vm, gpa=offset + done,
+                                         data=data[done:]).result
+        return done
+
+
+class _DirtyLogHandle:
+    """vm<N>/dirty_log/<slot>: a read at offset 0 is one KVM_GET_DIRTY_LOG; later offsets
+    continue in that bitmap (as simple_attr_read fetches only at offset 0)."""
+
+    def __init__(self, backend: Backend, vm: str, slot: int) -> None:
+        self.backend, self.vm, self.slot = backend, vm, slot
+        self.bitmap = b""
+
+    def read(self, offset: int, size: int) -> bytes:
+        if offset == 0:
+            self.bitmap = self.backend.request("dirty_log", vm=self.vm, slot=self.slot).result
+        return self.bitmap[offset:offset + size]
+
+    def write(self, offset: int, data: bytes) -> int:
+        raise OSError(errno.EACCES, "read-only")
+
+
+def memory_file(backend: Backend, vm: str) -> BinaryFile:
+    """Root only (0600), as /dev/mem: the whole guest's memory."""
+    return BinaryFile(lambda: _MemoryHandle(backend, vm), 0o600)
+
+
+def dirty_log_dir(backend: Backend, vm: str) -> Dir:
+    """vm<N>/dirty_log/: one 0400 file per slot with logging on (a read harvests it)."""
+    def children(snap: Snapshot) -> Mapping[str, Node]:
+        one = snap.vm(vm)
+        slots = one.dirty_log_slots if one else ()
+        return {str(i): BinaryFile(lambda i=i: _DirtyLogHandle(backend, vm, i), 0o400)
+                for i in slots}
+
+    return Dir(children)
+
+
 def action_file(backend: Backend, op: str, parse: Parse) -> RequestFile:
     """A write-only trigger (0200), e.g. `echo 1 > vm0/zap_all`."""
     return RequestFile(backend, lambda snap: b"", op, parse, mode=0o200)
@@ -182,4 +267,4 @@ def choice_file(backend: Backend, render: Render, op: str, key: str,
     return RequestFile(backend, render, op, parse)
 
 
-Node = Dir | File
+Node = Dir | File | BinaryFile

@@ -6,6 +6,7 @@
     kvm/audit_log, vm<N>/inject                   the MMU audit's log; bug injection
     kvm/<pid>-<fd>/<stat>       one directory per VM, named as KVM names it
     vm<N>/state, vm<N>/status   simulator control, one directory per VM
+    vm<N>/memory, vm<N>/dirty_log/<slot>, vm<N>/migrate   guest RAM, dirty logs, live migration
     vm<N>/memslots, vm<N>/zap_all   memslot changes, zap of every shadow page (issue 6)
 
 A later file is one more entry in `_kvm_files` or `_vm_files`, built from the node types.
@@ -23,8 +24,10 @@ from mmud.fs.nodes import (
     File,
     Node,
     choice_file,
+    dirty_log_dir,
     isolation_dir,
     log_file,
+    memory_file,
     mmu_debug_file,
     param_file,
     stat_file,
@@ -70,7 +73,15 @@ class Tree:
             one = snap.vm(vm)
             return one.inject.encode() if one else b""
 
+        def migrate(snap: Snapshot) -> bytes:
+            one = snap.vm(vm)
+            return one.migrate.encode() if one else b""
+
         return {
+            "memory": memory_file(self.backend, vm),
+            "dirty_log": dirty_log_dir(self.backend, vm),
+            "migrate": choice_file(self.backend, migrate, "migrate", "action", ("start",),
+                                   {"vm": vm}),
             "state": choice_file(self.backend, state, "state", "action", VM_STATE_ACTIONS,
                                  {"vm": vm}),
             "inject": choice_file(self.backend, inject, "inject", "name",
