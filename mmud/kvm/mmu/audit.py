@@ -152,12 +152,11 @@ def _run(mmu: KvmMmu, point: str, pages: list[ShadowPage], tree: list[ShadowPage
          skip_gfn: int | None = None) -> list[str]:
     """The checks over `pages` (active-page checks) and `tree` (walk checks)."""
     rmaps = C.RmapIndex(mmu)
-    out: list[str] = []
-    for sp in pages:
-        out += C.check_mappings_rmap(rmaps, sp)
-        out += C.audit_write_protection(mmu, sp)
-    out += C.walk_checks(mmu, rmaps, tree, point, PT64_ROOT_4LEVEL, synced)
-    out += C.extended_checks(mmu, pages, gfns, skip_gfn)
+    active = C.PageArrays(mmu, pages)
+    walked = active if tree is pages else C.PageArrays(mmu, tree)
+    out = C.active_page_checks(mmu, rmaps, active)
+    out += C.walk_checks(mmu, rmaps, walked, point, PT64_ROOT_4LEVEL, synced)
+    out += C.extended_checks(mmu, active, gfns, skip_gfn)
     return out
 
 
@@ -199,6 +198,8 @@ def kvm_mmu_audit(mmu: KvmMmu, vcpu: Vcpu | None, point: str, written_gfn: int |
         pages = list(reversed(mmu.active_mmu_pages))
         tree = [sp for v in vcpus if v.root is not None for sp in C.reachable_pages(mmu, v.root)]
         gfns = None
+    elif not track.sps and not track.gfns and point != AUDIT_POST_SYNC:
+        return []  # nothing changed since the last run: nothing to check
     else:
         if point == AUDIT_POST_SYNC:
             # What the sync was to cover: the root's unsync paths, whether touched or not.

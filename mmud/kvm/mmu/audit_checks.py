@@ -25,12 +25,13 @@ Extended checks (mmud):
 from __future__ import annotations
 
 from collections.abc import Iterable
+from itertools import chain
 import numpy as np
 
 from mmud.kvm.memslot import Memslot
 from mmud.kvm.mmu import spte as S
 from mmud.kvm.mmu.mmu import KvmMmu
-from mmud.kvm.mmu.page import ROLE_CR0_WP, ROLE_NXE, ShadowPage, sp_address
+from mmud.kvm.mmu.page import CHUNK_PAGES, ROLE_CR0_WP, ROLE_NXE, ShadowPage, sp_address
 from mmud.x86.paging import (
     ACC_EXEC_MASK,
     ACC_USER_MASK,
@@ -54,32 +55,53 @@ _ADDR = _U(S.SPTE_BASE_ADDR_MASK)
 _IDX = np.arange(512, dtype=np.uint64)
 
 
+class PageArrays:
+    """The sptes of a list of shadow pages as 2-D arrays (a row per page), gathered once per
+    run, so that every check is a few numpy operations over all pages at once."""
+
+    def __init__(self, mmu: KvmMmu, sps: list[ShadowPage]) -> None:
+        n = len(sps)
+        self.sps = sps
+        index = np.fromiter((sp.index for sp in sps), dtype=np.int64, count=n)
+        self.sptes = np.empty((n, 512), dtype=np.uint64)
+        gfns = np.empty((n, 512), dtype=np.uint64)
+        chunk, row = np.divmod(index, CHUNK_PAGES)
+        for k in np.unique(chunk).tolist():
+            sel = chunk == k
+            self.sptes[sel] = mmu.pool.spt_chunks[k][row[sel]]
+            gfns[sel] = mmu.pool.gfn_chunks[k][row[sel]]
+        self.level = np.fromiter((sp.level for sp in sps), dtype=np.int64, count=n)
+        direct = np.fromiter((sp.direct for sp in sps), dtype=bool, count=n)
+        base = np.fromiter((sp.gfn for sp in sps), dtype=np.uint64, count=n)
+        shift = ((self.level - 1) * 9).astype(np.uint64)
+        self.gfns = np.where(direct[:, None], base[:, None] + (_IDX[None, :] << shift[:, None]), gfns)
+        self.sptep = (index[:, None] << 9) | _IDX[None, :].astype(np.int64)
+        self.present = (self.sptes & _PRESENT) != 0
+        self.leaf = self.present & ((self.level[:, None] == 1) | ((self.sptes & _U(PT_PAGE_SIZE_MASK)) != 0))
+
+
 class RmapIndex:
-    """Per-slot arrays built once per audit run: which gfns have a non-empty level-1 rmap."""
+    """Which gfns have a non-empty level-1 rmap: dict lookups for a few gfns, a per-slot mask
+    (built once per run, on first need) for many."""
+
+    _MASK_FROM = 256
 
     def __init__(self, mmu: KvmMmu) -> None:
         self.mmu = mmu
-        self.has_rmap: dict[int, np.ndarray] = {}
-        for slot in mmu.memslots:
+        self._masks: dict[int, np.ndarray] = {}
+
+    def has_rmap(self, slot: Memslot, gfns: np.ndarray) -> np.ndarray:
+        if len(gfns) < self._MASK_FROM:
+            rmap = slot.rmap
+            return np.fromiter((g in rmap for g in gfns.tolist()), dtype=bool, count=len(gfns))
+        mask = self._masks.get(slot.id)
+        if mask is None:
             mask = np.zeros(slot.npages, dtype=bool)
             if slot.rmap:
                 keys = np.fromiter(slot.rmap.keys(), dtype=np.int64, count=len(slot.rmap))
                 mask[keys - slot.base_gfn] = True
-            self.has_rmap[slot.id] = mask
-
-
-def _sp_gfns(sp: ShadowPage) -> np.ndarray:
-    if sp.direct:
-        return _U(sp.gfn) + (_IDX << _U((sp.level - 1) * 9))
-    return sp._gfns_np
-
-
-def _leaf_mask(sp: ShadowPage) -> np.ndarray:
-    row = sp.sptes
-    present = (row & _PRESENT) != 0
-    if sp.level == 1:
-        return present
-    return present & ((row & _U(PT_PAGE_SIZE_MASK)) != 0)
+            self._masks[slot.id] = mask
+        return mask[(gfns - _U(slot.base_gfn)).astype(np.int64)]
 
 
 def _slot_split(mmu: KvmMmu, gfns: np.ndarray) -> Iterable[tuple[Memslot | None, np.ndarray]]:
@@ -94,29 +116,44 @@ def _slot_split(mmu: KvmMmu, gfns: np.ndarray) -> Iterable[tuple[Memslot | None,
         yield None, np.flatnonzero(remaining)
 
 
-def inspect_sptes_have_rmap(rmaps: RmapIndex, sp: ShadowPage, idx: np.ndarray) -> list[str]:
-    """Check 2 for the entries idx of sp (all present leaves)."""
-    out: list[str] = []
-    if not len(idx):
-        return out
-    gfns = _sp_gfns(sp)[idx]
+Messages = dict[int, list[tuple[int, str]]]  # page row -> (entry, message) in the order found
+
+
+def _add(msgs: Messages, row: int, entry: int, text: str) -> None:
+    msgs.setdefault(row, []).append((entry, text))
+
+
+def inspect_sptes_have_rmap(rmaps: RmapIndex, pa: PageArrays, mask: np.ndarray) -> Messages:
+    """Check 2 for the entries of mask (present leaves), grouped by page row, entry order."""
+    rows, entries = np.nonzero(mask)
+    gfns = pa.gfns[rows, entries]
+    found: list[tuple[int, int, list[str]]] = []
     for slot, pos in _slot_split(rmaps.mmu, gfns):
         if slot is None:
             for p in pos.tolist():
-                out.append(f"no memslot for gfn {int(gfns[p]):x}\n")
-                out.append(f"index {int(idx[p])} of sp (gfn={sp.gfn:x})\n")
+                sp = pa.sps[int(rows[p])]
+                found.append((int(rows[p]), int(entries[p]), [
+                    f"no memslot for gfn {int(gfns[p]):x}\n",
+                    f"index {int(entries[p])} of sp (gfn={sp.gfn:x})\n"]))
             continue
-        missing = ~rmaps.has_rmap[slot.id][(gfns[pos] - _U(slot.base_gfn)).astype(np.int64)]
-        for p in pos[missing].tolist():
-            out.append(f"no rmap for writable spte {int(sp.sptes[idx[p]]):x}\n")
+        for p in pos[~rmaps.has_rmap(slot, gfns[pos])].tolist():
+            spte = int(pa.sptes[rows[p], entries[p]])
+            found.append((int(rows[p]), int(entries[p]), [f"no rmap for writable spte {spte:x}\n"]))
+    msgs: Messages = {}
+    for row, entry, texts in sorted(found, key=lambda f: (f[0], f[1])):
+        for text in texts:
+            _add(msgs, row, entry, text)
+    return msgs
+
+
+def active_page_checks(mmu: KvmMmu, rmaps: RmapIndex, pa: PageArrays) -> list[str]:
+    """Checks 5 (check_mappings_rmap) and 6 (audit_write_protection), page by page."""
+    check5 = inspect_sptes_have_rmap(rmaps, pa, pa.present & (pa.level[:, None] == 1))
+    out: list[str] = []
+    for row, sp in enumerate(pa.sps):
+        out += [text for _, text in check5.get(row, ())]
+        out += audit_write_protection(mmu, sp)
     return out
-
-
-def check_mappings_rmap(rmaps: RmapIndex, sp: ShadowPage) -> list[str]:
-    """Check 5."""
-    if sp.level != 1:
-        return []
-    return inspect_sptes_have_rmap(rmaps, sp, np.flatnonzero((sp.sptes & _PRESENT) != 0))
 
 
 def audit_write_protection(mmu: KvmMmu, sp: ShadowPage) -> list[str]:
@@ -140,39 +177,40 @@ def audit_write_protection(mmu: KvmMmu, sp: ShadowPage) -> list[str]:
 def walk_checks(
     mmu: KvmMmu,
     rmaps: RmapIndex,
-    sps: Iterable[ShadowPage],
+    pa: PageArrays,
     point: str,
     root_level: int,
     synced: set[ShadowPage] | None = None,
 ) -> list[str]:
     """Checks 3, 1 and 4 for each entry of each page reached from the root, in that order.
 
-    Per entry the kernel calls 3, 1, 4; the messages of one page are grouped the same way
-    (the order between entries of one page is the entry order for each message kind).
-    Check 4 applies to the pages the sync just walked: `synced`, or all of sps if None.
+    Per entry the kernel calls 3, 1, 4; here the messages of one page are grouped by check
+    (entry order within each). Check 4 applies to the pages the sync just walked: `synced`,
+    or every page if None.
     """
-    out: list[str] = []
+    check3 = inspect_sptes_have_rmap(rmaps, pa, pa.leaf)
+    check1: Messages = {}
+    rows, entries = np.nonzero(pa.leaf)
+    gfns = pa.gfns[rows, entries]
+    for slot, pos in _slot_split(mmu, gfns):
+        if slot is None:
+            continue
+        want = (gfns[pos] - _U(slot.base_gfn) + _U(slot.backing.base_pfn)) << _U(PAGE_SHIFT)
+        got = pa.sptes[rows[pos], entries[pos]]
+        for k in np.flatnonzero((got & _ADDR) != want).tolist():
+            pfn = int(want[k]) >> PAGE_SHIFT
+            _add(check1, int(rows[pos[k]]), int(entries[pos[k]]),
+                 f"levels {root_level} pfn {pfn:x} hpa {pfn << PAGE_SHIFT:x} ent {int(got[k]):x}n")
     post_sync = point == "post sync"
-    for sp in sps:
-        leaves = np.flatnonzero(_leaf_mask(sp))
-        out.extend(inspect_sptes_have_rmap(rmaps, sp, leaves))
+    out: list[str] = []
+    for row, sp in enumerate(pa.sps):
+        out += [text for _, text in check3.get(row, ())]
         if sp.unsync and sp.level != 1:
-            out.extend([f"unsync sp: {sp_address(sp)} level = {sp.level}\n"] * 512)
-        elif len(leaves):
-            gfns = _sp_gfns(sp)[leaves]
-            for slot, pos in _slot_split(mmu, gfns):
-                if slot is None:
-                    continue
-                want = (gfns[pos] - _U(slot.base_gfn) + _U(slot.backing.base_pfn)) << _U(PAGE_SHIFT)
-                got = sp.sptes[leaves[pos]]
-                bad = (got & _ADDR) != want
-                for p in np.flatnonzero(bad).tolist():
-                    pfn = int(want[p]) >> PAGE_SHIFT
-                    out.append(
-                        f"levels {root_level} pfn {pfn:x} hpa {pfn << PAGE_SHIFT:x} ent {int(got[p]):x}n"
-                    )
+            out += [f"unsync sp: {sp_address(sp)} level = {sp.level}\n"] * 512
+        else:
+            out += [text for _, text in sorted(check1.get(row, ()))]
         if post_sync and sp.unsync and (synced is None or sp in synced):
-            out.extend([f"meet unsync sp({sp_address(sp)}) after sync root.\n"] * 512)
+            out += [f"meet unsync sp({sp_address(sp)}) after sync root.\n"] * 512
     return out
 
 
@@ -229,30 +267,77 @@ def reachable_pages(mmu: KvmMmu, root: ShadowPage) -> list[ShadowPage]:
 
 # --- extended checks -------------------------------------------------------------------------
 
-def check_rmap_exact(mmu: KvmMmu, sps: Iterable[ShadowPage], gfns: set[int] | None) -> list[str]:
-    """Leaf sptes of sps are in their rmap; rmap entries (of gfns, or all) are live leaves."""
-    out: list[str] = []
-    for sp in sps:
-        leaves = np.flatnonzero(_leaf_mask(sp)).tolist()
-        for i in leaves:
-            gfn = sp.gfn_of(i)
-            slot = mmu.memslots.lookup(gfn)
-            if slot is None or (sp.index << 9 | i) not in slot.rmap.get(gfn, ()):
-                out.append(
-                    f"spte {sp.spt[i]:x} (sp {sp_address(sp)} index {i} gfn {gfn:x}) is not in its rmap\n"
-                )
-    pages = mmu.pool.pages
+def _rmap_arrays(mmu: KvmMmu, gfns: Iterable[int] | None) -> tuple[np.ndarray, np.ndarray]:
+    """(sptep, gfn) of every level-1 rmap entry of gfns (None: all), as int64 arrays."""
+    sptes: list[np.ndarray] = []
+    keys: list[np.ndarray] = []
     for slot in mmu.memslots:
-        keys = slot.rmap.keys() if gfns is None else [g for g in gfns if g in slot.rmap]
-        for gfn in keys:
-            for sptep in slot.rmap[gfn]:
-                sp, i = pages[sptep >> 9], sptep & 0x1FF
-                spte = sp.spt[i]
-                live = sp in mmu.active_mmu_pages and spte & S.SPTE_MMU_PRESENT
-                if not live or not S.is_last_spte(spte, sp.level) or sp.gfn_of(i) != gfn:
-                    out.append(
-                        f"rmap of gfn {gfn:x} holds sp {sp_address(sp)} index {i} spte {spte:x}, which does not map it\n"
-                    )
+        rmap = slot.rmap
+        part = rmap if gfns is None else {g: rmap[g] for g in gfns if g in rmap}
+        if not part:
+            continue
+        counts = np.fromiter(map(len, part.values()), dtype=np.int64, count=len(part))
+        sptes.append(np.fromiter(chain.from_iterable(part.values()), dtype=np.int64, count=int(counts.sum())))
+        keys.append(np.repeat(np.fromiter(part.keys(), dtype=np.int64, count=len(part)), counts))
+    if not sptes:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return np.concatenate(sptes), np.concatenate(keys)
+
+
+def _live_leaf_gfns(mmu: KvmMmu, sptep: np.ndarray) -> np.ndarray:
+    """For each sptep: the gfn its spte maps if it is a present leaf of an active page, else -1."""
+    pages = mmu.pool.pages
+    active = mmu.active_mmu_pages
+    uniq, inverse = np.unique(sptep >> 9, return_inverse=True)
+    sps = [pages[k] for k in uniq.tolist()]
+    n = len(sps)
+    is_active = np.fromiter((sp in active for sp in sps), dtype=bool, count=n)[inverse]
+    level = np.fromiter((sp.level for sp in sps), dtype=np.int64, count=n)[inverse]
+    direct = np.fromiter((sp.direct for sp in sps), dtype=bool, count=n)[inverse]
+    base = np.fromiter((sp.gfn for sp in sps), dtype=np.int64, count=n)[inverse]
+    idx, i = sptep >> 9, sptep & 0x1FF
+    spte = np.zeros(len(sptep), dtype=np.uint64)
+    mapped = np.zeros(len(sptep), dtype=np.int64)
+    chunk, row = idx // CHUNK_PAGES, idx % CHUNK_PAGES
+    for k in np.unique(chunk).tolist():
+        sel = chunk == k
+        spte[sel] = mmu.pool.spt_chunks[k][row[sel], i[sel]]
+        mapped[sel] = mmu.pool.gfn_chunks[k][row[sel], i[sel]].astype(np.int64)
+    mapped = np.where(direct, base + (i << (9 * (level - 1))), mapped)
+    leaf = (level == 1) | ((spte & _U(PT_PAGE_SIZE_MASK)) != 0)
+    live = is_active & ((spte & _PRESENT) != 0) & leaf
+    return np.where(live, mapped, -1)
+
+
+def _pair_keys(sptep: np.ndarray, gfn: np.ndarray) -> np.ndarray:
+    """One uint64 per (sptep, gfn): gfns are below 2^34 (MAXPHYADDR 46), sptep below 2^30."""
+    return (sptep.astype(np.uint64) << _U(34)) | gfn.astype(np.uint64)
+
+
+def check_rmap_exact(mmu: KvmMmu, pa: PageArrays, gfns: set[int] | None) -> list[str]:
+    """Leaf sptes of the pages are in their rmap; rmap entries (of gfns, or all) are live leaves."""
+    out: list[str] = []
+    pages = mmu.pool.pages
+    leaf_sptep, leaf_gfn = pa.sptep[pa.leaf], pa.gfns[pa.leaf].astype(np.int64)
+    wanted = None if gfns is None else set(gfns) | set(leaf_gfn.tolist())
+    r_sptep, r_gfn = _rmap_arrays(mmu, wanted)
+    rmap_keys = np.sort(_pair_keys(r_sptep, r_gfn))
+    leaf_keys = _pair_keys(leaf_sptep, leaf_gfn)
+    pos = np.minimum(np.searchsorted(rmap_keys, leaf_keys), max(len(rmap_keys) - 1, 0))
+    found = rmap_keys[pos] == leaf_keys if len(rmap_keys) else np.zeros(len(leaf_keys), dtype=bool)
+    for k in np.flatnonzero(~found).tolist():
+        sptep, gfn = int(leaf_sptep[k]), int(leaf_gfn[k])
+        sp, i = pages[sptep >> 9], sptep & 0x1FF
+        out.append(f"spte {sp.spt[i]:x} (sp {sp_address(sp)} index {i} gfn {gfn:x}) is not in its rmap\n")
+    if gfns is not None:
+        r_sptep, r_gfn = _rmap_arrays(mmu, gfns)
+    bad = _live_leaf_gfns(mmu, r_sptep) != r_gfn
+    for k in np.flatnonzero(bad).tolist():
+        sptep, gfn = int(r_sptep[k]), int(r_gfn[k])
+        sp, i = pages[sptep >> 9], sptep & 0x1FF
+        out.append(
+            f"rmap of gfn {gfn:x} holds sp {sp_address(sp)} index {i} spte {sp.spt[i]:x}, which does not map it\n"
+        )
     return out
 
 
@@ -415,10 +500,11 @@ def check_dirty_log(mmu: KvmMmu, gfns: set[int] | None) -> list[str]:
 
 
 def extended_checks(
-    mmu: KvmMmu, sps: list[ShadowPage], gfns: set[int] | None, skip_gfn: int | None = None
+    mmu: KvmMmu, pa: PageArrays, gfns: set[int] | None, skip_gfn: int | None = None
 ) -> list[str]:
-    """mmud's checks over sps; rmaps of gfns only (None: every rmap)."""
-    out = check_rmap_exact(mmu, sps, gfns)
+    """mmud's checks over the pages; rmaps of gfns only (None: every rmap)."""
+    sps = pa.sps
+    out = check_rmap_exact(mmu, pa, gfns)
     out += check_parent_links(mmu, sps)
     out += check_translation(mmu, sps, skip_gfn)
     out += check_write_tracking(mmu, sps)
