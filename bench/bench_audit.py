@@ -36,7 +36,11 @@ DIRECT_VA = 0xFFFF888000000000
 MODES = {
     "ratelimited": {"mmu_audit": "1"},
     "every": {"mmu_audit": "1", "mmu_audit_ratelimit_ms": "0"},
-    "incremental": {"mmu_audit": "1", "mmu_audit_ratelimit_ms": "0", "mmu_audit_scope": "incremental"},
+    "incremental": {
+        "mmu_audit": "1",
+        "mmu_audit_ratelimit_ms": "0",
+        "mmu_audit_scope": "incremental",
+    },
 }
 
 # Runs in a child process: prints the steps per second of one measurement.
@@ -67,10 +71,13 @@ def stripped_package(dest: Path) -> Path:
     return dest
 
 
-def steps_per_s(root: Path, params: dict[str, str], steps: int, mem_mb: int = 64, touch: bool = False) -> float:
+def steps_per_s(
+    root: Path, params: dict[str, str], steps: int, mem_mb: int = 64, touch: bool = False
+) -> float:
     cfg = json.dumps({"params": params, "steps": steps, "mem_mb": mem_mb, "touch": touch})
-    out = subprocess.run([sys.executable, "-c", _CHILD, str(root), cfg],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", _CHILD, str(root), cfg], capture_output=True, text=True, check=True
+    )
     return float(out.stdout.split()[-1])
 
 
@@ -83,22 +90,30 @@ def throughput(quick: bool) -> None:
     steps = 2000 if quick else 20000
     with tempfile.TemporaryDirectory(prefix="mmud-stripped-") as tmp:
         stripped = stripped_package(Path(tmp))
-        samples = interleaved({
-            "stripped": lambda: [steps_per_s(stripped, {}, steps)],
-            "off": lambda: [steps_per_s(REPO, {}, steps)],
-            "ratelimited": lambda: [steps_per_s(REPO, MODES["ratelimited"], steps)],
-            "incremental": lambda: [steps_per_s(REPO, MODES["incremental"], steps)],
-        }, rounds)
+        samples = interleaved(
+            {
+                "stripped": lambda: [steps_per_s(stripped, {}, steps)],
+                "off": lambda: [steps_per_s(REPO, {}, steps)],
+                "ratelimited": lambda: [steps_per_s(REPO, MODES["ratelimited"], steps)],
+                "incremental": lambda: [steps_per_s(REPO, MODES["incremental"], steps)],
+            },
+            rounds,
+        )
     figure("audit_off_ratio", _ratio(samples, "off", "stripped"), "ratio")
     figure("audit_ratelimited_ratio", _ratio(samples, "ratelimited", "off"), "ratio")
     figure("audit_incremental_ratio", _ratio(samples, "incremental", "off"), "ratio")
     sizes = ((64, "64M"),) if quick else ((64, "64M"), (256, "256M"), (1024, "1G"))
     for mem_mb, label in sizes:
         full_steps = 20 if quick else 150
-        pair = interleaved({
-            "full": lambda: [steps_per_s(REPO, MODES["every"], full_steps, mem_mb, touch=True)],
-            "off": lambda: [steps_per_s(REPO, {}, full_steps * 20, mem_mb, touch=True)],
-        }, 1 if quick else 3)
+        pair = interleaved(
+            {
+                "full": lambda n=full_steps, m=mem_mb: [
+                    steps_per_s(REPO, MODES["every"], n, m, touch=True)
+                ],
+                "off": lambda n=full_steps, m=mem_mb: [steps_per_s(REPO, {}, n, m, touch=True)],
+            },
+            1 if quick else 3,
+        )
         figure(f"audit_full_ratio[{label}]", _ratio(pair, "full", "off"), "ratio")
 
 

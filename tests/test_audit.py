@@ -9,7 +9,7 @@ import pytest
 import mmud
 from mmud.kvm.dirty_log import kvm_get_dirty_log_protect, run_ioctl
 from mmud.kvm.mmu.bugs import BUGS, render_choices
-from tests.guest_tables import DIRECT_VA, P, U, W, GuestTables, idx
+from tests.guest_tables import P, U, W, GuestTables
 
 VA = 0x0000_0000_0040_0000
 
@@ -37,8 +37,12 @@ def test_audit_off_runs_nothing():
 
 
 def test_switch_at_run_time():
-    vm = mmud.VM(mem_mb=64, seed=5, workload="kernel",
-                 params={"mmu_audit_ratelimit_ms": "0", "mmu_audit_scope": "incremental"})
+    vm = mmud.VM(
+        mem_mb=64,
+        seed=5,
+        workload="kernel",
+        params={"mmu_audit_ratelimit_ms": "0", "mmu_audit_scope": "incremental"},
+    )
     vm.step(1000)
     vm.params["mmu_audit"] = "1\n"
     vm.step(1000)
@@ -56,12 +60,16 @@ def test_rate_limit_window_and_suppressed_report():
     stats = vm.stats
     assert 3 <= stats["mmu_audit_runs"] <= 3 * 5
     assert stats["mmu_audit_ratelimited"] > 0
-    assert any(line.startswith("kvm_mmu_audit: ") and line.endswith(" callbacks suppressed\n")
-               for line in vm.audit_log())
+    assert any(
+        line.startswith("kvm_mmu_audit: ") and line.endswith(" callbacks suppressed\n")
+        for line in vm.audit_log()
+    )
 
 
 def test_rate_limit_is_shared_by_the_vms_of_a_module():
-    params = mmud.Params({"mmu_audit": "1", "mmu_audit_ratelimit_ms": "100000", "mmu_audit_ratelimit_burst": "4"})
+    params = mmud.Params(
+        {"mmu_audit": "1", "mmu_audit_ratelimit_ms": "100000", "mmu_audit_ratelimit_burst": "4"}
+    )
     a = mmud.VM(mem_mb=64, seed=1, workload="kernel", params=params)
     b = mmud.VM(mem_mb=64, seed=2, workload="kernel", params=params)
     a.step(2000)
@@ -82,6 +90,7 @@ def test_inject_lists_bugs_with_the_armed_one_in_brackets():
 
 
 # --- each bug, and the check that catches it --------------------------------------------------
+
 
 def _setup(scope: str):
     vm = audited_vm(scope, mem_mb=64)
@@ -155,13 +164,21 @@ def trigger_write_in_harvest(vm, gt, vcpu):
 
 SCENARIOS = {
     "rmap_add_skipped": (trigger_fault, "post page fault", "no rmap for writable spte"),
-    "write_protect_skipped": (trigger_write_protect_skipped, "post page fault", "shadow page has writable mappings: gfn"),
+    "write_protect_skipped": (
+        trigger_write_protect_skipped,
+        "post page fault",
+        "shadow page has writable mappings: gfn",
+    ),
     "wrong_pfn": (trigger_fault, "post page fault", "levels 4 pfn "),
     "sync_skipped": (trigger_sync, "post sync", "after sync root."),
     "unsync_nonleaf": (trigger_upper_table_store, "post page fault", "unsync sp: "),
     "rmap_remove_skipped": (trigger_sync, "post sync", "which does not map it"),
     "pte_write_ignored": (trigger_upper_table_store, "post pte write", "for gpte"),
-    "parent_unlink_skipped": (trigger_upper_table_store, "post pte write", "which does not point at it"),
+    "parent_unlink_skipped": (
+        trigger_upper_table_store,
+        "post pte write",
+        "which does not point at it",
+    ),
     "dirty_wp_before_snapshot": (trigger_write_in_harvest, "pre page fault", "is clean but spte"),
     "dirty_wp_skipped": (trigger_dirty_harvest, "pre page fault", "is clean but spte"),
 }
@@ -182,7 +199,10 @@ def test_bug_is_reported_by_its_check(bug, scope):
     assert log, f"{bug}: nothing reported"
     first = log[0]
     assert first.startswith(f"audit: ({point}) error: "), (bug, first)
-    assert any(message in line for line in log if line.startswith(f"audit: ({point}) error: ")), (bug, log[:5])
+    assert any(message in line for line in log if line.startswith(f"audit: ({point}) error: ")), (
+        bug,
+        log[:5],
+    )
 
 
 @pytest.mark.parametrize("bug", list(SCENARIOS))

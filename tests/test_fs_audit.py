@@ -42,7 +42,7 @@ def test_echo_1_turns_the_audit_on_and_an_armed_bug_shows_in_audit_log(audited):
     assert echo(audited.path("vm0/inject"), "wrong_pfn").returncode == 0
     assert "[wrong_pfn]" in audited.read("vm0/inject")
     wait_for(lambda: "error: levels 4 pfn " in cat(audited.path("kvm/audit_log")), 10, "a report")
-    line = next(l for l in audited.read("kvm/audit_log").splitlines() if "levels 4 pfn" in l)
+    line = next(x for x in audited.read("kvm/audit_log").splitlines() if "levels 4 pfn" in x)
     assert line.startswith("audit: (post page fault) error: levels 4 pfn ") and line.endswith("n")
     assert stat_value(audited, "mmu_audit_errors") > 0
     assert echo(audited.path("vm0/inject"), "none").returncode == 0

@@ -15,7 +15,9 @@ EFER_NXE = 1 << 11
 AC = 1 << 18
 
 
-def setup(pte=P | W | U, pde=P | W | U, efer_nxe=True, cr0_wp=True, smep=False, smap=False, ac=False):
+def setup(
+    pte=P | W | U, pde=P | W | U, efer_nxe=True, cr0_wp=True, smep=False, smap=False, ac=False
+):
     vm, gt, vcpu = new_vm()
     pa = gt.map(VA, flags=pte, upper=P | W | U)
     pde_gpa = gt.entry_gpa(VA, 2)
@@ -38,15 +40,35 @@ CASES = [
     ("same with CR0.WP=0", dict(pde=P | U, cr0_wp=False), dict(write=True), None),
     ("user write, PTE supervisor", dict(pte=P | W), dict(write=True, user=True), 0x07),
     ("user fetch, PTE XD", dict(pte=P | W | U | NX), dict(fetch=True, user=True), 0x15),
-    ("user fetch, bit 63 with NXE=0", dict(pte=P | W | U | NX, efer_nxe=False), dict(fetch=True, user=True), 0x0D),
+    (
+        "user fetch, bit 63 with NXE=0",
+        dict(pte=P | W | U | NX, efer_nxe=False),
+        dict(fetch=True, user=True),
+        0x0D,
+    ),
     ("supervisor fetch from user page, SMEP", dict(smep=True), dict(fetch=True), 0x11),
-    ("supervisor fetch, PTE not present, NXE=0", dict(pte=0, efer_nxe=False), dict(fetch=True), 0x00),
+    (
+        "supervisor fetch, PTE not present, NXE=0",
+        dict(pte=0, efer_nxe=False),
+        dict(fetch=True),
+        0x00,
+    ),
     ("supervisor read of user page, SMAP AC=0", dict(smap=True), dict(), 0x01),
     ("supervisor read of user page, SMAP AC=1", dict(smap=True, ac=True), dict(), None),
-    ("supervisor write RO user page, SMAP AC=1 WP=0", dict(pte=P | U, smap=True, ac=True, cr0_wp=False), dict(write=True), None),
+    (
+        "supervisor write RO user page, SMAP AC=1 WP=0",
+        dict(pte=P | U, smap=True, ac=True, cr0_wp=False),
+        dict(write=True),
+        None,
+    ),
     ("user read of supervisor page", dict(pte=P | W), dict(user=True), 0x05),
     ("user write to read-only page", dict(pte=P | U), dict(write=True, user=True), 0x07),
-    ("user write to read-only page, WP=0", dict(pte=P | U, cr0_wp=False), dict(write=True, user=True), 0x07),
+    (
+        "user write to read-only page, WP=0",
+        dict(pte=P | U, cr0_wp=False),
+        dict(write=True, user=True),
+        0x07,
+    ),
     ("supervisor write to read-only page", dict(pte=P | U), dict(write=True), 0x03),
     ("supervisor fetch, XD in PDE", dict(pde=P | W | U | NX), dict(fetch=True), 0x11),
     ("supervisor fetch, SMEP off", dict(), dict(fetch=True), None),
@@ -54,7 +76,12 @@ CASES = [
     ("reserved bit 46 in PTE", dict(pte=P | W | U | (1 << 46)), dict(user=True), 0x0D),
     ("reserved bit 51 in PDE", dict(pde=P | W | U | (1 << 51)), dict(), 0x09),
     ("reserved bit 51 in non-present PDE", dict(pde=(1 << 51)), dict(), 0x00),
-    ("fetch, NXE=0 and SMEP=0, permission fault", dict(pte=P | W, efer_nxe=False), dict(fetch=True, user=True), 0x05),
+    (
+        "fetch, NXE=0 and SMEP=0, permission fault",
+        dict(pte=P | W, efer_nxe=False),
+        dict(fetch=True, user=True),
+        0x05,
+    ),
 ]
 
 

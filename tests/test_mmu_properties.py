@@ -12,19 +12,38 @@ from tests.guest_tables import NX, P, U, W, check_access, idx, new_vm
 
 # Two PTs under one PD, one PT under another PD in another PDPT.
 VAS = [
-    0x0000_0000_0040_0000, 0x0000_0000_0040_1000, 0x0000_0000_0040_7000, 0x0000_0000_005F_F000,
-    0x0000_0000_0060_0000, 0x0000_0000_0060_3000,
-    0x0000_0040_0020_0000, 0x0000_0040_0020_5000,
+    0x0000_0000_0040_0000,
+    0x0000_0000_0040_1000,
+    0x0000_0000_0040_7000,
+    0x0000_0000_005F_F000,
+    0x0000_0000_0060_0000,
+    0x0000_0000_0060_3000,
+    0x0000_0040_0020_0000,
+    0x0000_0040_0020_5000,
 ]
 ALIAS = 1 << 39  # PML4 slot +1 in address space B: the same PDPT, read-only
 FLAGS = [P | W | U, P | U, P | W, P, 0, P | W | U | NX, P | W | U | (1 << 49)]
-KINDS = [dict(), dict(write=True), dict(user=True), dict(write=True, user=True),
-         dict(fetch=True), dict(fetch=True, user=True)]
+KINDS = [
+    dict(),
+    dict(write=True),
+    dict(user=True),
+    dict(write=True, user=True),
+    dict(fetch=True),
+    dict(fetch=True, user=True),
+]
 
 ops = st.one_of(
-    st.tuples(st.just("pte"), st.integers(0, len(VAS) - 1), st.integers(0, 15), st.sampled_from(FLAGS)),
-    st.tuples(st.just("pde"), st.integers(0, len(VAS) - 1), st.sampled_from([P | W | U, P | U, P | W | U | NX])),
-    st.tuples(st.just("access"), st.integers(0, len(VAS) - 1), st.sampled_from(KINDS), st.booleans()),
+    st.tuples(
+        st.just("pte"), st.integers(0, len(VAS) - 1), st.integers(0, 15), st.sampled_from(FLAGS)
+    ),
+    st.tuples(
+        st.just("pde"),
+        st.integers(0, len(VAS) - 1),
+        st.sampled_from([P | W | U, P | U, P | W | U | NX]),
+    ),
+    st.tuples(
+        st.just("access"), st.integers(0, len(VAS) - 1), st.sampled_from(KINDS), st.booleans()
+    ),
     st.tuples(st.just("invlpg"), st.integers(0, len(VAS) - 1)),
     st.tuples(st.just("cr3"), st.integers(0, 1)),
     st.tuples(st.just("mode"), st.sampled_from(["wp", "nxe", "smep", "smap", "ac"])),
@@ -76,10 +95,20 @@ class World:
             pde = gt.entry_gpa(VAS[k], 2)
             old = vm.read_u64(pde)
             gt.guest_write_entry(vcpu, pde, (old & ~(P | W | U | NX)) | flags)
-            self.mark_stale({va for va in self.all_vas() if va >> 21 == VAS[k] >> 21 or (va - ALIAS) >> 21 == VAS[k] >> 21})
+            self.mark_stale(
+                {
+                    va
+                    for va in self.all_vas()
+                    if va >> 21 == VAS[k] >> 21 or (va - ALIAS) >> 21 == VAS[k] >> 21
+                }
+            )
         elif kind == "access":
             _, k, access_kind, alias = op
-            va = VAS[k] + (ALIAS if alias and vcpu.cr3 == self.pml4_b and idx(VAS[k], 4) == idx(VAS[0], 4) else 0)
+            va = VAS[k] + (
+                ALIAS
+                if alias and vcpu.cr3 == self.pml4_b and idx(VAS[k], 4) == idx(VAS[0], 4)
+                else 0
+            )
             if va in self.stale[vcpu.index]:
                 vcpu.access(va, **access_kind)
             else:
@@ -92,8 +121,13 @@ class World:
             vcpu.cr3 = self.cr3s[op[1]]
             self.stale[vcpu.index].clear()
         elif kind == "mode":
-            bit = {"wp": ("cr0", 1 << 16), "nxe": ("efer", 1 << 11), "smep": ("cr4", 1 << 20),
-                   "smap": ("cr4", 1 << 21), "ac": ("rflags", 1 << 18)}[op[1]]
+            bit = {
+                "wp": ("cr0", 1 << 16),
+                "nxe": ("efer", 1 << 11),
+                "smep": ("cr4", 1 << 20),
+                "smap": ("cr4", 1 << 21),
+                "ac": ("rflags", 1 << 18),
+            }[op[1]]
             setattr(vcpu, bit[0], getattr(vcpu, bit[0]) ^ bit[1])
         elif kind == "zap":
             vm.zap_all(fast=op[1])

@@ -102,7 +102,7 @@ def test_write_flooding_zaps_an_upper_level_shadow_page():
     vm, gt, vcpu, pa, pte = mapped_and_used()
     pde = gt.entry_gpa(VA, 2)
     other = (pde & ~0xFFF) + 8 * 100  # an unused PDE in the same table
-    for k in range(3):
+    for _ in range(3):
         gt.guest_write_entry(vcpu, other, 0)
     assert vm.stats["mmu_flooded"] == 1
     assert vm.audit() == []

@@ -74,10 +74,14 @@ class PageArrays:
         direct = np.fromiter((sp.direct for sp in sps), dtype=bool, count=n)
         base = np.fromiter((sp.gfn for sp in sps), dtype=np.uint64, count=n)
         shift = ((self.level - 1) * 9).astype(np.uint64)
-        self.gfns = np.where(direct[:, None], base[:, None] + (_IDX[None, :] << shift[:, None]), gfns)
+        self.gfns = np.where(
+            direct[:, None], base[:, None] + (_IDX[None, :] << shift[:, None]), gfns
+        )
         self.sptep = (index[:, None] << 9) | _IDX[None, :].astype(np.int64)
         self.present = (self.sptes & _PRESENT) != 0
-        self.leaf = self.present & ((self.level[:, None] == 1) | ((self.sptes & _U(PT_PAGE_SIZE_MASK)) != 0))
+        self.leaf = self.present & (
+            (self.level[:, None] == 1) | ((self.sptes & _U(PT_PAGE_SIZE_MASK)) != 0)
+        )
 
 
 class RmapIndex:
@@ -132,9 +136,16 @@ def inspect_sptes_have_rmap(rmaps: RmapIndex, pa: PageArrays, mask: np.ndarray) 
         if slot is None:
             for p in pos.tolist():
                 sp = pa.sps[int(rows[p])]
-                found.append((int(rows[p]), int(entries[p]), [
-                    f"no memslot for gfn {int(gfns[p]):x}\n",
-                    f"index {int(entries[p])} of sp (gfn={sp.gfn:x})\n"]))
+                found.append(
+                    (
+                        int(rows[p]),
+                        int(entries[p]),
+                        [
+                            f"no memslot for gfn {int(gfns[p]):x}\n",
+                            f"index {int(entries[p])} of sp (gfn={sp.gfn:x})\n",
+                        ],
+                    )
+                )
             continue
         for p in pos[~rmaps.has_rmap(slot, gfns[pos])].tolist():
             spte = int(pa.sptes[rows[p], entries[p]])
@@ -199,8 +210,12 @@ def walk_checks(
         got = pa.sptes[rows[pos], entries[pos]]
         for k in np.flatnonzero((got & _ADDR) != want).tolist():
             pfn = int(want[k]) >> PAGE_SHIFT
-            _add(check1, int(rows[pos[k]]), int(entries[pos[k]]),
-                 f"levels {root_level} pfn {pfn:x} hpa {pfn << PAGE_SHIFT:x} ent {int(got[k]):x}n")
+            _add(
+                check1,
+                int(rows[pos[k]]),
+                int(entries[pos[k]]),
+                f"levels {root_level} pfn {pfn:x} hpa {pfn << PAGE_SHIFT:x} ent {int(got[k]):x}n",
+            )
     post_sync = point == "post sync"
     out: list[str] = []
     for row, sp in enumerate(pa.sps):
@@ -267,6 +282,7 @@ def reachable_pages(mmu: KvmMmu, root: ShadowPage) -> list[ShadowPage]:
 
 # --- extended checks -------------------------------------------------------------------------
 
+
 def _rmap_arrays(mmu: KvmMmu, gfns: Iterable[int] | None) -> tuple[np.ndarray, np.ndarray]:
     """(sptep, gfn) of every level-1 rmap entry of gfns (None: all), as int64 arrays."""
     sptes: list[np.ndarray] = []
@@ -277,7 +293,9 @@ def _rmap_arrays(mmu: KvmMmu, gfns: Iterable[int] | None) -> tuple[np.ndarray, n
         if not part:
             continue
         counts = np.fromiter(map(len, part.values()), dtype=np.int64, count=len(part))
-        sptes.append(np.fromiter(chain.from_iterable(part.values()), dtype=np.int64, count=int(counts.sum())))
+        sptes.append(
+            np.fromiter(chain.from_iterable(part.values()), dtype=np.int64, count=int(counts.sum()))
+        )
         keys.append(np.repeat(np.fromiter(part.keys(), dtype=np.int64, count=len(part)), counts))
     if not sptes:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
@@ -328,7 +346,9 @@ def check_rmap_exact(mmu: KvmMmu, pa: PageArrays, gfns: set[int] | None) -> list
     for k in np.flatnonzero(~found).tolist():
         sptep, gfn = int(leaf_sptep[k]), int(leaf_gfn[k])
         sp, i = pages[sptep >> 9], sptep & 0x1FF
-        out.append(f"spte {sp.spt[i]:x} (sp {sp_address(sp)} index {i} gfn {gfn:x}) is not in its rmap\n")
+        out.append(
+            f"spte {sp.spt[i]:x} (sp {sp_address(sp)} index {i} gfn {gfn:x}) is not in its rmap\n"
+        )
     if gfns is not None:
         r_sptep, r_gfn = _rmap_arrays(mmu, gfns)
     bad = _live_leaf_gfns(mmu, r_sptep) != r_gfn
@@ -336,7 +356,8 @@ def check_rmap_exact(mmu: KvmMmu, pa: PageArrays, gfns: set[int] | None) -> list
         sptep, gfn = int(r_sptep[k]), int(r_gfn[k])
         sp, i = pages[sptep >> 9], sptep & 0x1FF
         out.append(
-            f"rmap of gfn {gfn:x} holds sp {sp_address(sp)} index {i} spte {sp.spt[i]:x}, which does not map it\n"
+            f"rmap of gfn {gfn:x} holds sp {sp_address(sp)} index {i} spte {sp.spt[i]:x}, "
+            "which does not map it\n"
         )
     return out
 
@@ -347,27 +368,33 @@ def check_parent_links(mmu: KvmMmu, sps: Iterable[ShadowPage]) -> list[str]:
     for sp in sps:
         if sp.unsync_children != sp.unsync_child_bitmap.bit_count():
             out.append(
-                f"sp {sp_address(sp)} unsync_children {sp.unsync_children} but {sp.unsync_child_bitmap.bit_count()} bits\n"
+                f"sp {sp_address(sp)} unsync_children {sp.unsync_children} "
+                f"but {sp.unsync_child_bitmap.bit_count()} bits\n"
             )
         for sptep in sp.parent_ptes:
             parent, i = pages[sptep >> 9], sptep & 0x1FF
             spte = parent.spt[i]
             if not spte & S.SPTE_MMU_PRESENT or S.spte_child_index(spte) != sp.index:
                 out.append(
-                    f"sp {sp_address(sp)} lists parent {sp_address(parent)} index {i}, which does not point at it\n"
+                    f"sp {sp_address(sp)} lists parent {sp_address(parent)} index {i}, "
+                    "which does not point at it\n"
                 )
             elif (sp.unsync or sp.unsync_children) and not parent.unsync_child_bitmap >> i & 1:
                 out.append(
-                    f"sp {sp_address(sp)} is unsync below {sp_address(parent)} index {i} but the bit is clear\n"
+                    f"sp {sp_address(sp)} is unsync below {sp_address(parent)} index {i} "
+                    "but the bit is clear\n"
                 )
         if sp.level == 1:
             continue
         row = sp.sptes
-        for i in np.flatnonzero(((row & _PRESENT) != 0) & ((row & _U(PT_PAGE_SIZE_MASK)) == 0)).tolist():
+        for i in np.flatnonzero(
+            ((row & _PRESENT) != 0) & ((row & _U(PT_PAGE_SIZE_MASK)) == 0)
+        ).tolist():
             child = mmu.child_of(sp.spt[i])
             if (sp.index << 9 | i) not in child.parent_ptes:
                 out.append(
-                    f"sp {sp_address(sp)} index {i} points at {sp_address(child)}, which does not list it as parent\n"
+                    f"sp {sp_address(sp)} index {i} points at {sp_address(child)}, "
+                    "which does not list it as parent\n"
                 )
     return out
 
@@ -377,7 +404,7 @@ def _guest_table(mmu: KvmMmu, gfn: int) -> np.ndarray | None:
     if slot is None:
         return None
     start = (gfn - slot.base_gfn) * 512
-    return slot.backing.array[start:start + 512]
+    return slot.backing.array[start : start + 512]
 
 
 def _gpte_access(gptes: np.ndarray, nxe: bool) -> np.ndarray:
@@ -392,7 +419,9 @@ def _spte_access(sptes: np.ndarray) -> np.ndarray:
     return access | np.where((sptes & _U(PT64_NX_MASK)) != 0, _U(0), _U(ACC_EXEC_MASK))
 
 
-def check_translation(mmu: KvmMmu, sps: Iterable[ShadowPage], skip_gfn: int | None = None) -> list[str]:
+def check_translation(
+    mmu: KvmMmu, sps: Iterable[ShadowPage], skip_gfn: int | None = None
+) -> list[str]:
     """Synced indirect pages mirror the guest's current tables (stale = a missed write).
 
     skip_gfn: a table the guest has just written and the MMU is about to update (the
@@ -472,7 +501,9 @@ def check_write_tracking(mmu: KvmMmu, sps: Iterable[ShadowPage]) -> list[str]:
     for sp in sps:
         if sp.level > 1 and not sp.direct and not mmu.is_obsolete_sp(sp):
             if not mmu.page_track_is_active(sp.gfn) and mmu.memslots.lookup(sp.gfn) is not None:
-                out.append(f"upper-level table gfn {sp.gfn:x} (sp {sp_address(sp)}) is not write-tracked\n")
+                out.append(
+                    f"upper-level table gfn {sp.gfn:x} (sp {sp_address(sp)}) is not write-tracked\n"
+                )
     return out
 
 
@@ -494,8 +525,10 @@ def check_dirty_log(mmu: KvmMmu, gfns: set[int] | None) -> list[str]:
             for sptep in slot.rmap[gfn]:
                 spte = pages[sptep >> 9].spt[sptep & 511]
                 if spte & PT_WRITABLE_MASK:
-                    out.append(f"dirty log: gfn {gfn:x} of slot {slot.id} is clean but spte "
-                               f"{spte:x} is writable\n")
+                    out.append(
+                        f"dirty log: gfn {gfn:x} of slot {slot.id} is clean but spte "
+                        f"{spte:x} is writable\n"
+                    )
     return out
 
 

@@ -22,26 +22,56 @@ class Bug:
 
 
 BUGS: tuple[Bug, ...] = (
-    Bug("rmap_add_skipped", "mmu_set_spte() installs a leaf spte without rmap_add()",
-        "audit_sptes_have_rmaps / check_mappings_rmap (no rmap for writable spte); rmap_exact"),
-    Bug("write_protect_skipped", "kvm_mmu_get_page() does not write-protect a new level-1 table's gfn",
-        "audit_write_protection (shadow page has writable mappings)"),
-    Bug("wrong_pfn", "mmu_set_spte() maps the neighbouring host frame",
-        "audit_mappings (levels … pfn … hpa … ent …n)"),
-    Bug("sync_skipped", "mmu_sync_children() returns without syncing the unsync pages",
-        "audit_spte_after_sync (meet unsync sp(…) after sync root.)"),
-    Bug("unsync_nonleaf", "mmu_need_write_protect() ignores write tracking and unsyncs an upper-level table",
-        "audit_mappings (unsync sp: … level = …)"),
-    Bug("rmap_remove_skipped", "drop_spte() clears the spte but leaves it in the rmap",
-        "rmap_exact (rmap of gfn … holds …, which does not map it)"),
-    Bug("pte_write_ignored", "kvm_mmu_pte_write() leaves the written sptes as they were",
-        "translation (spte … does not match gpte …)"),
-    Bug("parent_unlink_skipped", "drop_parent_pte() clears the spte but leaves the parent link",
-        "parent_links (sp … lists parent … which does not point at it)"),
-    Bug("dirty_wp_before_snapshot", "a dirty-log harvest write-protects the dirty pages before it takes the bitmap",
-        "dirty_log (dirty log: gfn … is clean but spte … is writable)"),
-    Bug("dirty_wp_skipped", "a dirty-log harvest clears the bitmap without write-protecting the pages",
-        "dirty_log (dirty log: gfn … is clean but spte … is writable)"),
+    Bug(
+        "rmap_add_skipped",
+        "mmu_set_spte() installs a leaf spte without rmap_add()",
+        "audit_sptes_have_rmaps / check_mappings_rmap (no rmap for writable spte); rmap_exact",
+    ),
+    Bug(
+        "write_protect_skipped",
+        "kvm_mmu_get_page() does not write-protect a new level-1 table's gfn",
+        "audit_write_protection (shadow page has writable mappings)",
+    ),
+    Bug(
+        "wrong_pfn",
+        "mmu_set_spte() maps the neighbouring host frame",
+        "audit_mappings (levels … pfn … hpa … ent …n)",
+    ),
+    Bug(
+        "sync_skipped",
+        "mmu_sync_children() returns without syncing the unsync pages",
+        "audit_spte_after_sync (meet unsync sp(…) after sync root.)",
+    ),
+    Bug(
+        "unsync_nonleaf",
+        "mmu_need_write_protect() ignores write tracking and unsyncs an upper-level table",
+        "audit_mappings (unsync sp: … level = …)",
+    ),
+    Bug(
+        "rmap_remove_skipped",
+        "drop_spte() clears the spte but leaves it in the rmap",
+        "rmap_exact (rmap of gfn … holds …, which does not map it)",
+    ),
+    Bug(
+        "pte_write_ignored",
+        "kvm_mmu_pte_write() leaves the written sptes as they were",
+        "translation (spte … does not match gpte …)",
+    ),
+    Bug(
+        "parent_unlink_skipped",
+        "drop_parent_pte() clears the spte but leaves the parent link",
+        "parent_links (sp … lists parent … which does not point at it)",
+    ),
+    Bug(
+        "dirty_wp_before_snapshot",
+        "a dirty-log harvest write-protects the dirty pages before it takes the bitmap",
+        "dirty_log (dirty log: gfn … is clean but spte … is writable)",
+    ),
+    Bug(
+        "dirty_wp_skipped",
+        "a dirty-log harvest clears the bitmap without write-protecting the pages",
+        "dirty_log (dirty log: gfn … is clean but spte … is writable)",
+    ),
 )
 BUG_BY_NAME: dict[str, Bug] = {b.name: b for b in BUGS}
 
