@@ -12,8 +12,9 @@ shadow tree from its root gets checks 3, 1 and 4 — plus mmud's extended checks
 sees a bug long after it happened): the MMU records which shadow pages and gfns it touched
 since the last run (`AuditTrack`), and a run checks only those, their rmaps, parents and
 children. That is cheap enough to run at every point, and catches a bug at the post point of
-the very operation that ran it. What is touched outside audited operations (INVLPG, zap-all,
-root loads) is checked at the next run, so nothing escapes.
+the very operation that ran it. Pre points do nothing in this scope: each opens the operation
+its post point checks. What is touched outside audited operations (INVLPG, zap-all, root
+loads) is checked at the next run, so nothing escapes.
 
 Time is the VM's simulated clock (`Kvm.clock_ns`), so the rate limiter, like the rest of
 the simulation, gives the same run for the same seed.
@@ -47,6 +48,7 @@ AUDIT_POINTS = (
     AUDIT_PRE_PAGE_FAULT, AUDIT_POST_PAGE_FAULT, AUDIT_PRE_PTE_WRITE,
     AUDIT_POST_PTE_WRITE, AUDIT_PRE_SYNC, AUDIT_POST_SYNC,
 )
+_PRE_POINTS = frozenset((AUDIT_PRE_PAGE_FAULT, AUDIT_PRE_PTE_WRITE, AUDIT_PRE_SYNC))
 AUDIT_LOG_LINES = 4096  # kvm/audit_log keeps the newest lines
 RMAP_REPORT_INTERVAL_MS = 5000  # inspect_spte_has_rmap's own limiter, fixed in the kernel
 RMAP_REPORT_BURST = 10
@@ -181,6 +183,8 @@ def kvm_mmu_audit(mmu: KvmMmu, vcpu: Vcpu | None, point: str, written_gfn: int |
 
     written_gfn: at `pre pte write`, the table the guest has just written.
     """
+    if mmu.audit_track is not None and point in _PRE_POINTS:
+        return []  # incremental: a pre point opens the operation its post point checks
     state = module_audit(mmu.params)
     now = mmu.clock_ns()
     notes: list[str] = []
@@ -198,8 +202,6 @@ def kvm_mmu_audit(mmu: KvmMmu, vcpu: Vcpu | None, point: str, written_gfn: int |
         pages = list(reversed(mmu.active_mmu_pages))
         tree = [sp for v in vcpus if v.root is not None for sp in C.reachable_pages(mmu, v.root)]
         gfns = None
-    elif not track.sps and not track.gfns and point != AUDIT_POST_SYNC:
-        return []  # nothing changed since the last run: nothing to check
     else:
         if point == AUDIT_POST_SYNC:
             # What the sync was to cover: the root's unsync paths, whether touched or not.
