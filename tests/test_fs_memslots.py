@@ -66,10 +66,11 @@ def test_add_move_flags_delete_update_the_table_and_the_generation(daemon):
     "add 9 0x 0x1000", "add -1 0 0x1000", "Add 9 0 0x1000", "move 0", "flags 0",
     "flags 0 log_dirty", "flags 0 log_dirty=2", "delete", "delete 0 0", "delete 0\n\n",
     "delete 0\ndelete 0\n", " delete 0", "zap 0",
-    # well formed, refused by KVM: unaligned, too big, a slot number past 508, no such slot
+    # well formed, refused by KVM: unaligned, too big, past the end of the address space,
+    # a slot number past 508, no such slot
     f"add 9 {GPA + 1:#x} 0x1000", f"add 9 {GPA:#x} 0x1001", f"add 9 {GPA:#x} 0x200000000",
-    f"add 509 {GPA:#x} 0x1000", "delete 9", f"move 9 {GPA:#x}", "flags 9 log_dirty=1",
-    "move 0 0x1001",
+    "add 9 0xfffffffffffff000 0x2000", f"add 509 {GPA:#x} 0x1000", "delete 9",
+    f"move 9 {GPA:#x}", "flags 9 log_dirty=1", "move 0 0x1001",
 ])
 def test_bad_lines_fail_with_einval_and_change_nothing(daemon, line):
     before = daemon.read("vm0/memslots")

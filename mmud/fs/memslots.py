@@ -15,9 +15,14 @@ from mmud.daemon.protocol import Snapshot
 from mmud.fs.nodes import Backend, RequestFile, choice_file
 from mmud.kvm.params import ParamError, kstrtoull
 
-# Action -> the number of numeric words after it (add may end with the word log_dirty).
-MEMSLOT_ACTIONS = {"add": 3, "move": 2, "flags": 1, "delete": 1}
-LOG_DIRTY_WORDS = {"log_dirty=0": False, "log_dirty=1": True}
+# Action -> (how many numbers follow it, the words that may end the line -> log_dirty,
+# whether one of those words must end it).
+MEMSLOT_ACTIONS: dict[str, tuple[int, dict[str, bool], bool]] = {
+    "add": (3, {"log_dirty": True}, False),
+    "move": (2, {}, False),
+    "flags": (1, {"log_dirty=0": False, "log_dirty=1": True}, True),
+    "delete": (1, {}, False),
+}
 ZAP_KINDS = ("fast", "slow")
 
 
@@ -41,14 +46,12 @@ def parse_memslot_line(data: bytes) -> dict[str, Any]:
     action, args = words[0], words[1:]
     if "\n" in line or action not in MEMSLOT_ACTIONS:
         raise OSError(errno.EINVAL, f"expected one of {', '.join(MEMSLOT_ACTIONS)}")
-    count = MEMSLOT_ACTIONS[action]
+    count, flag_words, flag_required = MEMSLOT_ACTIONS[action]
     log_dirty: bool | None = None
-    if action == "add" and len(args) == count + 1 and args[-1] == "log_dirty":
-        args, log_dirty = args[:-1], True
-    elif action == "flags" and len(args) == count + 1 and args[-1] in LOG_DIRTY_WORDS:
-        args, log_dirty = args[:-1], LOG_DIRTY_WORDS[args[-1]]
-    elif action == "flags":
-        raise OSError(errno.EINVAL, "flags ID log_dirty=0|1")
+    if args and args[-1] in flag_words:
+        log_dirty = flag_words[args.pop()]
+    elif flag_required:
+        raise OSError(errno.EINVAL, f"{action} ends with one of {', '.join(flag_words)}")
     if len(args) != count:
         raise OSError(errno.EINVAL, f"{action} takes {count} numbers")
     slot, gpa, size = [*map(_number, args), None, None][:3]

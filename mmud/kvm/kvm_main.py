@@ -70,6 +70,8 @@ def kvm_set_memory_region(kvm: Kvm, slot_id: int, gpa: int, size: int, flags: in
         raise KvmError(errno.EINVAL, f"slot {slot_id} out of range")
     if gpa < 0 or size < 0 or gpa & (PAGE_SIZE - 1) or size & (PAGE_SIZE - 1):
         raise KvmError(errno.EINVAL, "gpa and size must be page aligned")
+    if gpa + size > 1 << 64:  # the kernel's u64 wrap check
+        raise KvmError(errno.EINVAL, "the range wraps around the address space")
     npages = size >> PAGE_SHIFT
     if npages > MAX_SLOT_PAGES:
         raise KvmError(errno.EINVAL, "slot larger than 4 GiB")

@@ -166,8 +166,9 @@ def kvm_mmu_unprotect_page(mmu: KvmMmu, gfn: int) -> bool:
 class ZapRun:
     """One zap of every shadow page, as the MMU lock saw it.
 
-    `holds()` runs the zap: each item it yields is a lock break (cond_resched_lock), where
-    whoever drives the zap lets the vCPUs run. The figures are host time with the lock held:
+    `hold()` runs the zap up to its next lock break (cond_resched_lock), where whoever
+    drives the zap lets the vCPUs run. The figures are the simulating thread's CPU time with
+    the lock held, so that other processes taking the host's CPUs do not show as stalls:
     `max_hold_ns` is the longest stretch without a break, i.e. the longest any vCPU waiting
     for the MMU lock stalls.
     """
@@ -185,12 +186,12 @@ class ZapRun:
         """Run up to the next lock break; False once the zap is complete."""
         if self.done:
             return False
-        t0 = time.perf_counter_ns()
+        t0 = time.thread_time_ns()
         try:
             next(self._holds)
         except StopIteration:
             self.done = True
-        held = time.perf_counter_ns() - t0
+        held = time.thread_time_ns() - t0
         self.hold_ns += held
         self.max_hold_ns = max(self.max_hold_ns, held)
         self.breaks += not self.done
