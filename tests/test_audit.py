@@ -192,6 +192,10 @@ def test_every_bug_has_a_scenario():
 @pytest.mark.parametrize("bug", list(SCENARIOS))
 def test_bug_is_reported_by_its_check(bug, scope):
     trigger, point, message = SCENARIOS[bug]
+    if scope == "incremental" and point.startswith("pre "):
+        # The bug ran outside an audited operation (a harvest); the incremental audit,
+        # which runs at post points only, reports it at the next one.
+        point = point.replace("pre ", "post ", 1)
     vm, gt, vcpu = _setup(scope)
     vm.inject(bug)
     trigger(vm, gt, vcpu)
