@@ -62,21 +62,15 @@ class PageArrays:
     def __init__(self, mmu: KvmMmu, sps: list[ShadowPage]) -> None:
         n = len(sps)
         self.sps = sps
-        index = np.fromiter((sp.index for sp in sps), dtype=np.int64, count=n)
-        self.sptes = np.empty((n, 512), dtype=np.uint64)
-        gfns = np.empty((n, 512), dtype=np.uint64)
-        chunk, row = np.divmod(index, CHUNK_PAGES)
-        for k in np.unique(chunk).tolist():
-            sel = chunk == k
-            self.sptes[sel] = mmu.pool.spt_chunks[k][row[sel]]
-            gfns[sel] = mmu.pool.gfn_chunks[k][row[sel]]
-        self.level = np.fromiter((sp.level for sp in sps), dtype=np.int64, count=n)
-        direct = np.fromiter((sp.direct for sp in sps), dtype=bool, count=n)
-        base = np.fromiter((sp.gfn for sp in sps), dtype=np.uint64, count=n)
+        empty = np.zeros((0, 512), dtype=np.uint64)
+        self.sptes = np.stack([sp.sptes for sp in sps]) if n else empty
+        gfns = np.stack([sp._gfns_np for sp in sps]) if n else empty
+        self.level = np.array([sp.level for sp in sps], dtype=np.int64)
+        direct = np.array([sp.direct for sp in sps], dtype=bool)
+        base = np.array([sp.gfn for sp in sps], dtype=np.uint64)
+        index = np.array([sp.index for sp in sps], dtype=np.int64)
         shift = ((self.level - 1) * 9).astype(np.uint64)
-        self.gfns = np.where(
-            direct[:, None], base[:, None] + (_IDX[None, :] << shift[:, None]), gfns
-        )
+        self.gfns = np.where(direct[:, None], base[:, None] + (_IDX[None, :] << shift[:, None]), gfns)
         self.sptep = (index[:, None] << 9) | _IDX[None, :].astype(np.int64)
         self.present = (self.sptes & _PRESENT) != 0
         self.leaf = self.present & (
