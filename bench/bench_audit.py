@@ -31,6 +31,7 @@ from pathlib import Path
 import mmud
 from bench._common import figure, interleaved, median
 from mmud.kvm.mmu.bugs import BUGS
+from mmud.sched import TaskFailed
 
 REPO = Path(__file__).resolve().parent.parent
 DIRECT_VA = 0xFFFF888000000000
@@ -147,14 +148,18 @@ def detection(quick: bool) -> None:
             exits = vm.stats["exits"]
             vm.inject(bug.name)
             steps, deadline = 0, time.monotonic() + budget_s
-            while (not vm.stats["mmu_audit_errors"] and steps < budget_steps
-                   and time.monotonic() < deadline):
-                steps += vm.step(10)
-                if harvest and steps % 200 == 0:
-                    vm.get_dirty_log(0)
-            ops = vm.stats["exits"] - exits
-            unit = "ops" if vm.stats["mmu_audit_errors"] else "ops (>, not reported)"
-            figure(f"detect_ops[{bug.name},{mode}]", ops, unit)
+            unit = "ops (>, not reported)"
+            try:
+                while (not vm.stats["mmu_audit_errors"] and steps < budget_steps
+                       and time.monotonic() < deadline):
+                    steps += vm.step(10)
+                    if harvest and steps % 200 == 0:
+                        vm.get_dirty_log(0)
+            except TaskFailed:  # the bug broke the guest kernel before anything reported it
+                unit = "ops (>, the guest crashed first)"
+            if vm.stats["mmu_audit_errors"]:
+                unit = "ops"
+            figure(f"detect_ops[{bug.name},{mode}]", vm.stats["exits"] - exits, unit)
 
 
 def run(quick: bool = False) -> None:
