@@ -167,16 +167,22 @@ class Vcpu:
         roots.kvm_mmu_unload(self.kvm_mmu, self)
         self._update_mode()
 
+    def _set_mode_register(self, name: str, value: int, reset_on: int) -> None:
+        """A CR0/CR4/EFER write: an exit, and a context reset if a paging-mode bit changed
+        (kvm_set_cr0/kvm_set_cr4/set_efer)."""
+        old = getattr(self, name)
+        setattr(self, name, value)
+        self.stat["exits"] += 1
+        if (old ^ value) & reset_on:
+            self.kvm_mmu_reset_context()
+
     @property
     def cr0(self) -> int:
         return self._cr0
 
     @cr0.setter
     def cr0(self, value: int) -> None:
-        old, self._cr0 = self._cr0, value
-        self.stat["exits"] += 1
-        if (old ^ value) & (CR0_PG | CR0_WP):
-            self.kvm_mmu_reset_context()
+        self._set_mode_register("_cr0", value, CR0_PG | CR0_WP)
 
     @property
     def cr4(self) -> int:
@@ -184,10 +190,7 @@ class Vcpu:
 
     @cr4.setter
     def cr4(self, value: int) -> None:
-        old, self._cr4 = self._cr4, value
-        self.stat["exits"] += 1
-        if (old ^ value) & (CR4_PGE | CR4_PAE | CR4_SMEP | CR4_SMAP | CR4_PKE):
-            self.kvm_mmu_reset_context()
+        self._set_mode_register("_cr4", value, CR4_PGE | CR4_PAE | CR4_SMEP | CR4_SMAP | CR4_PKE)
 
     @property
     def efer(self) -> int:
@@ -195,10 +198,7 @@ class Vcpu:
 
     @efer.setter
     def efer(self, value: int) -> None:
-        old, self._efer = self._efer, value
-        self.stat["exits"] += 1
-        if (old ^ value) & EFER_NXE:
-            self.kvm_mmu_reset_context()
+        self._set_mode_register("_efer", value, EFER_NXE)
 
     @property
     def rflags(self) -> int:
