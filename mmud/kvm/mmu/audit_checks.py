@@ -55,6 +55,9 @@ _ADDR = _U(S.SPTE_BASE_ADDR_MASK)
 _IDX = np.arange(512, dtype=np.uint64)
 
 
+Messages = dict[int, list[tuple[int, str]]]  # page row -> (entry, message) in the order found
+
+
 class PageArrays:
     """The sptes of a list of shadow pages as 2-D arrays (a row per page), gathered once per
     run, so that every check is a few numpy operations over all pages at once."""
@@ -76,6 +79,13 @@ class PageArrays:
         self.leaf = self.present & (
             (self.level[:, None] == 1) | ((self.sptes & _U(PT_PAGE_SIZE_MASK)) != 0)
         )
+        self._rmap_reports: Messages | None = None
+
+    def rmap_reports(self, rmaps: RmapIndex) -> Messages:
+        """Check 2 over every present leaf, computed once (checks 3 and 5 both need it)."""
+        if self._rmap_reports is None:
+            self._rmap_reports = inspect_sptes_have_rmap(rmaps, self, self.leaf)
+        return self._rmap_reports
 
 
 class RmapIndex:
@@ -114,7 +124,6 @@ def _slot_split(mmu: KvmMmu, gfns: np.ndarray) -> Iterable[tuple[Memslot | None,
         yield None, np.flatnonzero(remaining)
 
 
-Messages = dict[int, list[tuple[int, str]]]  # page row -> (entry, message) in the order found
 
 
 def _add(msgs: Messages, row: int, entry: int, text: str) -> None:
@@ -153,10 +162,11 @@ def inspect_sptes_have_rmap(rmaps: RmapIndex, pa: PageArrays, mask: np.ndarray) 
 
 def active_page_checks(mmu: KvmMmu, rmaps: RmapIndex, pa: PageArrays) -> list[str]:
     """Checks 5 (check_mappings_rmap) and 6 (audit_write_protection), page by page."""
-    check5 = inspect_sptes_have_rmap(rmaps, pa, pa.present & (pa.level[:, None] == 1))
+    check2 = pa.rmap_reports(rmaps)  # at level 1 every present spte is a leaf
     out: list[str] = []
     for row, sp in enumerate(pa.sps):
-        out += [text for _, text in check5.get(row, ())]
+        if sp.level == 1:
+            out += [text for _, text in check2.get(row, ())]
         out += audit_write_protection(mmu, sp)
     return out
 
@@ -193,7 +203,7 @@ def walk_checks(
     (entry order within each). Check 4 applies to the pages the sync just walked: `synced`,
     or every page if None.
     """
-    check3 = inspect_sptes_have_rmap(rmaps, pa, pa.leaf)
+    check3 = pa.rmap_reports(rmaps)
     check1: Messages = {}
     rows, entries = np.nonzero(pa.leaf)
     gfns = pa.gfns[rows, entries]
@@ -344,7 +354,8 @@ def check_rmap_exact(mmu: KvmMmu, pa: PageArrays, gfns: set[int] | None) -> list
             f"spte {sp.spt[i]:x} (sp {sp_address(sp)} index {i} gfn {gfn:x}) is not in its rmap\n"
         )
     if gfns is not None:
-        r_sptep, r_gfn = _rmap_arrays(mmu, gfns)
+        keep = np.isin(r_gfn, np.fromiter(gfns, dtype=np.int64, count=len(gfns)))
+        r_sptep, r_gfn = r_sptep[keep], r_gfn[keep]
     bad = _live_leaf_gfns(mmu, r_sptep) != r_gfn
     for k in np.flatnonzero(bad).tolist():
         sptep, gfn = int(r_sptep[k]), int(r_gfn[k])
