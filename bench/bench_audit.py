@@ -6,7 +6,8 @@ process, variants alternating round by round (median of the rounds):
   points removed (every line marked `# audit point` deleted from a copy of the source).
 - `audit_full_ratio[<mem>]`: full audit at every point (rate limit 0) relative to off, for a
   guest whose RAM has first been touched through the guest kernel's direct map, so the
-  shadow MMU holds a page per 4 KiB of RAM — the size the audit must walk.
+  shadow MMU holds a page per 4 KiB of RAM — the size the audit must walk. Measured in one
+  process: a segment with the audit on (ten runs) between two equal segments off.
 - `audit_ratelimited_ratio`: full audit with the default limit (10 runs per 5 s) relative to off.
 - `audit_incremental_ratio`: incremental audit at every point relative to off.
 - `audit_full_sptes_per_s`: one full audit over a faulted 1 GiB guest, sptes checked
@@ -52,11 +53,6 @@ sys.path.insert(0, sys.argv[1])
 import mmud
 cfg = json.loads(sys.argv[2])
 vm = mmud.VM(mem_mb=cfg["mem_mb"], seed=7, workload="kernel", params=cfg["params"])
-if cfg["touch"]:
-    v = vm.vcpus[0]
-    vm.step(200)
-    for gpa in range(0, vm.mem_bytes, 4096):
-        v.read_u64(0xFFFF888000000000 + gpa)
 vm.step(300)
 t = time.perf_counter()
 vm.step(cfg["steps"])
@@ -73,10 +69,8 @@ def stripped_package(dest: Path) -> Path:
     return dest
 
 
-def steps_per_s(
-    root: Path, params: dict[str, str], steps: int, mem_mb: int = 64, touch: bool = False
-) -> float:
-    cfg = json.dumps({"params": params, "steps": steps, "mem_mb": mem_mb, "touch": touch})
+def steps_per_s(root: Path, params: dict[str, str], steps: int, mem_mb: int = 64) -> float:
+    cfg = json.dumps({"params": params, "steps": steps, "mem_mb": mem_mb})
     out = subprocess.run(
         [sys.executable, "-c", _CHILD, str(root), cfg], capture_output=True, text=True, check=True
     )
@@ -106,27 +100,46 @@ def throughput(quick: bool) -> None:
     figure("audit_incremental_ratio", _ratio(samples, "incremental", "off"), "ratio")
     sizes = ((64, "64M"),) if quick else ((64, "64M"), (256, "256M"), (1024, "1G"))
     for mem_mb, label in sizes:
-        # A full audit at every point is slow enough (the kernel list said the guest
-        # "mostly hangs") that a few dozen steps give a clear ratio, in one round.
-        full_steps = 5 if quick else 20
-        pair = interleaved(
-            {
-                "full": lambda n=full_steps, m=mem_mb: [
-                    steps_per_s(REPO, MODES["every"], n, m, touch=True)
-                ],
-                "off": lambda n=full_steps, m=mem_mb: [steps_per_s(REPO, {}, n, m, touch=True)],
-            },
-            1,
-        )
-        figure(f"audit_full_ratio[{label}]", _ratio(pair, "full", "off"), "ratio")
+        figure(f"audit_full_ratio[{label}]", full_ratio(mem_mb, 3 if quick else 10), "ratio")
 
 
-def full_audit_speed(quick: bool) -> None:
-    vm = mmud.VM(mem_mb=64 if quick else 1024, seed=7, workload="kernel")
+def touched_vm(mem_mb: int) -> mmud.VM:
+    """A kernel-workload VM whose RAM was read once through the guest's direct map, so the
+    shadow MMU holds a page per 4 KiB of RAM: the size a full audit must walk."""
+    vm = mmud.VM(mem_mb=mem_mb, seed=7, workload="kernel")
     vm.step(200)
     vcpu = vm.vcpus[0]
     for gpa in range(0, vm.mem_bytes, 4096):
         vcpu.read_u64(DIRECT_VA + gpa)
+    return vm
+
+
+def full_ratio(mem_mb: int, runs: int) -> float:
+    """Steps/s with the full audit at every point over steps/s with it off, on one VM:
+    a segment with the audit on (until `runs` audit runs) between two equal segments off."""
+    vm = touched_vm(mem_mb)
+    vm.params["mmu_audit_ratelimit_ms"] = "0"
+
+    def segment(steps: int | None) -> tuple[int, float]:
+        t0, n = time.perf_counter(), 0
+        if steps is None:
+            start = vm.stats["mmu_audit_runs"]
+            while vm.stats["mmu_audit_runs"] - start < runs:
+                n += vm.step(1)
+        else:
+            n = vm.step(steps)
+        return n, time.perf_counter() - t0
+
+    vm.params["mmu_audit"] = "1"
+    n, t_full = segment(None)
+    vm.params["mmu_audit"] = "0"
+    _, t_off1 = segment(n)
+    _, t_off2 = segment(n)
+    return ((t_off1 + t_off2) / 2) / t_full
+
+
+def full_audit_speed(quick: bool) -> None:
+    vm = touched_vm(64 if quick else 1024)
     pages = len(vm.mmu.active_mmu_pages)
     times = []
     for _ in range(3):
