@@ -9,6 +9,9 @@
 - `hit_vs_fault_cost_ratio`: cost of an access that hits existing sptes (TLB flushed, so
   the shadow tables are walked) over the cost of one that takes a shadow fault, measured
   side by side in interleaved rounds (median of the rounds).
+
+All with `address_space_isolation=0`: these figures are the MMU's; what simulating the
+KVM address space adds on top is `isolation_on_ratio` (bench_isolation.py).
 """
 
 from __future__ import annotations
@@ -21,10 +24,11 @@ from bench._common import figure, interleaved, median
 P, W, U, A, D = 1, 2, 4, 0x20, 0x40
 ADDR = ((1 << 46) - 1) & ~0xFFF
 USER_BASE = 0x0000_0010_0000_0000
+MMU_ONLY = {"address_space_isolation": "0"}
 
 
 def _workload_rates(mem_mb: int, steps: int) -> tuple[float, float]:
-    vm = mmud.VM(mem_mb=mem_mb, vcpus=1, seed=1, workload="kernel")
+    vm = mmud.VM(mem_mb=mem_mb, vcpus=1, seed=1, workload="kernel", params=MMU_ONLY)
     vm.step(min(2000, steps // 10))  # boot and first processes
     before_faults, before_acc = vm.stats["pf_fixed"], vm.vcpus[0].accesses
     t0 = time.perf_counter()
@@ -37,7 +41,7 @@ class FaultBench:
     """One address space with n pages mapped (tables built by the host before the run)."""
 
     def __init__(self, pages: int) -> None:
-        self.vm = mmud.VM(mem_mb=256)
+        self.vm = mmud.VM(mem_mb=256, params=MMU_ONLY)
         self.vcpu = self.vm.vcpus[0]
         self.pages = pages
         self.next_table = 0x10000

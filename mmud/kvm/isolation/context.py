@@ -137,11 +137,12 @@ class VmIsolation:
         """kvm_page_fault() on the KVM address space: switch, log a new IP, retry."""
         self.exit()
         self.stat["isolation_faults"] += 1
-        chain = self.module.text.call_chain(frame)
-        sym, offset = chain[0]
+        text = self.module.text
+        sym, offset = text.symbol(frame.f_code), frame.f_lasti  # the faulting IP
         n = self.log.track(sym.address + offset)
         if n is None:
-            return
+            return  # an IP already seen: nothing more to do (no call chain to walk)
+        chain = text.call_chain(frame)
         trace = [s.format(o) for s, o in chain[1:]] if self.module.stack else None
         error_code = PFERR_WRITE_MASK if write else 0
         self.log.entry(self.mmu.clock_ns(), n, error_code, sym.format(offset), address,
