@@ -116,49 +116,78 @@ def update_ratelimit(params: Params) -> None:
 
 
 class AuditTrack:
-    """What the MMU touched since the last incremental run: shadow pages and gfns."""
+    """What the MMU touched since the last incremental run.
 
-    __slots__ = ("sps", "gfns")
+    `sps`: pages changed as a whole (allocated, synced, zapped); `entries`: pages of which
+    only some entries changed (an spte installed or dropped, a child linked) — an empty set
+    when only the page's links or unsync state changed; `gfns`: gfns whose rmap, write
+    protection or guest table changed.
+    """
+
+    __slots__ = ("sps", "entries", "gfns")
 
     def __init__(self) -> None:
         self.sps: set[ShadowPage] = set()
+        self.entries: dict[ShadowPage, set[int]] = {}
         self.gfns: set[int] = set()
 
-    def note(self, sp: ShadowPage | None, gfn: int | None = None) -> None:
+    def note(self, sp: ShadowPage | None, gfn: int | None = None, i: int | None = None) -> None:
         if sp is not None:
-            self.sps.add(sp)
+            if i is None:
+                self.sps.add(sp)
+            else:
+                self.entries.setdefault(sp, set()).add(i)
         if gfn is not None:
             self.gfns.add(gfn)
 
+    def note_links(self, sp: ShadowPage) -> None:
+        self.entries.setdefault(sp, set())
 
-def _incremental_pages(mmu: KvmMmu, track: AuditTrack) -> list[ShadowPage]:
-    """Touched pages, the pages of touched gfns, pages holding their rmap entries, and the
-    parents and children of touched pages — every page whose invariants the change reaches."""
-    pages = mmu.pool.pages
-    found: dict[ShadowPage, None] = dict.fromkeys(track.sps)
+
+def _incremental_pages(
+    mmu: KvmMmu, track: AuditTrack
+) -> tuple[list[ShadowPage], list[set[int] | None], list[ShadowPage]]:
+    """What an incremental run checks: (pages, their entries, neighbours).
+
+    Pages are those touched and those of touched gfns; each with the entries to check
+    (None: all of them — a page changed as a whole, or one shadowing a touched gfn).
+    Neighbours — pages holding rmap entries of touched gfns, parents and children — get the
+    link checks only: their entries did not change, and the rmap entries of touched gfns
+    are checked from the rmap side by rmap_exact.
+    """
+    pool = mmu.pool.pages
+    active = mmu.active_mmu_pages
+    whole: set[ShadowPage] = set(track.sps)
+    near: dict[ShadowPage, None] = {}
     for gfn in sorted(track.gfns):
-        found.update(dict.fromkeys(mmu.valid_sps_of_gfn(gfn)))
+        whole.update(mmu.valid_sps_of_gfn(gfn))
         slot = mmu.memslots.lookup(gfn)
         if slot is not None:
-            found.update(dict.fromkeys(pages[p >> 9] for p in slot.rmap.get(gfn, ())))
-    for sp in list(found):
-        found.update(dict.fromkeys(pages[p >> 9] for p in sp.parent_ptes))
+            near.update(dict.fromkeys(pool[p >> 9] for p in slot.rmap.get(gfn, ())))
+    found = whole | set(track.entries)
+    for sp in found:
+        near.update(dict.fromkeys(pool[p >> 9] for p in sp.parent_ptes))
         if sp.level > 1:
-            found.update(dict.fromkeys(C.children(mmu, sp)))
-    active = mmu.active_mmu_pages
-    return sorted((sp for sp in found if sp in active), key=lambda sp: sp.index)
+            near.update(dict.fromkeys(C.children(mmu, sp)))
+    pages = sorted((sp for sp in found if sp in active), key=lambda sp: sp.index)
+    entries = [None if sp in whole else track.entries[sp] for sp in pages]
+    neighbours = sorted((sp for sp in near if sp in active and sp not in found),
+                        key=lambda sp: sp.index)
+    return pages, entries, neighbours
 
 
 def _run(mmu: KvmMmu, point: str, pages: list[ShadowPage], tree: list[ShadowPage],
          gfns: set[int] | None, synced: set[ShadowPage] | None = None,
-         skip_gfn: int | None = None) -> list[str]:
-    """The checks over `pages` (active-page checks) and `tree` (walk checks)."""
+         skip_gfn: int | None = None, neighbours: list[ShadowPage] = (),
+         entries: list[set[int] | None] | None = None) -> list[str]:
+    """The checks over `pages` (active-page checks; per-entry checks limited to `entries`)
+    and `tree` (walk checks); `neighbours` get the link checks too."""
     rmaps = C.RmapIndex(mmu)
-    active = C.PageArrays(mmu, pages)
+    active = C.PageArrays(mmu, pages, entries)
     walked = active if tree is pages else C.PageArrays(mmu, tree)
     out = C.active_page_checks(mmu, rmaps, active)
     out += C.walk_checks(mmu, rmaps, walked, point, PT64_ROOT_4LEVEL, synced)
-    out += C.extended_checks(mmu, active, gfns, skip_gfn)
+    out += C.extended_checks(mmu, active, gfns, skip_gfn, [*pages, *neighbours])
     return out
 
 
@@ -198,6 +227,8 @@ def kvm_mmu_audit(mmu: KvmMmu, vcpu: Vcpu | None, point: str, written_gfn: int |
     vcpus = [vcpu] if vcpu is not None else mmu.vcpus
     track = mmu.audit_track
     synced = None
+    neighbours: list[ShadowPage] = []
+    entries = None
     if track is None:
         pages = list(reversed(mmu.active_mmu_pages))
         tree = [sp for v in vcpus if v.root is not None for sp in C.reachable_pages(mmu, v.root)]
@@ -208,13 +239,13 @@ def kvm_mmu_audit(mmu: KvmMmu, vcpu: Vcpu | None, point: str, written_gfn: int |
             for v in vcpus:
                 if v.root is not None:
                     track.sps.update(C.unsync_paths(mmu, v.root))
-        pages = _incremental_pages(mmu, track)
+        pages, entries, neighbours = _incremental_pages(mmu, track)
         tree = pages
         gfns = set(track.gfns)
         mmu.audit_track = AuditTrack()
         if point == AUDIT_POST_SYNC:
             synced = {sp for sp in pages for v in vcpus if v.root and C.reaches(mmu, sp, v.root)}
-    messages = _run(mmu, point, pages, tree, gfns, synced, written_gfn)
+    messages = _run(mmu, point, pages, tree, gfns, synced, written_gfn, neighbours, entries)
     messages = _limit_rmap_reports(messages, state, now, notes := [])
     _log_lines(state, notes, point, warning=True)
     lines = [f"audit: ({point}) error: {m}" for m in messages]

@@ -62,7 +62,9 @@ class PageArrays:
     """The sptes of a list of shadow pages as 2-D arrays (a row per page), gathered once per
     run, so that every check is a few numpy operations over all pages at once."""
 
-    def __init__(self, mmu: KvmMmu, sps: list[ShadowPage]) -> None:
+    def __init__(
+        self, mmu: KvmMmu, sps: list[ShadowPage], entries: list[set[int] | None] | None = None
+    ) -> None:
         n = len(sps)
         self.sps = sps
         empty = np.zeros((0, 512), dtype=np.uint64)
@@ -79,6 +81,15 @@ class PageArrays:
         self.leaf = self.present & (
             (self.level[:, None] == 1) | ((self.sptes & _U(PT_PAGE_SIZE_MASK)) != 0)
         )
+        if entries is not None and any(e is not None for e in entries):
+            # Only the entries an operation changed: the per-entry checks look at those.
+            wanted = np.ones((n, 512), dtype=bool)
+            for row, chosen in enumerate(entries):
+                if chosen is not None:
+                    wanted[row] = False
+                    wanted[row, list(chosen)] = True
+            self.present &= wanted
+            self.leaf &= wanted
         self._rmap_reports: Messages | None = None
 
     def rmap_reports(self, rmaps: RmapIndex) -> Messages:
@@ -424,16 +435,14 @@ def _spte_access(sptes: np.ndarray) -> np.ndarray:
     return access | np.where((sptes & _U(PT64_NX_MASK)) != 0, _U(0), _U(ACC_EXEC_MASK))
 
 
-def check_translation(
-    mmu: KvmMmu, sps: Iterable[ShadowPage], skip_gfn: int | None = None
-) -> list[str]:
+def check_translation(mmu: KvmMmu, pa: PageArrays, skip_gfn: int | None = None) -> list[str]:
     """Synced indirect pages mirror the guest's current tables (stale = a missed write).
 
     skip_gfn: a table the guest has just written and the MMU is about to update (the
     `pre pte write` point), which may legitimately be stale.
     """
     out: list[str] = []
-    for sp in sps:
+    for r, sp in enumerate(pa.sps):
         if sp.direct or sp.unsync or sp.invalid or sp.gfn == skip_gfn:
             continue
         gptes = _guest_table(mmu, sp.gfn)
@@ -441,7 +450,7 @@ def check_translation(
             continue
         nxe = bool(sp.role & ROLE_NXE)
         row = sp.sptes
-        present = np.flatnonzero((row & _PRESENT) != 0)
+        present = np.flatnonzero(pa.present[r])
         if not len(present):
             continue
         g = gptes[present]
@@ -538,13 +547,19 @@ def check_dirty_log(mmu: KvmMmu, gfns: set[int] | None) -> list[str]:
 
 
 def extended_checks(
-    mmu: KvmMmu, pa: PageArrays, gfns: set[int] | None, skip_gfn: int | None = None
+    mmu: KvmMmu,
+    pa: PageArrays,
+    gfns: set[int] | None,
+    skip_gfn: int | None = None,
+    linked: list[ShadowPage] | None = None,
 ) -> list[str]:
-    """mmud's checks over the pages; rmaps of gfns only (None: every rmap)."""
+    """mmud's checks over the pages; rmaps of gfns only (None: every rmap); the link checks
+    over `linked` (default: the pages)."""
     sps = pa.sps
+    linked = sps if linked is None else linked
     out = check_rmap_exact(mmu, pa, gfns)
-    out += check_parent_links(mmu, sps)
-    out += check_translation(mmu, sps, skip_gfn)
-    out += check_write_tracking(mmu, sps)
+    out += check_parent_links(mmu, linked)
+    out += check_translation(mmu, pa, skip_gfn)
+    out += check_write_tracking(mmu, linked)
     out += check_dirty_log(mmu, gfns)
     return out

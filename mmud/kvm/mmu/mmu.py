@@ -153,7 +153,7 @@ class KvmMmu:
         """pte_list_remove(): a missing entry is an MMU bug; tolerated (the kernel BUG()s),
         so that an injected bug leaves the VM running for the audit to report."""
         gfn = sp.gfn_of(i)
-        if self.audit_track is not None: self.audit_track.note(sp, gfn)  # audit track
+        if self.audit_track is not None: self.audit_track.note(sp, gfn, i)  # audit track
         slot = self.memslots.lookup(gfn)
         rmap = slot.rmap.get(gfn) if slot is not None else None
         sptep = sptep_of(sp, i)
@@ -188,7 +188,7 @@ class KvmMmu:
 
     def drop_spte(self, sp: ShadowPage, i: int) -> None:
         """Clear a present leaf spte and take it out of its rmap."""
-        if self.audit_track is not None: self.audit_track.note(sp, sp.gfn_of(i))  # audit track
+        if self.audit_track is not None: self.audit_track.note(sp, sp.gfn_of(i), i)  # audit track
         if self.bug != "rmap_remove_skipped":
             self.rmap_remove(sp, i)
         sp.spt[i] = 0
@@ -305,16 +305,16 @@ class KvmMmu:
 
     def link_shadow_page(self, parent: ShadowPage, i: int, sp: ShadowPage) -> None:
         if self.asi: self.asi.touch_sp(sp, True)  # isolation
-        if self.audit_track is not None: self.audit_track.note(sp, None)  # audit track
-        if self.audit_track is not None: self.audit_track.note(parent, None)  # audit track
+        if self.audit_track is not None: self.audit_track.note_links(sp)  # audit track
+        if self.audit_track is not None: self.audit_track.note(parent, None, i)  # audit track
         parent.spt[i] = S.make_nonleaf_spte(sp.index)
         sp.parent_ptes.append(sptep_of(parent, i))
         if sp.unsync_children or sp.unsync:
             self.mark_unsync(parent, i)
 
     def drop_parent_pte(self, child: ShadowPage, parent: ShadowPage, i: int) -> None:
-        if self.audit_track is not None: self.audit_track.note(child, None)  # audit track
-        if self.audit_track is not None: self.audit_track.note(parent, None)  # audit track
+        if self.audit_track is not None: self.audit_track.note_links(child)  # audit track
+        if self.audit_track is not None: self.audit_track.note(parent, None, i)  # audit track
         if self.bug != "parent_unlink_skipped":
             sptep = sptep_of(parent, i)
             if sptep in child.parent_ptes:
@@ -326,7 +326,7 @@ class KvmMmu:
         bit = 1 << i
         if sp.unsync_child_bitmap & bit:
             return
-        if self.audit_track is not None: self.audit_track.note(sp, None)  # audit track
+        if self.audit_track is not None: self.audit_track.note_links(sp)  # audit track
         sp.unsync_child_bitmap |= bit
         sp.unsync_children += 1
         if sp.unsync_children == 1:
@@ -338,7 +338,7 @@ class KvmMmu:
             self.mark_unsync(pages[sptep >> _SPTEP_SHIFT], sptep & _SPTEP_MASK)
 
     def clear_unsync_child_bit(self, sp: ShadowPage, i: int) -> None:
-        if self.audit_track is not None: self.audit_track.note(sp, None)  # audit track
+        if self.audit_track is not None: self.audit_track.note_links(sp)  # audit track
         sp.unsync_children -= 1
         sp.unsync_child_bitmap &= ~(1 << i)
 
@@ -410,7 +410,7 @@ class KvmMmu:
         if self.asi: self.asi.touch_spt(sp, i, True)  # isolation
         old = spt[i]
         spte = S.make_leaf_spte(pfn, pte_access, sp.level, host_writable)
-        if self.audit_track is not None: self.audit_track.note(sp, gfn)  # audit track
+        if self.audit_track is not None: self.audit_track.note(sp, gfn, i)  # audit track
         if not host_writable:
             pte_access &= ~ACC_WRITE_MASK
         ret = 0

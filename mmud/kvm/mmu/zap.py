@@ -36,7 +36,7 @@ def mmu_page_zap_pte(mmu: KvmMmu, sp: ShadowPage, i: int) -> bool:
             mmu.drop_parent_pte(mmu.child_of(spte), sp, i)
         return True
     if S.is_mmio_spte(spte):
-        if mmu.audit_track is not None: mmu.audit_track.note(sp, None)  # audit track
+        if mmu.audit_track is not None: mmu.audit_track.note(sp, None, i)  # audit track
         sp.spt[i] = 0
     return False
 
