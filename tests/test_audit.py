@@ -7,6 +7,8 @@ from __future__ import annotations
 import pytest
 
 import mmud
+from mmud.guest import WORKLOADS
+from mmud.host import HOST_WORKLOADS
 from mmud.kvm.dirty_log import kvm_get_dirty_log_protect, run_ioctl
 from mmud.kvm.mmu.bugs import BUGS, render_choices
 from tests.guest_tables import P, U, W, GuestTables
@@ -20,7 +22,7 @@ def audited_vm(scope: str, **kw) -> mmud.VM:
 
 
 @pytest.mark.parametrize("scope", ["full", "incremental"])
-@pytest.mark.parametrize("workload", ["kernel", "stream"])
+@pytest.mark.parametrize("workload", [*WORKLOADS, *HOST_WORKLOADS])
 def test_no_bug_no_error_at_every_point(scope, workload):
     vm = audited_vm(scope, mem_mb=64, vcpus=2, seed=5, workload=workload)
     vm.step(1200 if scope == "full" else 8000)
