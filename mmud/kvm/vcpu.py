@@ -125,6 +125,7 @@ class Vcpu:
         self.tlb: dict[int, tuple] = {}
         self.injected: int | None = None
         self.accesses = 0  # guest memory accesses run (not a kernel stat; for rates)
+        self.fixed: tuple[ShadowPage, int] | None = None  # the leaf the last fault installed
         # vcpu->arch.mmio_gva / mmio_access / mmio_gfn / mmio_generation
         self.mmio_gva = 0
         self.mmio_access = 0
@@ -327,9 +328,14 @@ class Vcpu:
                 break
             sp = pages[((spte & S.SPTE_BASE_ADDR_MASK) >> PAGE_SHIFT) - S.SPT_PFN_BASE]
             shift -= 9
+        entry = self._tlb_fill(gva, kind, sp, spte)
+        return err | PFERR_PRESENT_MASK if entry is None else entry
+
+    def _tlb_fill(self, gva: int, kind: int, sp: ShadowPage, spte: int) -> tuple | None:
+        """Cache the translation of gva by the leaf spte of sp; None if it refuses `kind`."""
         allowed = _allowed_kinds(self.hw_permissions, S.spte_access(spte))
         if not allowed >> kind & 1:
-            return err | PFERR_PRESENT_MASK
+            return None
         pfn = S.spte_to_pfn(spte)
         backing = self.vm.memslots.backing_of_pfn(pfn)
         gfn = sp.gfn_of(pt_index(gva, 1))
@@ -356,6 +362,7 @@ class Vcpu:
             if not isinstance(result, int):
                 return result
             self.stat["exits"] += 1
+            self.fixed = None
             r = self.kvm_mmu_page_fault(gva, result)
             if self.injected is not None:
                 error_code, self.injected = self.injected, None
@@ -363,6 +370,15 @@ class Vcpu:
             if r == RET_PF_EMULATE:
                 self.stat["pf_emulate"] += 1
                 return RET_PF_EMULATE
+            if self.fixed is not None and not self.requests:
+                # The retried access would walk to the spte the fault just installed (nothing
+                # ran in between and no request is pending): take its translation directly.
+                sp, i = self.fixed
+                spte = sp.spt[i]
+                if spte & S.SPTE_MMU_PRESENT:
+                    entry = self._tlb_fill(gva, kind, sp, spte)
+                    if entry is not None:
+                        return entry
         raise RuntimeError(f"vCPU {self.index}: no progress on {gva:#x} (kind {kind})")
 
     def kvm_mmu_page_fault(self, gva: int, error_code: int) -> int:

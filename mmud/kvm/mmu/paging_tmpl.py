@@ -232,4 +232,5 @@ def fetch(mmu: KvmMmu, vcpu: Vcpu, addr: int, w: GuestWalker, write_fault: bool,
     vcpu.stat["pf_fixed"] += 1
     if pfn is None:
         return mmio.mark_mmio_spte(mmu, vcpu, sp, i, w.gfn, w.pte_access)
+    vcpu.fixed = (sp, i)
     return mmu.mmu_set_spte(vcpu, sp, i, w.pte_access, write_fault, w.gfn, pfn)
