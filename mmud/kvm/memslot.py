@@ -60,9 +60,6 @@ class Memslot:
     def end_gfn(self) -> int:
         return self.base_gfn + self.npages
 
-    def contains(self, gfn: int) -> bool:
-        return self.base_gfn <= gfn < self.base_gfn + self.npages
-
     def gfn_to_pfn(self, gfn: int) -> int:
         return self.backing.base_pfn + (gfn - self.base_gfn)
 
@@ -144,6 +141,3 @@ class Memslots:
     def total_pages(self) -> int:
         return sum(s.npages for s in self._sorted)
 
-
-def gpa_to_gfn(gpa: int) -> int:
-    return gpa >> PAGE_SHIFT

@@ -14,8 +14,6 @@ PAGE_SIZE = 1 << PAGE_SHIFT
 PT64_ENT_PER_PAGE = 512
 PT64_LEVEL_BITS = 9
 PT64_ROOT_4LEVEL = 4
-PT_PAGE_TABLE_LEVEL = 1
-PT_DIRECTORY_LEVEL = 2
 MAXPHYADDR = 46
 
 # Paging-structure entry bits (the guest's gptes; sptes reuse the hardware ones).
@@ -67,8 +65,6 @@ PFERR_USER_MASK = 1 << 2
 PFERR_RSVD_MASK = 1 << 3
 PFERR_FETCH_MASK = 1 << 4
 PFERR_PK_MASK = 1 << 5
-PF_VECTOR = 14
-GP_VECTOR = 13
 
 # KVM's access encoding (uwx, exec positive), shared by the walker and the shadow MMU.
 ACC_EXEC_MASK = 1

@@ -44,10 +44,6 @@ AUDIT_PRE_PTE_WRITE = "pre pte write"
 AUDIT_POST_PTE_WRITE = "post pte write"
 AUDIT_PRE_SYNC = "pre sync"
 AUDIT_POST_SYNC = "post sync"
-AUDIT_POINTS = (
-    AUDIT_PRE_PAGE_FAULT, AUDIT_POST_PAGE_FAULT, AUDIT_PRE_PTE_WRITE,
-    AUDIT_POST_PTE_WRITE, AUDIT_PRE_SYNC, AUDIT_POST_SYNC,
-)
 _PRE_POINTS = frozenset((AUDIT_PRE_PAGE_FAULT, AUDIT_PRE_PTE_WRITE, AUDIT_PRE_SYNC))
 AUDIT_LOG_LINES = 4096  # kvm/audit_log keeps the newest lines
 RMAP_REPORT_INTERVAL_MS = 5000  # inspect_spte_has_rmap's own limiter, fixed in the kernel
@@ -93,7 +89,6 @@ class ModuleAudit:
         default_factory=lambda: Ratelimit("inspect_spte_has_rmap", RMAP_REPORT_INTERVAL_MS, RMAP_REPORT_BURST)
     )
     lines: deque[str] = field(default_factory=lambda: deque(maxlen=AUDIT_LOG_LINES))
-    seq: int = 0  # lines ever logged: lets readers tell a full ring from a quiet one
 
 
 _modules: weakref.WeakKeyDictionary[Params, ModuleAudit] = weakref.WeakKeyDictionary()
@@ -222,7 +217,6 @@ def kvm_mmu_audit(mmu: KvmMmu, vcpu: Vcpu | None, point: str, written_gfn: int |
     if not allowed:
         mmu.stat["mmu_audit_ratelimited"] += 1
         return []
-    mmu.audit_point = point
     mmu.stat["mmu_audit_runs"] += 1
     vcpus = [vcpu] if vcpu is not None else mmu.vcpus
     track = mmu.audit_track
@@ -257,7 +251,6 @@ def kvm_mmu_audit(mmu: KvmMmu, vcpu: Vcpu | None, point: str, written_gfn: int |
 def _log_lines(state: ModuleAudit, lines: list[str], point: str, *, warning: bool) -> None:
     for line in lines:
         state.lines.append(line)
-        state.seq += 1
         if warning:
             log.warning("mmu_audit_suppressed", point=point, message=line.rstrip("\n"))
         else:

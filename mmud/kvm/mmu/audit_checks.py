@@ -19,6 +19,7 @@ Extended checks (mmud):
   translation      each spte of a synced indirect page equals what the guest's tables allow
                    now: same frame, no more rights (CR0.WP=0's supervisor-write shape allowed)
   write_tracking   every upper-level guest table with a valid shadow page is write-tracked
+  spte_bits        every present leaf keeps W ⇒ MMU-writable ⇒ Host-writable
   dirty_log        every page of a logged slot is dirty in its bitmap or not writable
 """
 
@@ -510,6 +511,23 @@ def check_translation(mmu: KvmMmu, pa: PageArrays, skip_gfn: int | None = None) 
     return out
 
 
+def check_spte_bits(pa: PageArrays) -> list[str]:
+    """Every present leaf keeps W ⇒ MMU-writable ⇒ Host-writable (spte.py)."""
+    sptes = pa.sptes
+    w = (sptes & _U(PT_WRITABLE_MASK)) != 0
+    mmu_w = (sptes & _U(S.SPTE_MMU_WRITEABLE)) != 0
+    host_w = (sptes & _U(S.SPTE_HOST_WRITEABLE)) != 0
+    bad = pa.leaf & ((w & ~mmu_w) | (mmu_w & ~host_w))
+    out = []
+    for row, i in zip(*np.nonzero(bad), strict=True):
+        sp = pa.sps[int(row)]
+        out.append(
+            f"spte {int(sptes[row, i]):x} (sp {sp_address(sp)} index {int(i)}) breaks "
+            "W => MMU-writable => Host-writable\n"
+        )
+    return out
+
+
 def check_write_tracking(mmu: KvmMmu, sps: Iterable[ShadowPage]) -> list[str]:
     out = []
     for sp in sps:
@@ -560,6 +578,7 @@ def extended_checks(
     out = check_rmap_exact(mmu, pa, gfns)
     out += check_parent_links(mmu, linked)
     out += check_translation(mmu, pa, skip_gfn)
+    out += check_spte_bits(pa)
     out += check_write_tracking(mmu, linked)
     out += check_dirty_log(mmu, gfns)
     return out

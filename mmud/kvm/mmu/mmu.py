@@ -72,10 +72,9 @@ class KvmMmu:
         self.stat = stat
         self.params = params
         self.clock_ns = clock_ns
-        # The audit's static key, its incremental touch set, and the last point run.
+        # The audit's static key and its incremental touch set.
         self.audit_enabled = False
         self.audit_track: AuditTrack | None = None
-        self.audit_point = ""
         self.bug: str | None = None  # the armed injectable bug (bugs.py)
         self.vcpus: list[Vcpu] = []
         self.pool = ShadowPagePool()
@@ -296,7 +295,7 @@ class KvmMmu:
                     flush = sync.kvm_sync_pages(self, vcpu, gfn, invalid_list)
             zap.kvm_mmu_flush_or_zap(self, vcpu, invalid_list, False, flush)
         elif invalid_list:
-            zap.kvm_mmu_commit_zap_page(self, invalid_list)
+            zap.commit_zap_page(self, invalid_list)
         if collisions > self.stat["max_mmu_page_hash_collisions"]:
             self.stat["max_mmu_page_hash_collisions"] = collisions
         return found

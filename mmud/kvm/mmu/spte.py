@@ -6,7 +6,7 @@ Hardware bits are the x86 ones (P, R/W, U/S, A, D, PS, NX). KVM's software bits:
     bit 10  SPTE_MMU_WRITEABLE    the MMU may make this spte writable (no write protection)
     bit 11  SPTE_MMU_PRESENT      a shadow-present spte (never set in MMIO sptes)
 
-Invariant: W ⇒ MMU-writable ⇒ Host-writable (checked by check_spte_writable_invariants).
+Invariant: W ⇒ MMU-writable ⇒ Host-writable (checked by the audit's spte_bits check).
 Dirty logging clears only W, so it can be undone locklessly (the fast page fault); write
 protection of guest page tables clears W and MMU-writable together.
 
@@ -79,10 +79,6 @@ def is_last_spte(spte: int, level: int) -> bool:
     return level == 1 or bool(spte & PT_PAGE_SIZE_MASK)
 
 
-def is_writable_pte(spte: int) -> bool:
-    return bool(spte & PT_WRITABLE_MASK)
-
-
 def is_mmu_writable_spte(spte: int) -> bool:
     return bool(spte & SPTE_MMU_WRITEABLE)
 
@@ -120,13 +116,6 @@ def spte_access(spte: int) -> int:
     if not spte & PT64_NX_MASK:
         access |= ACC_EXEC_MASK
     return access
-
-
-def check_spte_writable_invariants(spte: int) -> bool:
-    """W ⇒ MMU-writable ⇒ Host-writable."""
-    if spte & SPTE_MMU_WRITEABLE and not spte & SPTE_HOST_WRITEABLE:
-        return False
-    return not (spte & PT_WRITABLE_MASK and not spte & SPTE_MMU_WRITEABLE)
 
 
 # --- MMIO sptes ---------------------------------------------------------------------------

@@ -95,9 +95,6 @@ def commit_zap_page(mmu: KvmMmu, invalid_list: list[ShadowPage]) -> None:
     invalid_list.clear()
 
 
-# Kernel names for the two entry points above.
-kvm_mmu_prepare_zap_page = prepare_zap_page
-kvm_mmu_commit_zap_page = commit_zap_page
 
 
 def kvm_mmu_flush_or_zap(
