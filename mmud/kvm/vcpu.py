@@ -27,6 +27,7 @@ from mmud.kvm.mmu.page import (
     make_role,
 )
 from mmud.x86.paging import (
+    ACC_EXEC_MASK,
     ACC_ALL,
     CR0_PE,
     CR0_PG,
@@ -49,7 +50,6 @@ from mmud.x86.paging import (
     X86_EFLAGS_AC,
     X86_EFLAGS_FIXED,
     is_canonical,
-    permission_fault,
     permission_table,
     pt_index,
     rsvd_table,
@@ -407,9 +407,8 @@ class Vcpu:
         """The emulator's translation (vcpu_mmio_gva_to_gpa); raises PageFault."""
         self.stat["insn_emulation"] += 1
         error_code = (kind & 1) * PFERR_WRITE_MASK | (kind >> 1 & 1) * PFERR_USER_MASK
-        if self.match_mmio_gva(gva) and not permission_fault(
-            self.mmio_access | 1, write=bool(kind & 1), fetch=False, user=bool(kind & 2),
-            cr0_wp=self.cr0_wp, smep=self.smep, smap=self.smap, ac=self.ac,
+        if self.match_mmio_gva(gva) and not (
+            self.guest_permissions[kind & 3] >> (self.mmio_access | ACC_EXEC_MASK) & 1
         ):
             return self.mmio_gfn << PAGE_SHIFT | (gva & 0xFFF)
         gpa = paging_tmpl.gva_to_gpa(self.kvm_mmu, self, gva, error_code)

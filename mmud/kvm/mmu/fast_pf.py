@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING
 
 from mmud.kvm.mmu import spte as S
 from mmud.x86.paging import (
-    PAGE_SHIFT,
     PFERR_PRESENT_MASK,
     PFERR_RSVD_MASK,
     PFERR_WRITE_MASK,
@@ -41,20 +40,10 @@ def page_fault_can_be_fast(error_code: int) -> bool:
 
 def walk_shadow_page_lockless(vcpu: Vcpu, gva: int) -> tuple[ShadowPage, int] | None:
     """The last-level sp and index mapping gva, or None where the walk stops early."""
-    sp = vcpu.root
-    if sp is None:
+    if vcpu.root is None:
         return None
-    pages = vcpu.kvm_mmu.pool.pages
-    shift = 3 + 9 * sp.level
-    while True:
-        i = (gva >> shift) & 511
-        spte = sp.spt[i]
-        if not spte & S.SPTE_MMU_PRESENT:
-            return None
-        if shift == PAGE_SHIFT or spte & S.PT_PAGE_SIZE_MASK:
-            return sp, i
-        sp = pages[S.spte_child_index(spte)]
-        shift -= 9
+    *_, (sp, i, spte) = vcpu.kvm_mmu.shadow_walk(vcpu.root, gva)
+    return (sp, i) if spte & S.SPTE_MMU_PRESENT else None
 
 
 def fast_page_fault(vcpu: Vcpu, gva: int, allowed: Callable[[int], bool]) -> bool:

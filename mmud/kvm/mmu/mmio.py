@@ -26,7 +26,6 @@ from mmud.kvm.mmu import spte as S
 from mmud.kvm.mmu.audit import Ratelimit
 from mmud.kvm.mmu.mmu import RET_PF_EMULATE, RET_PF_INVALID, RET_PF_RETRY, KvmMmu
 from mmud.kvm.mmu.page import ShadowPage
-from mmud.x86.paging import pt_index
 
 if TYPE_CHECKING:
     from mmud.kvm.vcpu import Vcpu
@@ -79,25 +78,12 @@ def sync_mmio_spte(mmu: KvmMmu, sp: ShadowPage, i: int, gfn: int, access: int) -
     return True
 
 
-def _walk_last_spte(mmu: KvmMmu, root: ShadowPage, gva: int) -> list[tuple[int, int]]:
-    """The lockless shadow walk: (spte, level) from the root down to the last entry."""
-    sptes = []
-    sp, level = root, root.level
-    while True:
-        spte = sp.spt[pt_index(gva, level)]
-        sptes.append((spte, level))
-        if not S.is_shadow_present_pte(spte) or S.is_last_spte(spte, level):
-            return sptes
-        sp = mmu.child_of(spte)
-        level -= 1
-
-
 def handle_mmio_page_fault(mmu: KvmMmu, vcpu: Vcpu, gva: int) -> int:
     """An RSVD fault: EMULATE (a current MMIO spte or cached info), INVALID (a stale MMIO
     spte: run the normal fault, which re-resolves the gfn) or RETRY (zapped meanwhile)."""
     if vcpu.match_mmio_gva(gva):
         return RET_PF_EMULATE
-    sptes = _walk_last_spte(mmu, vcpu.root, gva)
+    sptes = [(spte, sp.level) for sp, _, spte in mmu.shadow_walk(vcpu.root, gva)]
     spte, _ = sptes[-1]
     if S.is_shadow_present_pte(spte) and spte & SPTE_RSVD_MASK:
         head = f"handle_mmio_page_fault: detect reserved bits on spte, addr {gva:#x}, dump hierarchy:"

@@ -15,7 +15,7 @@ Invariants kept here (checked by tests and the audit):
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from mmud.kvm.memslot import Memslot, Memslots
@@ -26,7 +26,7 @@ from mmud.kvm.mmu.page import (
     hash_64,
     make_role,
 )
-from mmud.x86.paging import ACC_WRITE_MASK, PT_WRITABLE_MASK
+from mmud.x86.paging import ACC_WRITE_MASK, PT_WRITABLE_MASK, pt_index
 
 if TYPE_CHECKING:
     from mmud.kvm.isolation import VmIsolation
@@ -94,6 +94,18 @@ class KvmMmu:
 
     def child_of(self, spte: int) -> ShadowPage:
         return self.pool.pages[S.spte_child_index(spte)]
+
+    def shadow_walk(self, root: ShadowPage, addr: int) -> Iterator[tuple[ShadowPage, int, int]]:
+        """for_each_shadow_entry(): (sp, index, spte) from the root down to the last spte
+        on addr's path — the first one that is not present, or a leaf."""
+        sp = root
+        while True:
+            i = pt_index(addr, sp.level)
+            spte = sp.spt[i]
+            yield sp, i, spte
+            if not spte & S.SPTE_MMU_PRESENT or sp.level == 1 or spte & S.PT_PAGE_SIZE_MASK:
+                return
+            sp = self.child_of(spte)
 
     def is_obsolete_sp(self, sp: ShadowPage) -> bool:
         return sp.invalid or sp.mmu_valid_gen != self.mmu_valid_gen

@@ -143,16 +143,10 @@ def gva_to_gpa(mmu: KvmMmu, vcpu: Vcpu, addr: int, error_code: int) -> int:
 
 def shadow_page_table_clear_flood(vcpu: Vcpu, addr: int) -> None:
     """Reset the flood counters of the sps on addr's shadow path (a real access used them)."""
-    mmu = vcpu.kvm_mmu
-    sp = vcpu.root
-    level = sp.level if sp else 0
-    while sp is not None:
+    if vcpu.root is None:
+        return
+    for sp, _, _ in vcpu.kvm_mmu.shadow_walk(vcpu.root, addr):
         sp.write_flooding_count = 0
-        spte = sp.spt[pt_index(addr, level)]
-        if level == 1 or not spte & S.SPTE_MMU_PRESENT or spte & PT_PAGE_SIZE_MASK:
-            return
-        sp = mmu.child_of(spte)
-        level -= 1
 
 
 def page_fault(mmu: KvmMmu, vcpu: Vcpu, addr: int, error_code: int) -> int:
