@@ -5,8 +5,8 @@ a host frame number is `backing.id << BACKING_PFN_SHIFT | page`, so a pfn names 
 without a search. Moving a slot keeps its backing (same userspace address); deleting and
 re-creating one gives a fresh zeroed buffer.
 
-Per slot, as in the kernel: the level-1 rmap (gfn → sptes mapping it, the rmap head of
-`slot->arch.rmap[0]`), the write-tracking counts of page_track (`gfn_track`) and the dirty
+Per slot, as in the kernel: the level-1 rmap (`slot->arch.rmap[0]`, mmud/kvm/rmap.py),
+the write-tracking counts of page_track (`gfn_track`) and the dirty
 bitmap.
 """
 
@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from mmud.kvm.rmap import Rmap
 from mmud.x86.paging import PAGE_SHIFT, PAGE_SIZE
 
 KVM_MEM_LOG_DIRTY_PAGES = 1 << 0
@@ -52,9 +53,12 @@ class Memslot:
     npages: int
     flags: int
     backing: Backing
-    rmap: dict[int, list[int]] = field(default_factory=dict)
+    rmap: Rmap = field(init=False)
     gfn_track: dict[int, int] = field(default_factory=dict)
     dirty_bitmap: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        self.rmap = Rmap(self.base_gfn, self.npages)
 
     @property
     def end_gfn(self) -> int:

@@ -158,7 +158,7 @@ def _incremental_pages(
         whole.update(mmu.valid_sps_of_gfn(gfn))
         slot = mmu.memslots.lookup(gfn)
         if slot is not None:
-            near.update(dict.fromkeys(pool[p >> 9] for p in slot.rmap.get(gfn, ())))
+            near.update(dict.fromkeys(pool[p >> 9] for p in slot.rmap.get(gfn)))
     found = whole | set(track.entries)
     for sp in found:
         near.update(dict.fromkeys(pool[p >> 9] for p in sp.parent_ptes))

@@ -26,7 +26,6 @@ Extended checks (mmud):
 from __future__ import annotations
 
 from collections.abc import Iterable
-from itertools import chain
 import numpy as np
 
 from mmud.kvm.memslot import Memslot
@@ -112,15 +111,11 @@ class RmapIndex:
 
     def has_rmap(self, slot: Memslot, gfns: np.ndarray) -> np.ndarray:
         if len(gfns) < self._MASK_FROM:
-            rmap = slot.rmap
-            return np.fromiter((g in rmap for g in gfns.tolist()), dtype=bool, count=len(gfns))
+            has = slot.rmap.has
+            return np.fromiter(map(has, gfns.tolist()), dtype=bool, count=len(gfns))
         mask = self._masks.get(slot.id)
         if mask is None:
-            mask = np.zeros(slot.npages, dtype=bool)
-            if slot.rmap:
-                keys = np.fromiter(slot.rmap.keys(), dtype=np.int64, count=len(slot.rmap))
-                mask[keys - slot.base_gfn] = True
-            self._masks[slot.id] = mask
+            mask = self._masks[slot.id] = slot.rmap.mapped()
         return mask[(gfns - _U(slot.base_gfn)).astype(np.int64)]
 
 
@@ -195,7 +190,7 @@ def audit_write_protection(mmu: KvmMmu, sp: ShadowPage) -> list[str]:
         return []
     pages = mmu.pool.pages
     out = []
-    for sptep in slot.rmap.get(sp.gfn, ()):
+    for sptep in slot.rmap.get(sp.gfn):
         if pages[sptep >> 9].spt[sptep & 0x1FF] & PT_WRITABLE_MASK:
             out.append(f"shadow page has writable mappings: gfn {sp.gfn:x} role {sp.role:x}\n")
     return out
@@ -304,15 +299,15 @@ def _rmap_arrays(mmu: KvmMmu, gfns: Iterable[int] | None) -> tuple[np.ndarray, n
     sptes: list[np.ndarray] = []
     keys: list[np.ndarray] = []
     for slot in mmu.memslots:
-        rmap = slot.rmap
-        part = rmap if gfns is None else {g: rmap[g] for g in gfns if g in rmap}
-        if not part:
-            continue
-        counts = np.fromiter(map(len, part.values()), dtype=np.int64, count=len(part))
-        sptes.append(
-            np.fromiter(chain.from_iterable(part.values()), dtype=np.int64, count=int(counts.sum()))
-        )
-        keys.append(np.repeat(np.fromiter(part.keys(), dtype=np.int64, count=len(part)), counts))
+        if gfns is None:
+            part = slot.rmap.entries()
+        else:
+            select = np.zeros(slot.npages, dtype=bool)
+            inside = [g - slot.base_gfn for g in gfns if slot.base_gfn <= g < slot.end_gfn]
+            select[inside] = True
+            part = slot.rmap.entries(select)
+        sptes.append(part[0])
+        keys.append(part[1])
     if not sptes:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     return np.concatenate(sptes), np.concatenate(keys)
@@ -550,11 +545,13 @@ def check_dirty_log(mmu: KvmMmu, gfns: set[int] | None) -> list[str]:
         bitmap = slot.dirty_bitmap
         if bitmap is None:
             continue
-        for gfn in slot.rmap if gfns is None else sorted(g for g in gfns if g in slot.rmap):
+        mapped = (np.flatnonzero(slot.rmap.mapped()) + slot.base_gfn).tolist() if gfns is None else sorted(
+            g for g in gfns if slot.base_gfn <= g < slot.end_gfn and slot.rmap.has(g))
+        for gfn in mapped:
             rel = gfn - slot.base_gfn
             if int(bitmap[rel >> 6]) >> (rel & 63) & 1 or gfn in in_flight:
                 continue
-            for sptep in slot.rmap[gfn]:
+            for sptep in slot.rmap.get(gfn):
                 spte = pages[sptep >> 9].spt[sptep & 511]
                 if spte & PT_WRITABLE_MASK:
                     out.append(

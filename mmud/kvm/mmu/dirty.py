@@ -43,15 +43,9 @@ def _clear_w(mmu: KvmMmu, sptes: np.ndarray) -> bool:
     return flush
 
 
-def _rmap_sptes(slot: Memslot, gfns) -> np.ndarray:
-    """Every sptep in the rmaps of `gfns` (an iterable of gfns with a non-empty rmap)."""
-    rmap = slot.rmap
-    return np.fromiter((p for g in gfns for p in rmap[g]), dtype=np.int64)
-
-
 def kvm_mmu_slot_remove_write_access(mmu: KvmMmu, slot: Memslot) -> None:
     """Logging starts: clear W in every spte of the slot (≈v5.6), then flush."""
-    if _clear_w(mmu, _rmap_sptes(slot, list(slot.rmap))):
+    if _clear_w(mmu, slot.rmap.entries()[0]):
         mmu.kvm_flush_remote_tlbs()
 
 
@@ -59,12 +53,10 @@ def kvm_mmu_write_protect_pt_masked(mmu: KvmMmu, slot: Memslot, pages: np.ndarra
     """kvm_arch_mmu_enable_log_dirty_pt_masked() for the shadow MMU: clear W in the 4 KiB
     sptes of the slot-relative `pages`; True if a TLB flush is needed.
 
-    Vectorised: only gfns that are both in `pages` and mapped are visited in Python.
+    Vectorised: the rmap heads of `pages` are read as one array.
     """
-    if not slot.rmap or not len(pages):
+    if not len(pages):
         return False
-    mapped = np.fromiter(slot.rmap.keys(), dtype=np.int64, count=len(slot.rmap))
     wanted = np.zeros(slot.npages, dtype=bool)
     wanted[pages] = True
-    hit = mapped[wanted[mapped - slot.base_gfn]]
-    return _clear_w(mmu, _rmap_sptes(slot, hit.tolist()))
+    return _clear_w(mmu, slot.rmap.entries(wanted)[0])

@@ -153,12 +153,7 @@ class KvmMmu:
 
     def rmap_add(self, slot: Memslot, gfn: int, sptep: int) -> int:
         if self.asi: self.asi.touch_rmap(gfn, True)  # isolation
-        rmap = slot.rmap.get(gfn)
-        if rmap is None:
-            slot.rmap[gfn] = [sptep]
-            return 0
-        rmap.append(sptep)
-        return len(rmap) - 1
+        return slot.rmap.add(gfn, sptep)
 
     def rmap_remove(self, sp: ShadowPage, i: int) -> None:
         """pte_list_remove(): a missing entry is an MMU bug; tolerated (the kernel BUG()s),
@@ -166,13 +161,8 @@ class KvmMmu:
         gfn = sp.gfn_of(i)
         if self.audit_track is not None: self.audit_track.note(sp, gfn, i)  # audit track
         slot = self.memslots.lookup(gfn)
-        rmap = slot.rmap.get(gfn) if slot is not None else None
-        sptep = sptep_of(sp, i)
-        if rmap is None or sptep not in rmap:
+        if slot is None or not slot.rmap.remove(gfn, sptep_of(sp, i)):
             return
-        rmap.remove(sptep)
-        if not rmap:
-            del slot.rmap[gfn]
         self.stat["pages_4k"] -= 1
 
     def rmap_write_protect(self, gfn: int) -> bool:
@@ -182,13 +172,10 @@ class KvmMmu:
         slot = self.memslots.lookup(gfn)
         if slot is None:
             return False
-        rmap = slot.rmap.get(gfn)
-        if not rmap:
-            return False
         flush = False
         pages = self.pool.pages
         clear = ~(PT_WRITABLE_MASK | S.SPTE_MMU_WRITEABLE)
-        for sptep in rmap:
+        for sptep in slot.rmap.get(gfn):
             spt = pages[sptep >> _SPTEP_SHIFT].spt
             i = sptep & _SPTEP_MASK
             old = spt[i]

@@ -1,0 +1,106 @@
+"""The level-1 rmap of a memslot (`slot->arch.rmap[0]`): for each gfn, the sptes mapping it.
+
+The kernel keeps one `struct kvm_rmap_head` per page of the slot, in an array, with the
+pte_list encoding: an empty head, a head holding the one spte pointer itself, or a head
+pointing at a chain of descriptors. mmud does the same: `head` is an int64 numpy array with
+one entry per page — `EMPTY`, a single sptep (>= 0), or `MANY`, whose spteps are in the
+`desc` list of that page. Nearly every gfn has at most one mapping, so the whole rmap is one
+array: the audit and dirty logging read it with a few numpy operations, while the fault path
+reads and writes heads through a memoryview as cheaply as a dict.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from itertools import chain
+
+import numpy as np
+
+EMPTY = -1
+MANY = -2
+
+
+class Rmap:
+    __slots__ = ("base_gfn", "head", "_head", "desc")
+
+    def __init__(self, base_gfn: int, npages: int) -> None:
+        self.base_gfn = base_gfn
+        self.head = np.full(npages, EMPTY, dtype=np.int64)
+        self._head = memoryview(self.head)
+        self.desc: dict[int, list[int]] = {}  # page of the slot -> spteps (2 or more)
+
+    def add(self, gfn: int, sptep: int) -> int:
+        """pte_list_add(): returns how many entries the head held before."""
+        rel = gfn - self.base_gfn
+        head = self._head
+        h = head[rel]
+        if h == EMPTY:
+            head[rel] = sptep
+            return 0
+        if h != MANY:
+            self.desc[rel] = [h, sptep]
+            head[rel] = MANY
+            return 1
+        entries = self.desc[rel]
+        entries.append(sptep)
+        return len(entries) - 1
+
+    def remove(self, gfn: int, sptep: int) -> bool:
+        """pte_list_remove(); False if sptep is not in gfn's rmap."""
+        rel = gfn - self.base_gfn
+        head = self._head
+        h = head[rel]
+        if h == sptep:
+            head[rel] = EMPTY
+            return True
+        if h != MANY:
+            return False
+        entries = self.desc[rel]
+        if sptep not in entries:
+            return False
+        entries.remove(sptep)
+        if len(entries) == 1:
+            head[rel] = entries[0]
+            del self.desc[rel]
+        return True
+
+    def get(self, gfn: int) -> Sequence[int]:
+        """The spteps mapping gfn (the live chain when there are several: copy to mutate)."""
+        h = self._head[gfn - self.base_gfn]
+        if h >= 0:
+            return (h,)
+        if h == EMPTY:
+            return ()
+        return self.desc[gfn - self.base_gfn]
+
+    def has(self, gfn: int) -> bool:
+        return self._head[gfn - self.base_gfn] != EMPTY
+
+    def mapped(self) -> np.ndarray:
+        """Mask over the slot's pages: which have a non-empty rmap."""
+        return self.head != EMPTY
+
+    def entries(self, select: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(sptep, gfn) of every entry — of the pages where the mask `select` is set, if
+        given — ordered by gfn, then as in the gfn's chain."""
+        head = self.head
+        counts = (head >= 0).astype(np.int64)
+        if self.desc:
+            many = np.fromiter(self.desc.keys(), dtype=np.int64, count=len(self.desc))
+            counts[many] = np.fromiter(map(len, self.desc.values()), dtype=np.int64, count=len(many))
+        if select is not None:
+            counts[~select] = 0
+        rels = np.flatnonzero(counts)
+        counts = counts[rels]
+        start = np.cumsum(counts) - counts
+        sptep = np.empty(int(counts.sum()), dtype=np.int64)
+        heads = head[rels]
+        single = heads >= 0
+        sptep[start[single]] = heads[single]
+        chained = rels[~single].tolist()
+        if chained:
+            lists = [self.desc[r] for r in chained]
+            lens = counts[~single]
+            at = np.repeat(start[~single] - np.cumsum(lens) + lens, lens) + np.arange(int(lens.sum()))
+            sptep[at] = np.fromiter(chain.from_iterable(lists), dtype=np.int64, count=len(at))
+        return sptep, np.repeat(rels + self.base_gfn, counts)
