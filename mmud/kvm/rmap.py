@@ -82,25 +82,19 @@ class Rmap:
 
     def entries(self, select: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(sptep, gfn) of every entry — of the pages where the mask `select` is set, if
-        given — ordered by gfn, then as in the gfn's chain."""
+        given: the single heads in gfn order, then the chains in gfn order (each in chain
+        order). Sort by gfn (stably) for the rmap's own order."""
         head = self.head
-        counts = (head >= 0).astype(np.int64)
-        if self.desc:
-            many = np.fromiter(self.desc.keys(), dtype=np.int64, count=len(self.desc))
-            counts[many] = np.fromiter(map(len, self.desc.values()), dtype=np.int64, count=len(many))
+        single = head >= 0
         if select is not None:
-            counts[~select] = 0
-        rels = np.flatnonzero(counts)
-        counts = counts[rels]
-        start = np.cumsum(counts) - counts
-        sptep = np.empty(int(counts.sum()), dtype=np.int64)
-        heads = head[rels]
-        single = heads >= 0
-        sptep[start[single]] = heads[single]
-        chained = rels[~single].tolist()
+            single &= select
+        rels = np.flatnonzero(single)
+        sptep, gfn = head[rels], rels + self.base_gfn
+        chained = sorted(r for r in self.desc if select is None or select[r])
         if chained:
             lists = [self.desc[r] for r in chained]
-            lens = counts[~single]
-            at = np.repeat(start[~single] - np.cumsum(lens) + lens, lens) + np.arange(int(lens.sum()))
-            sptep[at] = np.fromiter(chain.from_iterable(lists), dtype=np.int64, count=len(at))
-        return sptep, np.repeat(rels + self.base_gfn, counts)
+            lens = np.fromiter(map(len, lists), dtype=np.int64, count=len(lists))
+            c_gfn = np.repeat(np.array(chained, dtype=np.int64) + self.base_gfn, lens)
+            c_sptep = np.fromiter(chain.from_iterable(lists), dtype=np.int64, count=len(c_gfn))
+            sptep, gfn = np.concatenate((sptep, c_sptep)), np.concatenate((gfn, c_gfn))
+        return sptep, gfn

@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING
 import structlog
 
 from mmud.kvm.mmu import audit_checks as C
+from mmud.kvm.mmu.audit_scalar import PageEntries
+from mmud.kvm.mmu.audit_vector import PageArrays
 from mmud.kvm.mmu.mmu import KvmMmu
 from mmud.kvm.mmu.page import ShadowPage
 from mmud.x86.paging import PT64_ROOT_4LEVEL
@@ -171,19 +173,33 @@ def _incremental_pages(
     return pages, entries, neighbours
 
 
+SCALAR_ENTRIES = 256  # above this many entries, an incremental run uses the vectorised checks
+
+
 def _run(mmu: KvmMmu, point: str, pages: list[ShadowPage], tree: list[ShadowPage],
          gfns: set[int] | None, synced: set[ShadowPage] | None = None,
          skip_gfn: int | None = None, neighbours: list[ShadowPage] = (),
-         entries: list[set[int] | None] | None = None) -> list[str]:
+         entries: list[set[int] | None] | None = None,
+         impl: type[PageArrays] | type[PageEntries] | None = None) -> list[str]:
     """The checks over `pages` (active-page checks; per-entry checks limited to `entries`)
-    and `tree` (walk checks); `neighbours` get the link checks too."""
-    rmaps = C.RmapIndex(mmu)
-    active = C.PageArrays(mmu, pages, entries)
-    walked = active if tree is pages else C.PageArrays(mmu, tree)
-    out = C.active_page_checks(mmu, rmaps, active)
-    out += C.walk_checks(mmu, rmaps, walked, point, PT64_ROOT_4LEVEL, synced)
-    out += C.extended_checks(mmu, active, gfns, skip_gfn, [*pages, *neighbours])
-    return out
+    and `tree` (walk checks); `neighbours` get the link checks too. A full run (gfns None)
+    is vectorised; an incremental one goes entry by entry unless it is large. `impl`
+    chooses instead (the tests compare the two)."""
+    checked: C.CheckedEntries
+    if impl is not None:
+        checked = impl(mmu, pages, entries)
+    elif gfns is None:
+        checked = PageArrays(mmu, pages, entries)
+    else:
+        checked = PageEntries(mmu, pages, entries)
+        if checked.size > SCALAR_ENTRIES:
+            checked = PageArrays(mmu, pages, entries)
+    walked, rows = checked, checked.rows_of(tree)
+    if rows is None:
+        walked = type(checked)(mmu, tree)
+        rows = list(range(len(tree)))
+    return C.run_checks(mmu, checked, walked, rows, point, PT64_ROOT_4LEVEL, gfns, synced,
+                        skip_gfn, [*pages, *neighbours])
 
 
 def _limit_rmap_reports(messages: list[str], state: ModuleAudit, now_ns: int, notes: list[str]) -> list[str]:

@@ -1,0 +1,200 @@
+"""The audit's per-spte checks entry by entry, for the few entries of an incremental run.
+
+An incremental run looks at a handful of sptes (a fault installs one; a sync rewrites a few).
+numpy costs about a microsecond per call whatever the size, and the vectorised checks make
+dozens of calls; plain Python over five entries is several times cheaper. `PageEntries`
+gives the same messages in the same order as `audit_vector.PageArrays`
+(tests/test_audit_paths.py checks that on random MMU states with bugs armed).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from mmud.kvm.mmu import audit_checks as C
+from mmud.kvm.mmu import spte as S
+from mmud.kvm.mmu.mmu import KvmMmu
+from mmud.kvm.mmu.page import ROLE_CR0_WP, ROLE_NXE, ShadowPage
+from mmud.x86.paging import (
+    ACC_EXEC_MASK,
+    ACC_USER_MASK,
+    ACC_WRITE_MASK,
+    PAGE_SHIFT,
+    PT64_BASE_ADDR_MASK,
+    PT64_LVL2_LARGE_ADDR_MASK,
+    PT64_NX_MASK,
+    PT_ACCESSED_MASK,
+    PT_DIRTY_MASK,
+    PT_PAGE_SIZE_MASK,
+    PT_PRESENT_MASK,
+    PT_USER_MASK,
+    PT_WRITABLE_MASK,
+    rsvd_bits,
+)
+
+_PRESENT = S.SPTE_MMU_PRESENT
+_PRESENT_NP = np.uint64(S.SPTE_MMU_PRESENT)
+
+
+def _gpte_access(gpte: int, nxe: bool) -> int:
+    access = gpte & (PT_WRITABLE_MASK | PT_USER_MASK)
+    return access | (0 if nxe and gpte & PT64_NX_MASK else ACC_EXEC_MASK)
+
+
+def _gpte_reserved(level: int, gpte: int, nxe: bool) -> bool:
+    """Not present, or reserved bits set: the MMU must not have shadowed it."""
+    large = level == 2 and bool(gpte & PT_PAGE_SIZE_MASK)
+    return not gpte & PT_PRESENT_MASK or bool(gpte & rsvd_bits(level, large, nxe))
+
+
+def _upper_translation(mmu: KvmMmu, sp: ShadowPage, rows: list[int], gptes: np.ndarray) -> list[str]:
+    """translation for present non-leaf sptes of an upper-level page: the child is the page
+    for the gpte's table (or, for a 2 MiB gpte, the direct page of its frame) with the
+    access the path allows (no more, for 2 MiB: the CR0.WP=0 shape allowed)."""
+    out = []
+    nxe = bool(sp.role & ROLE_NXE)
+    wp0 = not sp.role & ROLE_CR0_WP
+    spt = sp.spt
+    for i in rows:
+        gpte = int(gptes[i])
+        child = mmu.child_of(spt[i])
+        access = _gpte_access(gpte, nxe) & sp.access
+        if _gpte_reserved(sp.level, gpte, nxe):
+            ok = False
+        elif gpte & PT_PAGE_SIZE_MASK:
+            if not gpte & PT_DIRTY_MASK:
+                access &= ~ACC_WRITE_MASK
+            extra = child.access & ~access
+            wp0_extra = wp0 and extra == ACC_WRITE_MASK and not child.access & ACC_USER_MASK
+            ok = (
+                child.direct
+                and child.gfn == (gpte & PT64_LVL2_LARGE_ADDR_MASK) >> PAGE_SHIFT
+                and (not extra or wp0_extra)
+            )
+        else:
+            ok = (
+                not child.direct
+                and child.gfn == (gpte & PT64_BASE_ADDR_MASK) >> PAGE_SHIFT
+                and child.access == access
+            )
+        if not ok:
+            out.append(C.msg_link(sp, i, child, gpte))
+    return out
+
+
+class PageEntries:
+    """The checked present entries of a few shadow pages, as Python lists."""
+
+    def __init__(
+        self, mmu: KvmMmu, sps: list[ShadowPage], entries: list[set[int] | None] | None = None
+    ) -> None:
+        self.mmu = mmu
+        self.sps = sps
+        self.present: list[list[int]] = []
+        self.leaves: list[tuple[int, int, int, int]] = []  # (row, entry, gfn, spte)
+        for row, sp in enumerate(sps):
+            spt = sp.spt
+            chosen = None if entries is None else entries[row]
+            if chosen is None:
+                present = np.flatnonzero(sp.sptes & _PRESENT_NP).tolist()
+            else:
+                present = sorted(i for i in chosen if spt[i] & _PRESENT)
+            self.present.append(present)
+            for i in present:
+                spte = spt[i]
+                if sp.level == 1 or spte & PT_PAGE_SIZE_MASK:
+                    self.leaves.append((row, i, sp.gfn_of(i), spte))
+        self.size = sum(map(len, self.present))
+
+    def rows_of(self, sps: list[ShadowPage]) -> list[int] | None:
+        row_of = {sp: row for row, sp in enumerate(self.sps)}
+        rows = [row_of.get(sp) for sp in sps]
+        return None if None in rows else rows
+
+    def entry_reports(self, root_level: int, gfns: set[int] | None) -> tuple[C.Messages, C.Messages]:
+        check2: C.Messages = {}
+        check1: C.Messages = {}
+        lookup = self.mmu.memslots.lookup
+        for row, i, gfn, spte in self.leaves:
+            slot = lookup(gfn)
+            if slot is None:
+                for text in C.msg_no_memslot(gfn, i, self.sps[row]):
+                    C.add_message(check2, row, i, text)
+                continue
+            if not slot.rmap.has(gfn):
+                C.add_message(check2, row, i, C.msg_no_rmap(spte))
+            pfn = gfn - slot.base_gfn + slot.backing.base_pfn
+            if (spte & S.SPTE_BASE_ADDR_MASK) >> PAGE_SHIFT != pfn:
+                C.add_message(check1, row, i, C.msg_mapping(root_level, pfn, spte))
+        return check2, check1
+
+    def rmap_exact(self, gfns: set[int] | None) -> list[str]:
+        mmu = self.mmu
+        out: list[str] = []
+        for row, i, gfn, _ in self.leaves:
+            sp = self.sps[row]
+            slot = mmu.memslots.lookup(gfn)
+            if slot is None or sp.index << 9 | i not in slot.rmap.get(gfn):
+                out.append(C.msg_not_in_rmap(sp, i, gfn))
+        pages = mmu.pool.pages
+        active = mmu.active_mmu_pages
+        for gfn, sptep in self._rmap_entries(gfns):
+            sp, i = pages[sptep >> 9], sptep & 0x1FF
+            spte = sp.spt[i]
+            live = (
+                sp in active
+                and spte & _PRESENT
+                and (sp.level == 1 or spte & PT_PAGE_SIZE_MASK)
+                and sp.gfn_of(i) == gfn
+            )
+            if not live:
+                out.append(C.msg_rmap_stale(gfn, sp, i))
+        return out
+
+    def _rmap_entries(self, gfns: set[int] | None) -> list[tuple[int, int]]:
+        """(gfn, sptep) of the rmap entries of gfns (None: all), in gfn order."""
+        out: list[tuple[int, int]] = []
+        if gfns is None:
+            gfns = {g for slot in self.mmu.memslots
+                    for g in (np.flatnonzero(slot.rmap.mapped()) + slot.base_gfn).tolist()}
+        for gfn in sorted(gfns):
+            slot = self.mmu.memslots.lookup(gfn)
+            if slot is not None:
+                out += [(gfn, sptep) for sptep in slot.rmap.get(gfn)]
+        return out
+
+    def translation(self, skip_gfn: int | None) -> list[str]:
+        out: list[str] = []
+        for row, sp in enumerate(self.sps):
+            gptes = C.translated_page(self.mmu, sp, skip_gfn)
+            if gptes is None:
+                continue
+            if sp.level > 1:
+                out += _upper_translation(self.mmu, sp, self.present[row], gptes)
+                continue
+            nxe = bool(sp.role & ROLE_NXE)
+            wp0 = not sp.role & ROLE_CR0_WP
+            spt = sp.spt
+            for i in self.present[row]:
+                spte, gpte = spt[i], int(gptes[i])
+                access = _gpte_access(gpte, nxe) & sp.access
+                allowed = access if gpte & PT_DIRTY_MASK else access & ~ACC_WRITE_MASK
+                got = spte & (PT_WRITABLE_MASK | PT_USER_MASK) | (0 if spte & PT64_NX_MASK else ACC_EXEC_MASK)
+                excess = got & ~allowed
+                if wp0 and excess == ACC_WRITE_MASK and not got & ACC_USER_MASK:
+                    excess = 0  # CR0.WP=0: a supervisor-only writable spte for a read-only page
+                if (
+                    _gpte_reserved(1, gpte, nxe)
+                    or not gpte & PT_ACCESSED_MASK
+                    or (gpte & PT64_BASE_ADDR_MASK) >> PAGE_SHIFT != sp.gfns[i]
+                    or excess
+                ):
+                    out.append(C.msg_leaf_translation(sp, i, spte, gpte))
+        return out
+
+    def spte_bits(self) -> list[str]:
+        return [
+            C.msg_spte_bits(self.sps[row], i, spte)
+            for row, i, _, spte in self.leaves
+            if spte & C.SPTE_BITS_MASK not in C.SPTE_BITS_OK
+        ]

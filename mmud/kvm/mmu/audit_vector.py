@@ -1,0 +1,301 @@
+"""The audit's per-spte checks vectorised over many shadow pages (the full audit).
+
+A page's 512 sptes are one row of a 2-D array gathered once per run; leaves are picked out
+once; rmaps come out of the memslots' head arrays (mmud/kvm/rmap.py) as (sptep, gfn) arrays,
+and both directions of `rmap_exact` are a scatter and a gather over the pool's sptep space.
+So a run costs a few dozen numpy operations over all pages, plus Python only per reported
+error and per upper-level page.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+
+from mmud.kvm.mmu import audit_checks as C
+from mmud.kvm.mmu import spte as S
+from mmud.kvm.mmu.mmu import KvmMmu
+from mmud.kvm.mmu.page import ROLE_CR0_WP, ROLE_NXE, ShadowPage
+from mmud.x86.paging import (
+    ACC_EXEC_MASK,
+    ACC_USER_MASK,
+    ACC_WRITE_MASK,
+    PAGE_SHIFT,
+    PT64_BASE_ADDR_MASK,
+    PT64_LVL2_LARGE_ADDR_MASK,
+    PT64_NX_MASK,
+    PT_ACCESSED_MASK,
+    PT_DIRTY_MASK,
+    PT_PAGE_SIZE_MASK,
+    PT_PRESENT_MASK,
+    PT_USER_MASK,
+    PT_WRITABLE_MASK,
+    rsvd_bits,
+)
+
+_U = np.uint64
+_PRESENT = _U(S.SPTE_MMU_PRESENT)
+_ADDR = _U(S.SPTE_BASE_ADDR_MASK)
+_IDX = np.arange(512, dtype=np.int64)
+_W, _USER, _EXEC = _U(PT_WRITABLE_MASK), _U(PT_USER_MASK), _U(ACC_EXEC_MASK)
+
+
+def _flat(chunks: list[np.ndarray]) -> np.ndarray:
+    """The pool's chunks as one (pages, 512) array (a copy only if there are several)."""
+    if len(chunks) == 1:
+        return chunks[0]
+    return np.concatenate(chunks) if chunks else np.zeros((0, 512), dtype=np.uint64)
+
+
+def rmap_arrays(mmu: KvmMmu, gfns: Iterable[int] | None) -> tuple[np.ndarray, np.ndarray]:
+    """(sptep, gfn) of every level-1 rmap entry of gfns (None: all), each gfn's together
+    (in chain order), not sorted by gfn (see Rmap.entries)."""
+    parts = []
+    for slot in mmu.memslots:
+        select = None
+        if gfns is not None:
+            select = np.zeros(slot.npages, dtype=bool)
+            select[[g - slot.base_gfn for g in gfns if slot.base_gfn <= g < slot.end_gfn]] = True
+        parts.append(slot.rmap.entries(select))
+    if len(parts) == 1:
+        return parts[0]
+    if not parts:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def live_leaf_gfns(mmu: KvmMmu, sptep: np.ndarray) -> np.ndarray:
+    """For each sptep: the gfn its spte maps if it is a present leaf of an active page, else -1."""
+    pool = mmu.pool
+    active = mmu.active_mmu_pages
+    n = len(pool.pages)
+    is_active = np.fromiter((sp in active for sp in pool.pages), dtype=bool, count=n)
+    level = np.fromiter((sp.level for sp in pool.pages), dtype=np.int64, count=n)
+    direct = np.fromiter((sp.direct for sp in pool.pages), dtype=bool, count=n)
+    base = np.fromiter((sp.gfn for sp in pool.pages), dtype=np.int64, count=n)
+    idx, i = sptep >> 9, sptep & 0x1FF
+    spte = _flat(pool.spt_chunks).reshape(-1)[sptep]
+    mapped = _flat(pool.gfn_chunks).reshape(-1)[sptep].astype(np.int64)
+    level, direct = level[idx], direct[idx]
+    mapped = np.where(direct, base[idx] + (i << (9 * (level - 1))), mapped)
+    leaf = (level == 1) | ((spte & _U(PT_PAGE_SIZE_MASK)) != 0)
+    live = is_active[idx] & ((spte & _PRESENT) != 0) & leaf
+    return np.where(live, mapped, -1)
+
+
+def _gpte_access(g: np.ndarray, nxe: np.ndarray) -> np.ndarray:
+    """ACC_* of gptes: W and U as they are, exec unless NX under EFER.NXE."""
+    return (g & (_W | _USER)) | np.where(nxe & ((g & _U(PT64_NX_MASK)) != 0), _U(0), _EXEC)
+
+
+def _excess(got: np.ndarray, allowed: np.ndarray, wp0: np.ndarray) -> np.ndarray:
+    """Rights beyond `allowed`, except CR0.WP=0's supervisor-only write to a read-only page."""
+    excess = got & ~allowed
+    wp0_shape = wp0 & (excess == _U(ACC_WRITE_MASK)) & ((got & _U(ACC_USER_MASK)) == 0)
+    return (excess != 0) & ~wp0_shape
+
+
+class PageArrays:
+    """The sptes of a list of shadow pages as 2-D arrays (a row per page, an entry per
+    column), gathered once per run, so that every check is a few numpy operations over all
+    pages at once; Python runs only for what is reported."""
+
+    def __init__(
+        self, mmu: KvmMmu, sps: list[ShadowPage], entries: list[set[int] | None] | None = None
+    ) -> None:
+        n = len(sps)
+        self.mmu = mmu
+        self.sps = sps
+        self.index = np.fromiter((sp.index for sp in sps), dtype=np.int64, count=n)
+        self.level = np.fromiter((sp.level for sp in sps), dtype=np.int64, count=n)
+        self.sptes = _flat(mmu.pool.spt_chunks)[self.index]
+        self.present = (self.sptes & _PRESENT) != 0
+        self.leaf = self.present.copy()
+        upper = np.flatnonzero(self.level > 1)
+        self.leaf[upper] &= (self.sptes[upper] & _U(PT_PAGE_SIZE_MASK)) != 0
+        # Every active page, every entry: leaves of these are all the live leaves there are.
+        self.complete = entries is None and len(sps) == len(mmu.active_mmu_pages) and all(
+            sp in mmu.active_mmu_pages for sp in sps
+        )
+        if entries is not None and any(e is not None for e in entries):
+            # Only the entries an operation changed: the per-entry checks look at those.
+            wanted = np.ones((n, 512), dtype=bool)
+            for row, chosen in enumerate(entries):
+                if chosen is not None:
+                    wanted[row] = False
+                    wanted[row, list(chosen)] = True
+            self.present &= wanted
+            self.leaf &= wanted
+        # The gfn of each entry (kvm_mmu_page_get_gfn()): computed for direct pages (as if all
+        # were level 1, then fixed), recorded for indirect ones.
+        base = np.fromiter((sp.gfn for sp in sps), dtype=np.int64, count=n)
+        self.gfns = np.add(base[:, None], _IDX[None, :])
+        indirect = [row for row, sp in enumerate(sps) if not sp.direct]
+        if indirect:
+            self.gfns[indirect] = np.stack([sps[r]._gfns_np for r in indirect]).view(np.int64)
+        direct_upper = [row for row in upper.tolist() if sps[row].direct]
+        if direct_upper:
+            shift = 9 * (self.level[direct_upper] - 1)[:, None]
+            self.gfns[direct_upper] = base[direct_upper, None] + (_IDX << shift)
+        self._missing: tuple[set[int] | None, tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None
+
+    def rows_of(self, sps: list[ShadowPage]) -> list[int] | None:
+        row_of = {sp: row for row, sp in enumerate(self.sps)}
+        rows = [row_of.get(sp) for sp in sps]
+        return None if None in rows else rows
+
+    def _rmap_missing(self, gfns: set[int] | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Which leaves are not registered under their gfn (a superset: an sptep found in
+        two rmaps may show here), and the (sptep, gfn) rmap entries of gfns and the leaves'
+        gfns (None: all). Computed once per run: checks 2 and rmap_exact both need it."""
+        if self._missing is not None and self._missing[0] is gfns:
+            return self._missing[1]
+        wanted = None if gfns is None else set(gfns) | set(self.gfns[self.leaf].tolist())
+        r_sptep, r_gfn = rmap_arrays(self.mmu, wanted)
+        registered = np.full((len(self.mmu.pool.pages), 512), -1, dtype=np.int64)
+        registered.reshape(-1)[r_sptep] = r_gfn
+        result = self.leaf & (registered[self.index] != self.gfns), r_sptep, r_gfn
+        self._missing = (gfns, result)
+        return result
+
+    def entry_reports(self, root_level: int, gfns: set[int] | None) -> tuple[C.Messages, C.Messages]:
+        # Check 2 can fail only where the exact rmap check fails: Python confirms those.
+        check2: C.Messages = {}
+        lookup = self.mmu.memslots.lookup
+        for r, i in zip(*np.nonzero(self._rmap_missing(gfns)[0]), strict=True):
+            r, i = int(r), int(i)
+            gfn = int(self.gfns[r, i])
+            slot = lookup(gfn)
+            if slot is None:
+                for text in C.msg_no_memslot(gfn, i, self.sps[r]):
+                    C.add_message(check2, r, i, text)
+            elif not slot.rmap.has(gfn):
+                C.add_message(check2, r, i, C.msg_no_rmap(int(self.sptes[r, i])))
+        check1: C.Messages = {}
+        got = ((self.sptes & _ADDR) >> _U(PAGE_SHIFT)).view(np.int64)
+        for slot in self.mmu.memslots:
+            inside = self.leaf & (self.gfns >= slot.base_gfn) & (self.gfns < slot.end_gfn)
+            bad = inside & (got != self.gfns + (slot.backing.base_pfn - slot.base_gfn))
+            for r, i in zip(*np.nonzero(bad), strict=True):
+                pfn = int(self.gfns[r, i]) - slot.base_gfn + slot.backing.base_pfn
+                C.add_message(check1, int(r), int(i), C.msg_mapping(root_level, pfn, int(self.sptes[r, i])))
+        for msgs in check1.values():
+            msgs.sort(key=lambda m: m[0])
+        return check2, check1
+
+    def rmap_exact(self, gfns: set[int] | None) -> list[str]:
+        mmu = self.mmu
+        pages = mmu.pool.pages
+        missing, r_sptep, r_gfn = self._rmap_missing(gfns)
+        out: list[str] = []
+        for r, i in zip(*np.nonzero(missing), strict=True):
+            # An sptep in two rmaps shows one of them above: confirm against the gfn's own.
+            sp, i, gfn = self.sps[int(r)], int(i), int(self.gfns[r, i])
+            slot = mmu.memslots.lookup(gfn)
+            if slot is None or sp.index << 9 | i not in slot.rmap.get(gfn):
+                out.append(C.msg_not_in_rmap(sp, i, gfn))
+        if gfns is not None:
+            keep = np.isin(r_gfn, np.fromiter(gfns, dtype=np.int64, count=len(gfns)))
+            r_sptep, r_gfn = r_sptep[keep], r_gfn[keep]
+        if self.complete:
+            live = np.full((len(pages), 512), -1, dtype=np.int64)
+            live[self.index] = np.where(self.leaf, self.gfns, -1)
+            mapped = live.reshape(-1)[r_sptep]
+        else:
+            mapped = live_leaf_gfns(mmu, r_sptep)
+        for k in C.gfn_order(r_gfn, mapped != r_gfn):
+            sptep = int(r_sptep[k])
+            out.append(C.msg_rmap_stale(int(r_gfn[k]), pages[sptep >> 9], sptep & 0x1FF))
+        return out
+
+    def translation(self, skip_gfn: int | None) -> list[str]:
+        by_level: dict[bool, list[int]] = {True: [], False: []}
+        tables: dict[bool, list[np.ndarray]] = {True: [], False: []}
+        for row, sp in enumerate(self.sps):
+            gptes = C.translated_page(self.mmu, sp, skip_gfn)
+            if gptes is not None:
+                by_level[sp.level == 1].append(row)
+                tables[sp.level == 1].append(gptes)
+        found: list[tuple[int, int, str]] = []
+        if by_level[True]:
+            found += self._leaf_translation(by_level[True], np.stack(tables[True]))
+        if by_level[False]:
+            found += self._upper_translation(by_level[False], np.stack(tables[False]))
+        return [text for _, _, text in sorted(found, key=lambda f: (f[0], f[1]))]
+
+    def _row_facts(self, rows: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per row, as columns: EFER.NXE and CR0.WP=0 of the page's role, its access."""
+        sps = [self.sps[r] for r in rows]
+        nxe = np.array([bool(sp.role & ROLE_NXE) for sp in sps])[:, None]
+        wp0 = np.array([not sp.role & ROLE_CR0_WP for sp in sps])[:, None]
+        access = np.array([sp.access for sp in sps], dtype=np.uint64)[:, None]
+        return nxe, wp0, access
+
+    def _leaf_translation(self, rows: list[int], g: np.ndarray) -> list[tuple[int, int, str]]:
+        """Level-1 pages: frame, A bit, reserved bits and rights per spte."""
+        nxe, wp0, access = self._row_facts(rows)
+        rsvd = np.array([rsvd_bits(1, False, bool(n)) for n in nxe[:, 0]], dtype=np.uint64)[:, None]
+        s = self.sptes[rows]
+        gaccess = _gpte_access(g, nxe) & access
+        bad_gpte = ((g & _U(PT_PRESENT_MASK)) == 0) | ((g & rsvd) != 0) | ((g & _U(PT_ACCESSED_MASK)) == 0)
+        want_gfn = ((g & _U(PT64_BASE_ADDR_MASK)) >> _U(PAGE_SHIFT)).view(np.int64)
+        got_gfn = self.gfns[rows]
+        allowed = np.where((g & _U(PT_DIRTY_MASK)) != 0, gaccess, gaccess & ~_U(ACC_WRITE_MASK))
+        got = (s & (_W | _USER)) | np.where((s & _U(PT64_NX_MASK)) != 0, _U(0), _EXEC)
+        bad = self.present[rows] & (bad_gpte | (want_gfn != got_gfn) | _excess(got, allowed, wp0))
+        return [
+            (rows[k], i, C.msg_leaf_translation(self.sps[rows[k]], i, int(s[k, i]), int(g[k, i])))
+            for k, i in zip(*(a.tolist() for a in np.nonzero(bad)), strict=True)
+        ]
+
+    def _upper_translation(self, rows: list[int], g: np.ndarray) -> list[tuple[int, int, str]]:
+        """Upper-level pages: each present spte links the page for the gpte's table (for a
+        2 MiB gpte, the direct page of its frame) with the access the path allows (for
+        2 MiB, no more: the CR0.WP=0 shape allowed)."""
+        nxe, wp0, access = self._row_facts(rows)
+        level = self.level[rows]
+        rsvd_table = [rsvd_bits(int(lv), False, bool(n)) for lv, n in zip(level, nxe[:, 0], strict=True)]
+        rsvd_large = [rsvd_bits(int(lv), lv == 2, bool(n)) for lv, n in zip(level, nxe[:, 0], strict=True)]
+        ks, es = np.nonzero(self.present[rows])
+        gpte = g[ks, es]
+        large = (level[ks] == 2) & ((gpte & _U(PT_PAGE_SIZE_MASK)) != 0)
+        rsvd = np.where(large, np.array(rsvd_large, dtype=np.uint64)[ks],
+                        np.array(rsvd_table, dtype=np.uint64)[ks])
+        bad_gpte = ((gpte & _U(PT_PRESENT_MASK)) == 0) | ((gpte & rsvd) != 0)
+        pages = self.mmu.pool.pages
+        child_index = (self.sptes[rows][ks, es] & _ADDR) >> _U(PAGE_SHIFT)
+        children = [pages[c - S.SPT_PFN_BASE] for c in child_index.tolist()]
+        c_direct = np.fromiter((c.direct for c in children), dtype=bool, count=len(children))
+        c_gfn = np.fromiter((c.gfn for c in children), dtype=np.uint64, count=len(children))
+        c_access = np.fromiter((c.access for c in children), dtype=np.uint64, count=len(children))
+        gaccess = _gpte_access(gpte, nxe[ks, 0]) & access[ks, 0]
+        allowed = np.where((gpte & _U(PT_DIRTY_MASK)) != 0, gaccess, gaccess & ~_U(ACC_WRITE_MASK))
+        ok_large = (
+            c_direct
+            & (c_gfn == (gpte & _U(PT64_LVL2_LARGE_ADDR_MASK)) >> _U(PAGE_SHIFT))
+            & ~_excess(c_access, allowed, wp0[ks, 0])
+        )
+        ok_table = (
+            ~c_direct
+            & (c_gfn == (gpte & _U(PT64_BASE_ADDR_MASK)) >> _U(PAGE_SHIFT))
+            & (c_access == gaccess)
+        )
+        bad = bad_gpte | ~np.where(large, ok_large, ok_table)
+        out = []
+        for k in np.flatnonzero(bad).tolist():
+            row, i = rows[int(ks[k])], int(es[k])
+            out.append((row, i, C.msg_link(self.sps[row], i, children[k], int(gpte[k]))))
+        return out
+
+    def spte_bits(self) -> list[str]:
+        sptes = self.sptes
+        bits = sptes & _U(C.SPTE_BITS_MASK)
+        ok = bits == _U(C.SPTE_BITS_OK[0])
+        for value in C.SPTE_BITS_OK[1:]:
+            ok |= bits == _U(value)
+        bad = self.leaf & ~ok
+        return [
+            C.msg_spte_bits(self.sps[int(row)], int(i), int(sptes[row, i]))
+            for row, i in zip(*np.nonzero(bad), strict=True)
+        ]
