@@ -89,12 +89,15 @@ class Rmap:
         if select is not None:
             single &= select
         rels = np.flatnonzero(single)
-        sptep, gfn = head[rels], rels + self.base_gfn
         chained = sorted(r for r in self.desc if select is None or select[r])
+        lists = [self.desc[r] for r in chained]
+        lens = np.fromiter(map(len, lists), dtype=np.int64, count=len(lists))
+        n = len(rels)
+        sptep = np.empty(n + int(lens.sum()), dtype=np.int64)
+        gfn = np.empty_like(sptep)
+        np.take(head, rels, out=sptep[:n])
+        np.add(rels, self.base_gfn, out=gfn[:n])
         if chained:
-            lists = [self.desc[r] for r in chained]
-            lens = np.fromiter(map(len, lists), dtype=np.int64, count=len(lists))
-            c_gfn = np.repeat(np.array(chained, dtype=np.int64) + self.base_gfn, lens)
-            c_sptep = np.fromiter(chain.from_iterable(lists), dtype=np.int64, count=len(c_gfn))
-            sptep, gfn = np.concatenate((sptep, c_sptep)), np.concatenate((gfn, c_gfn))
+            gfn[n:] = np.repeat(np.array(chained, dtype=np.int64) + self.base_gfn, lens)
+            sptep[n:] = np.fromiter(chain.from_iterable(lists), dtype=np.int64, count=len(sptep) - n)
         return sptep, gfn

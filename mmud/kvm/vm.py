@@ -10,6 +10,7 @@ import errno
 import weakref
 from collections.abc import Mapping
 
+from mmud import hostmem
 from mmud.kvm import dirty_log, guest_rw, kvm_main, stats
 from mmud.kvm.devices import IORAM_BASE, IORAM_SIZE, IoRam, MmioBus
 from mmud.kvm.kvm_main import KvmError
@@ -41,6 +42,7 @@ class Kvm:
     ) -> None:
         if mem_mb <= 0 or vcpus <= 0:
             raise ValueError("mem_mb and vcpus must be positive")
+        hostmem.keep_freed_arrays()
         self.params = params if isinstance(params, Params) else Params(load=params)
         self.mem_mb = mem_mb
         self.mem_bytes = mem_mb << 20

@@ -84,6 +84,13 @@ def live_leaf_gfns(mmu: KvmMmu, sptep: np.ndarray) -> np.ndarray:
     return np.where(live, mapped, -1)
 
 
+def _coords(mask: np.ndarray) -> list[tuple[int, int]]:
+    """(row, entry) where a 2-D mask is set, row-major (what is reported: usually nothing)."""
+    if not mask.any():
+        return []
+    return list(zip(*(a.tolist() for a in np.nonzero(mask)), strict=True))
+
+
 def _gpte_access(g: np.ndarray, nxe: np.ndarray) -> np.ndarray:
     """ACC_* of gptes: W and U as they are, exec unless NX under EFER.NXE."""
     return (g & (_W | _USER)) | np.where(nxe & ((g & _U(PT64_NX_MASK)) != 0), _U(0), _EXEC)
@@ -109,7 +116,7 @@ class PageArrays:
         self.sps = sps
         self.index = np.fromiter((sp.index for sp in sps), dtype=np.int64, count=n)
         self.level = np.fromiter((sp.level for sp in sps), dtype=np.int64, count=n)
-        self.sptes = _flat(mmu.pool.spt_chunks)[self.index]
+        self.sptes = np.stack([sp.sptes for sp in sps]) if n else np.zeros((0, 512), dtype=np.uint64)
         self.present = (self.sptes & _PRESENT) != 0
         self.leaf = self.present.copy()
         upper = np.flatnonzero(self.level > 1)
@@ -139,6 +146,7 @@ class PageArrays:
             shift = 9 * (self.level[direct_upper] - 1)[:, None]
             self.gfns[direct_upper] = base[direct_upper, None] + (_IDX << shift)
         self._missing: tuple[set[int] | None, tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None
+        self._scratch = np.zeros((0, 512), dtype=np.int64)  # a (pool page, entry) array to reuse
 
     def rows_of(self, sps: list[ShadowPage]) -> list[int] | None:
         row_of = {sp: row for row, sp in enumerate(self.sps)}
@@ -156,6 +164,7 @@ class PageArrays:
         registered = np.full((len(self.mmu.pool.pages), 512), -1, dtype=np.int64)
         registered.reshape(-1)[r_sptep] = r_gfn
         result = self.leaf & (registered[self.index] != self.gfns), r_sptep, r_gfn
+        self._scratch = registered
         self._missing = (gfns, result)
         return result
 
@@ -163,8 +172,7 @@ class PageArrays:
         # Check 2 can fail only where the exact rmap check fails: Python confirms those.
         check2: C.Messages = {}
         lookup = self.mmu.memslots.lookup
-        for r, i in zip(*np.nonzero(self._rmap_missing(gfns)[0]), strict=True):
-            r, i = int(r), int(i)
+        for r, i in _coords(self._rmap_missing(gfns)[0]):
             gfn = int(self.gfns[r, i])
             slot = lookup(gfn)
             if slot is None:
@@ -177,7 +185,7 @@ class PageArrays:
         for slot in self.mmu.memslots:
             inside = self.leaf & (self.gfns >= slot.base_gfn) & (self.gfns < slot.end_gfn)
             bad = inside & (got != self.gfns + (slot.backing.base_pfn - slot.base_gfn))
-            for r, i in zip(*np.nonzero(bad), strict=True):
+            for r, i in _coords(bad):
                 pfn = int(self.gfns[r, i]) - slot.base_gfn + slot.backing.base_pfn
                 C.add_message(check1, int(r), int(i), C.msg_mapping(root_level, pfn, int(self.sptes[r, i])))
         for msgs in check1.values():
@@ -189,9 +197,9 @@ class PageArrays:
         pages = mmu.pool.pages
         missing, r_sptep, r_gfn = self._rmap_missing(gfns)
         out: list[str] = []
-        for r, i in zip(*np.nonzero(missing), strict=True):
+        for r, i in _coords(missing):
             # An sptep in two rmaps shows one of them above: confirm against the gfn's own.
-            sp, i, gfn = self.sps[int(r)], int(i), int(self.gfns[r, i])
+            sp, gfn = self.sps[r], int(self.gfns[r, i])
             slot = mmu.memslots.lookup(gfn)
             if slot is None or sp.index << 9 | i not in slot.rmap.get(gfn):
                 out.append(C.msg_not_in_rmap(sp, i, gfn))
@@ -199,7 +207,8 @@ class PageArrays:
             keep = np.isin(r_gfn, np.fromiter(gfns, dtype=np.int64, count=len(gfns)))
             r_sptep, r_gfn = r_sptep[keep], r_gfn[keep]
         if self.complete:
-            live = np.full((len(pages), 512), -1, dtype=np.int64)
+            live = self._scratch  # the registered gfns, not needed any more
+            live.fill(-1)
             live[self.index] = np.where(self.leaf, self.gfns, -1)
             mapped = live.reshape(-1)[r_sptep]
         else:
@@ -246,7 +255,7 @@ class PageArrays:
         bad = self.present[rows] & (bad_gpte | (want_gfn != got_gfn) | _excess(got, allowed, wp0))
         return [
             (rows[k], i, C.msg_leaf_translation(self.sps[rows[k]], i, int(s[k, i]), int(g[k, i])))
-            for k, i in zip(*(a.tolist() for a in np.nonzero(bad)), strict=True)
+            for k, i in _coords(bad)
         ]
 
     def _upper_translation(self, rows: list[int], g: np.ndarray) -> list[tuple[int, int, str]]:
@@ -296,6 +305,6 @@ class PageArrays:
             ok |= bits == _U(value)
         bad = self.leaf & ~ok
         return [
-            C.msg_spte_bits(self.sps[int(row)], int(i), int(sptes[row, i]))
-            for row, i in zip(*np.nonzero(bad), strict=True)
+            C.msg_spte_bits(self.sps[row], i, int(sptes[row, i]))
+            for row, i in _coords(bad)
         ]
