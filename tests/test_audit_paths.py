@@ -132,12 +132,17 @@ def test_checks_agree_under_the_kernel_workload(bug):
         gfns = {sp.gfn_of(int(i)) for sp in subset for i in rng.integers(0, 512, size=4)}
         vector, scalar = _both(mmu, "post page fault", subset, subset, gfns, entries)
         assert vector == scalar
-    # Then damage, and compare once more.
+    # Then each kind of damage, to any present spte and to a writable leaf of a synced
+    # indirect page (the one whose rights `translation` weighs), and compare once more.
     present = [(sp, i) for sp in pages for i in range(512) if sp.spt[i] & S.SPTE_MMU_PRESENT]
-    for k in rng.choice(len(present), size=min(40, len(present)), replace=False):
-        _damage(vm, *present[int(k)], DAMAGE[int(k) % len(DAMAGE)])
-    vector, scalar = _both(mmu, "post page fault", pages, pages, None)
-    assert vector == scalar
+    writable = [(sp, i) for sp, i in present
+                if sp.level == 1 and not sp.direct and not sp.unsync and sp.spt[i] & W]
+    for damage in DAMAGE:
+        for candidates in (present, writable):
+            for k in rng.choice(len(candidates), size=min(2, len(candidates)), replace=False):
+                _damage(vm, *candidates[int(k)], damage)
+        vector, scalar = _both(mmu, "post page fault", pages, pages, None)
+        assert vector == scalar
 
 
 @settings(max_examples=200, deadline=None)

@@ -47,6 +47,12 @@ def _gpte_reserved(level: int, gpte: int, nxe: bool) -> bool:
     return not gpte & PT_PRESENT_MASK or bool(gpte & rsvd_bits(level, large, nxe))
 
 
+def _excess(got: int, allowed: int, wp0: bool) -> bool:
+    """Rights beyond `allowed`, except CR0.WP=0's supervisor-only write to a read-only page."""
+    extra = got & ~allowed
+    return bool(extra) and not (wp0 and extra == ACC_WRITE_MASK and not got & ACC_USER_MASK)
+
+
 def _upper_translation(mmu: KvmMmu, sp: ShadowPage, rows: list[int], gptes: np.ndarray) -> list[str]:
     """translation for present non-leaf sptes of an upper-level page: the child is the page
     for the gpte's table (or, for a 2 MiB gpte, the direct page of its frame) with the
@@ -64,12 +70,10 @@ def _upper_translation(mmu: KvmMmu, sp: ShadowPage, rows: list[int], gptes: np.n
         elif gpte & PT_PAGE_SIZE_MASK:
             if not gpte & PT_DIRTY_MASK:
                 access &= ~ACC_WRITE_MASK
-            extra = child.access & ~access
-            wp0_extra = wp0 and extra == ACC_WRITE_MASK and not child.access & ACC_USER_MASK
             ok = (
                 child.direct
                 and child.gfn == (gpte & PT64_LVL2_LARGE_ADDR_MASK) >> PAGE_SHIFT
-                and (not extra or wp0_extra)
+                and not _excess(child.access, access, wp0)
             )
         else:
             ok = (
@@ -180,14 +184,11 @@ class PageEntries:
                 access = _gpte_access(gpte, nxe) & sp.access
                 allowed = access if gpte & PT_DIRTY_MASK else access & ~ACC_WRITE_MASK
                 got = spte & (PT_WRITABLE_MASK | PT_USER_MASK) | (0 if spte & PT64_NX_MASK else ACC_EXEC_MASK)
-                excess = got & ~allowed
-                if wp0 and excess == ACC_WRITE_MASK and not got & ACC_USER_MASK:
-                    excess = 0  # CR0.WP=0: a supervisor-only writable spte for a read-only page
                 if (
                     _gpte_reserved(1, gpte, nxe)
                     or not gpte & PT_ACCESSED_MASK
                     or (gpte & PT64_BASE_ADDR_MASK) >> PAGE_SHIFT != sp.gfns[i]
-                    or excess
+                    or _excess(got, allowed, wp0)
                 ):
                     out.append(C.msg_leaf_translation(sp, i, spte, gpte))
         return out
