@@ -1,7 +1,8 @@
 """The MMU audit's cost and its detection latency (issue 4).
 
 Throughput is guest steps per second of the `kernel` workload, each variant in its own
-process, variants alternating round by round (median of the rounds):
+process, variants alternating round by round (ABBA); a ratio is the median over rounds of
+the two variants' ratio within the round:
 - `audit_off_ratio`: audit off relative to a build of the same package with the audit
   points removed (every line marked `# audit point` deleted from a copy of the source).
 - `audit_full_ratio[<mem>]`: full audit at every point (rate limit 0) relative to off, for a
@@ -30,7 +31,7 @@ import time
 from pathlib import Path
 
 import mmud
-from bench._common import figure, interleaved, median
+from bench._common import figure, interleaved, median, paired_ratio
 from mmud.kvm.mmu.bugs import BUGS
 from mmud.sched import TaskFailed
 
@@ -77,12 +78,8 @@ def steps_per_s(root: Path, params: dict[str, str], steps: int, mem_mb: int = 64
     return float(out.stdout.split()[-1])
 
 
-def _ratio(samples: dict[str, list[float]], a: str, b: str) -> float:
-    return median(samples[a]) / median(samples[b])
-
-
 def throughput(quick: bool) -> None:
-    rounds = 2 if quick else 5
+    rounds = 2 if quick else 10
     steps = 2000 if quick else 20000
     with tempfile.TemporaryDirectory(prefix="mmud-stripped-") as tmp:
         stripped = stripped_package(Path(tmp))
@@ -95,9 +92,9 @@ def throughput(quick: bool) -> None:
             },
             rounds,
         )
-    figure("audit_off_ratio", _ratio(samples, "off", "stripped"), "ratio")
-    figure("audit_ratelimited_ratio", _ratio(samples, "ratelimited", "off"), "ratio")
-    figure("audit_incremental_ratio", _ratio(samples, "incremental", "off"), "ratio")
+    figure("audit_off_ratio", paired_ratio(samples, "off", "stripped"), "ratio")
+    figure("audit_ratelimited_ratio", paired_ratio(samples, "ratelimited", "off"), "ratio")
+    figure("audit_incremental_ratio", paired_ratio(samples, "incremental", "off"), "ratio")
     sizes = ((64, "64M"),) if quick else ((64, "64M"), (256, "256M"), (1024, "1G"))
     for mem_mb, label in sizes:
         figure(f"audit_full_ratio[{label}]", full_ratio(mem_mb, 3 if quick else 10), "ratio")
