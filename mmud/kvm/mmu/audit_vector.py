@@ -1,10 +1,11 @@
-"""The audit's per-spte checks vectorised over many shadow pages (the full audit).
+"""The audit's per-spte checks vectorised over many shadow pages (the full audit, and
+incremental runs too large for audit_scalar).
 
-A page's 512 sptes are one row of a 2-D array gathered once per run; leaves are picked out
-once; rmaps come out of the memslots' head arrays (mmud/kvm/rmap.py) as (sptep, gfn) arrays,
-and both directions of `rmap_exact` are a scatter and a gather over the pool's sptep space.
-So a run costs a few dozen numpy operations over all pages, plus Python only per reported
-error and per upper-level page.
+A page's 512 sptes are one row of a 2-D array gathered once per run, with the gfn of each
+entry beside it; rmaps come out of the memslots' head arrays (mmud/kvm/rmap.py) as (sptep,
+gfn) arrays, and both directions of `rmap_exact` are a scatter and a gather over the pool's
+(page, entry) space. So a run costs a few dozen numpy operations over all pages, plus Python
+per reported error and per link of an upper-level page.
 """
 
 from __future__ import annotations
