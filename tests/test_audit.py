@@ -4,9 +4,15 @@ the bug's code path, in incremental scope at the post point of that very operati
 
 from __future__ import annotations
 
+import ast
+import importlib
+import sys
+from pathlib import Path
+
 import pytest
 
 import mmud
+from bench.bench_audit import stripped_package
 from mmud.guest import WORKLOADS
 from mmud.host import HOST_WORKLOADS
 from mmud.kvm.dirty_log import kvm_get_dirty_log_protect, run_ioctl
@@ -30,6 +36,41 @@ def test_no_bug_no_error_at_every_point(scope, workload):
     assert stats["mmu_audit_runs"] > 50
     assert stats["mmu_audit_errors"] == 0, vm.audit_log()[:5]
     assert vm.audit() == []
+
+
+HOOK_TESTS = {"# audit point": "audit_enabled", "# audit track": "audit_track is not None"}
+
+
+def test_audit_hooks_are_one_line_tests():
+    """Every audit point and audit-track hook is one `if <test>: <call>` line, so that with
+    the audit off it costs that test, and deleting the lines (bench_audit's build without
+    the audit) leaves the same program."""
+    hooks = 0
+    for path in Path(mmud.__file__).parent.rglob("*.py"):
+        for line in path.read_text().splitlines():
+            marker = next((m for m in HOOK_TESTS if line.rstrip().endswith(m)), None)
+            if marker is None:
+                continue
+            hooks += 1
+            (node,) = ast.parse(line.strip()).body
+            assert isinstance(node, ast.If) and not node.orelse and len(node.body) == 1, (path, line)
+            assert isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Call), line
+            assert ast.unparse(node.test).endswith(HOOK_TESTS[marker]), (path, line)
+    assert hooks > 20
+
+
+def test_the_build_without_the_audit_runs_the_same_guest(tmp_path, monkeypatch):
+    name = stripped_package(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        without = importlib.import_module(name).VM(mem_mb=64, seed=7, workload="kernel")
+        with_audit = mmud.VM(mem_mb=64, seed=7, workload="kernel")
+        without.step(400)
+        with_audit.step(400)
+        assert without.stats == with_audit.stats
+    finally:
+        for module in [m for m in sys.modules if m.split(".")[0] == name]:
+            del sys.modules[module]
 
 
 def test_audit_off_runs_nothing():

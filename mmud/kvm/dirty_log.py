@@ -33,6 +33,7 @@ from mmud.kvm.memslot import KVM_USER_MEM_SLOTS, Memslot
 from mmud.kvm.mmu.dirty import kvm_mmu_write_protect_pt_masked
 
 if TYPE_CHECKING:
+    from mmud.kvm.mmu.mmu import KvmMmu
     from mmud.kvm.vm import Kvm
 
 KVM_DIRTY_LOG_MANUAL_CAPS = KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE | KVM_DIRTY_LOG_INITIALLY_SET
@@ -120,6 +121,11 @@ def _set_pages(first_word: int, words: np.ndarray) -> np.ndarray:
     return np.flatnonzero(bits) + first_word * BITS_PER_LONG
 
 
+def _note_harvested(mmu: KvmMmu, slot: Memslot, first_word: int, words: np.ndarray) -> None:
+    """For the incremental audit: the pages of `words` were harvested (and re-protected)."""
+    mmu.audit_track.gfns.update((_set_pages(first_word, words) + slot.base_gfn).tolist())
+
+
 def _harvest(
     kvm: Kvm, slot: Memslot, first_word: int, mask: np.ndarray | None,
     snapshot: np.ndarray | None, words_per_step: int,
@@ -151,8 +157,7 @@ def _harvest(
                     yield
                 if mmu.bug != "dirty_wp_skipped":
                     flush |= _protect(kvm, slot, first_word + a, taken)
-            if mmu.audit_track is not None:  # audit track
-                mmu.audit_track.gfns.update((_set_pages(first_word + a, taken) + slot.base_gfn).tolist())
+            if mmu.audit_track is not None: _note_harvested(mmu, slot, first_word + a, taken)  # audit track
             if snapshot is not None:
                 snapshot[a:b] = taken
             if words_per_step:
