@@ -75,7 +75,7 @@ def _stepper(vm: mmud.VM, steps: int) -> Callable[[], list[float]]:
 
 
 def throughput(quick: bool) -> None:
-    rounds = 4 if quick else 40
+    rounds = 4 if quick else 200
     steps = 250 if quick else 1000
     with tempfile.TemporaryDirectory(prefix="mmud-stripped-") as tmp:
         sys.path.insert(0, tmp)
