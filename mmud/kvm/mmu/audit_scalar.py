@@ -15,42 +15,32 @@ from mmud.kvm.mmu import audit_checks as C
 from mmud.kvm.mmu import spte as S
 from mmud.kvm.mmu.mmu import KvmMmu
 from mmud.kvm.mmu.page import ROLE_CR0_WP, ROLE_NXE, ShadowPage
-from mmud.x86.paging import (
-    ACC_EXEC_MASK,
-    ACC_USER_MASK,
-    ACC_WRITE_MASK,
-    PAGE_SHIFT,
-    PT64_BASE_ADDR_MASK,
-    PT64_LVL2_LARGE_ADDR_MASK,
-    PT64_NX_MASK,
-    PT_ACCESSED_MASK,
-    PT_DIRTY_MASK,
-    PT_PAGE_SIZE_MASK,
-    PT_PRESENT_MASK,
-    PT_USER_MASK,
-    PT_WRITABLE_MASK,
-    rsvd_bits,
-)
+from mmud.x86 import paging as pg
 
 _PRESENT = S.SPTE_MMU_PRESENT
 _PRESENT_NP = np.uint64(S.SPTE_MMU_PRESENT)
 
 
 def _gpte_access(gpte: int, nxe: bool) -> int:
-    access = gpte & (PT_WRITABLE_MASK | PT_USER_MASK)
-    return access | (0 if nxe and gpte & PT64_NX_MASK else ACC_EXEC_MASK)
+    access = gpte & (pg.PT_WRITABLE_MASK | pg.PT_USER_MASK)
+    return access | (0 if nxe and gpte & pg.PT64_NX_MASK else pg.ACC_EXEC_MASK)
+
+
+def _spte_access(spte: int) -> int:
+    access = spte & (pg.PT_WRITABLE_MASK | pg.PT_USER_MASK)
+    return access | (0 if spte & pg.PT64_NX_MASK else pg.ACC_EXEC_MASK)
 
 
 def _gpte_reserved(level: int, gpte: int, nxe: bool) -> bool:
     """Not present, or reserved bits set: the MMU must not have shadowed it."""
-    large = level == 2 and bool(gpte & PT_PAGE_SIZE_MASK)
-    return not gpte & PT_PRESENT_MASK or bool(gpte & rsvd_bits(level, large, nxe))
+    large = level == 2 and bool(gpte & pg.PT_PAGE_SIZE_MASK)
+    return not gpte & pg.PT_PRESENT_MASK or bool(gpte & pg.rsvd_bits(level, large, nxe))
 
 
 def _excess(got: int, allowed: int, wp0: bool) -> bool:
     """Rights beyond `allowed`, except CR0.WP=0's supervisor-only write to a read-only page."""
     extra = got & ~allowed
-    return bool(extra) and not (wp0 and extra == ACC_WRITE_MASK and not got & ACC_USER_MASK)
+    return bool(extra) and not (wp0 and extra == pg.ACC_WRITE_MASK and not got & pg.ACC_USER_MASK)
 
 
 def _upper_translation(mmu: KvmMmu, sp: ShadowPage, rows: list[int], gptes: np.ndarray) -> list[str]:
@@ -67,18 +57,18 @@ def _upper_translation(mmu: KvmMmu, sp: ShadowPage, rows: list[int], gptes: np.n
         access = _gpte_access(gpte, nxe) & sp.access
         if _gpte_reserved(sp.level, gpte, nxe):
             ok = False
-        elif gpte & PT_PAGE_SIZE_MASK:
-            if not gpte & PT_DIRTY_MASK:
-                access &= ~ACC_WRITE_MASK
+        elif gpte & pg.PT_PAGE_SIZE_MASK:
+            if not gpte & pg.PT_DIRTY_MASK:
+                access &= ~pg.ACC_WRITE_MASK
             ok = (
                 child.direct
-                and child.gfn == (gpte & PT64_LVL2_LARGE_ADDR_MASK) >> PAGE_SHIFT
+                and child.gfn == (gpte & pg.PT64_LVL2_LARGE_ADDR_MASK) >> pg.PAGE_SHIFT
                 and not _excess(child.access, access, wp0)
             )
         else:
             ok = (
                 not child.direct
-                and child.gfn == (gpte & PT64_BASE_ADDR_MASK) >> PAGE_SHIFT
+                and child.gfn == (gpte & pg.PT64_BASE_ADDR_MASK) >> pg.PAGE_SHIFT
                 and child.access == access
             )
         if not ok:
@@ -106,7 +96,7 @@ class PageEntries:
             self.present.append(present)
             for i in present:
                 spte = spt[i]
-                if sp.level == 1 or spte & PT_PAGE_SIZE_MASK:
+                if sp.level == 1 or spte & pg.PT_PAGE_SIZE_MASK:
                     self.leaves.append((row, i, sp.gfn_of(i), spte))
         self.size = sum(map(len, self.present))
 
@@ -128,7 +118,7 @@ class PageEntries:
             if not slot.rmap.has(gfn):
                 C.add_message(check2, row, i, C.msg_no_rmap(spte))
             pfn = gfn - slot.base_gfn + slot.backing.base_pfn
-            if (spte & S.SPTE_BASE_ADDR_MASK) >> PAGE_SHIFT != pfn:
+            if (spte & S.SPTE_BASE_ADDR_MASK) >> pg.PAGE_SHIFT != pfn:
                 C.add_message(check1, row, i, C.msg_mapping(root_level, pfn, spte))
         return check2, check1
 
@@ -148,7 +138,7 @@ class PageEntries:
             live = (
                 sp in active
                 and spte & _PRESENT
-                and (sp.level == 1 or spte & PT_PAGE_SIZE_MASK)
+                and (sp.level == 1 or spte & pg.PT_PAGE_SIZE_MASK)
                 and sp.gfn_of(i) == gfn
             )
             if not live:
@@ -182,13 +172,12 @@ class PageEntries:
             for i in self.present[row]:
                 spte, gpte = spt[i], int(gptes[i])
                 access = _gpte_access(gpte, nxe) & sp.access
-                allowed = access if gpte & PT_DIRTY_MASK else access & ~ACC_WRITE_MASK
-                got = spte & (PT_WRITABLE_MASK | PT_USER_MASK) | (0 if spte & PT64_NX_MASK else ACC_EXEC_MASK)
+                allowed = access if gpte & pg.PT_DIRTY_MASK else access & ~pg.ACC_WRITE_MASK
                 if (
                     _gpte_reserved(1, gpte, nxe)
-                    or not gpte & PT_ACCESSED_MASK
-                    or (gpte & PT64_BASE_ADDR_MASK) >> PAGE_SHIFT != sp.gfns[i]
-                    or _excess(got, allowed, wp0)
+                    or not gpte & pg.PT_ACCESSED_MASK
+                    or (gpte & pg.PT64_BASE_ADDR_MASK) >> pg.PAGE_SHIFT != sp.gfns[i]
+                    or _excess(_spte_access(spte), allowed, wp0)
                 ):
                     out.append(C.msg_leaf_translation(sp, i, spte, gpte))
         return out

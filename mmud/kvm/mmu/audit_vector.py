@@ -18,28 +18,13 @@ from mmud.kvm.mmu import audit_checks as C
 from mmud.kvm.mmu import spte as S
 from mmud.kvm.mmu.mmu import KvmMmu
 from mmud.kvm.mmu.page import ROLE_CR0_WP, ROLE_NXE, ShadowPage
-from mmud.x86.paging import (
-    ACC_EXEC_MASK,
-    ACC_USER_MASK,
-    ACC_WRITE_MASK,
-    PAGE_SHIFT,
-    PT64_BASE_ADDR_MASK,
-    PT64_LVL2_LARGE_ADDR_MASK,
-    PT64_NX_MASK,
-    PT_ACCESSED_MASK,
-    PT_DIRTY_MASK,
-    PT_PAGE_SIZE_MASK,
-    PT_PRESENT_MASK,
-    PT_USER_MASK,
-    PT_WRITABLE_MASK,
-    rsvd_bits,
-)
+from mmud.x86 import paging as pg
 
 _U = np.uint64
 _PRESENT = _U(S.SPTE_MMU_PRESENT)
 _ADDR = _U(S.SPTE_BASE_ADDR_MASK)
 _IDX = np.arange(512, dtype=np.int64)
-_W, _USER, _EXEC = _U(PT_WRITABLE_MASK), _U(PT_USER_MASK), _U(ACC_EXEC_MASK)
+_W, _USER, _EXEC = _U(pg.PT_WRITABLE_MASK), _U(pg.PT_USER_MASK), _U(pg.ACC_EXEC_MASK)
 
 
 def _flat(chunks: list[np.ndarray]) -> np.ndarray:
@@ -80,7 +65,7 @@ def live_leaf_gfns(mmu: KvmMmu, sptep: np.ndarray) -> np.ndarray:
     mapped = _flat(pool.gfn_chunks).reshape(-1)[sptep].astype(np.int64)
     level, direct = level[idx], direct[idx]
     mapped = np.where(direct, base[idx] + (i << (9 * (level - 1))), mapped)
-    leaf = (level == 1) | ((spte & _U(PT_PAGE_SIZE_MASK)) != 0)
+    leaf = (level == 1) | ((spte & _U(pg.PT_PAGE_SIZE_MASK)) != 0)
     live = is_active[idx] & ((spte & _PRESENT) != 0) & leaf
     return np.where(live, mapped, -1)
 
@@ -94,13 +79,13 @@ def _coords(mask: np.ndarray) -> list[tuple[int, int]]:
 
 def _gpte_access(g: np.ndarray, nxe: np.ndarray) -> np.ndarray:
     """ACC_* of gptes: W and U as they are, exec unless NX under EFER.NXE."""
-    return (g & (_W | _USER)) | np.where(nxe & ((g & _U(PT64_NX_MASK)) != 0), _U(0), _EXEC)
+    return (g & (_W | _USER)) | np.where(nxe & ((g & _U(pg.PT64_NX_MASK)) != 0), _U(0), _EXEC)
 
 
 def _excess(got: np.ndarray, allowed: np.ndarray, wp0: np.ndarray) -> np.ndarray:
     """Rights beyond `allowed`, except CR0.WP=0's supervisor-only write to a read-only page."""
     excess = got & ~allowed
-    wp0_shape = wp0 & (excess == _U(ACC_WRITE_MASK)) & ((got & _U(ACC_USER_MASK)) == 0)
+    wp0_shape = wp0 & (excess == _U(pg.ACC_WRITE_MASK)) & ((got & _U(pg.ACC_USER_MASK)) == 0)
     return (excess != 0) & ~wp0_shape
 
 
@@ -121,7 +106,7 @@ class PageArrays:
         self.present = (self.sptes & _PRESENT) != 0
         self.leaf = self.present.copy()
         upper = np.flatnonzero(self.level > 1)
-        self.leaf[upper] &= (self.sptes[upper] & _U(PT_PAGE_SIZE_MASK)) != 0
+        self.leaf[upper] &= (self.sptes[upper] & _U(pg.PT_PAGE_SIZE_MASK)) != 0
         # Every active page, every entry: leaves of these are all the live leaves there are.
         self.complete = entries is None and len(sps) == len(mmu.active_mmu_pages) and all(
             sp in mmu.active_mmu_pages for sp in sps
@@ -182,7 +167,7 @@ class PageArrays:
             elif not slot.rmap.has(gfn):
                 C.add_message(check2, r, i, C.msg_no_rmap(int(self.sptes[r, i])))
         check1: C.Messages = {}
-        got = ((self.sptes & _ADDR) >> _U(PAGE_SHIFT)).view(np.int64)
+        got = ((self.sptes & _ADDR) >> _U(pg.PAGE_SHIFT)).view(np.int64)
         for slot in self.mmu.memslots:
             inside = self.leaf & (self.gfns >= slot.base_gfn) & (self.gfns < slot.end_gfn)
             bad = inside & (got != self.gfns + (slot.backing.base_pfn - slot.base_gfn))
@@ -245,14 +230,15 @@ class PageArrays:
     def _leaf_translation(self, rows: list[int], g: np.ndarray) -> list[tuple[int, int, str]]:
         """Level-1 pages: frame, A bit, reserved bits and rights per spte."""
         nxe, wp0, access = self._row_facts(rows)
-        rsvd = np.array([rsvd_bits(1, False, bool(n)) for n in nxe[:, 0]], dtype=np.uint64)[:, None]
+        rsvd = np.array([pg.rsvd_bits(1, False, bool(n)) for n in nxe[:, 0]], dtype=np.uint64)[:, None]
         s = self.sptes[rows]
         gaccess = _gpte_access(g, nxe) & access
-        bad_gpte = ((g & _U(PT_PRESENT_MASK)) == 0) | ((g & rsvd) != 0) | ((g & _U(PT_ACCESSED_MASK)) == 0)
-        want_gfn = ((g & _U(PT64_BASE_ADDR_MASK)) >> _U(PAGE_SHIFT)).view(np.int64)
+        bad_gpte = ((g & _U(pg.PT_PRESENT_MASK)) == 0) | ((g & rsvd) != 0)
+        bad_gpte |= (g & _U(pg.PT_ACCESSED_MASK)) == 0
+        want_gfn = ((g & _U(pg.PT64_BASE_ADDR_MASK)) >> _U(pg.PAGE_SHIFT)).view(np.int64)
         got_gfn = self.gfns[rows]
-        allowed = np.where((g & _U(PT_DIRTY_MASK)) != 0, gaccess, gaccess & ~_U(ACC_WRITE_MASK))
-        got = (s & (_W | _USER)) | np.where((s & _U(PT64_NX_MASK)) != 0, _U(0), _EXEC)
+        allowed = np.where((g & _U(pg.PT_DIRTY_MASK)) != 0, gaccess, gaccess & ~_U(pg.ACC_WRITE_MASK))
+        got = (s & (_W | _USER)) | np.where((s & _U(pg.PT64_NX_MASK)) != 0, _U(0), _EXEC)
         bad = self.present[rows] & (bad_gpte | (want_gfn != got_gfn) | _excess(got, allowed, wp0))
         return [
             (rows[k], i, C.msg_leaf_translation(self.sps[rows[k]], i, int(s[k, i]), int(g[k, i])))
@@ -265,30 +251,30 @@ class PageArrays:
         2 MiB, no more: the CR0.WP=0 shape allowed)."""
         nxe, wp0, access = self._row_facts(rows)
         level = self.level[rows]
-        rsvd_table = [rsvd_bits(int(lv), False, bool(n)) for lv, n in zip(level, nxe[:, 0], strict=True)]
-        rsvd_large = [rsvd_bits(int(lv), lv == 2, bool(n)) for lv, n in zip(level, nxe[:, 0], strict=True)]
+        rsvd_table = [pg.rsvd_bits(int(lv), False, bool(n)) for lv, n in zip(level, nxe[:, 0], strict=True)]
+        rsvd_large = [pg.rsvd_bits(int(lv), lv == 2, bool(n)) for lv, n in zip(level, nxe[:, 0], strict=True)]
         ks, es = np.nonzero(self.present[rows])
         gpte = g[ks, es]
-        large = (level[ks] == 2) & ((gpte & _U(PT_PAGE_SIZE_MASK)) != 0)
+        large = (level[ks] == 2) & ((gpte & _U(pg.PT_PAGE_SIZE_MASK)) != 0)
         rsvd = np.where(large, np.array(rsvd_large, dtype=np.uint64)[ks],
                         np.array(rsvd_table, dtype=np.uint64)[ks])
-        bad_gpte = ((gpte & _U(PT_PRESENT_MASK)) == 0) | ((gpte & rsvd) != 0)
+        bad_gpte = ((gpte & _U(pg.PT_PRESENT_MASK)) == 0) | ((gpte & rsvd) != 0)
         pages = self.mmu.pool.pages
-        child_index = (self.sptes[rows][ks, es] & _ADDR) >> _U(PAGE_SHIFT)
+        child_index = (self.sptes[rows][ks, es] & _ADDR) >> _U(pg.PAGE_SHIFT)
         children = [pages[c - S.SPT_PFN_BASE] for c in child_index.tolist()]
         c_direct = np.fromiter((c.direct for c in children), dtype=bool, count=len(children))
         c_gfn = np.fromiter((c.gfn for c in children), dtype=np.uint64, count=len(children))
         c_access = np.fromiter((c.access for c in children), dtype=np.uint64, count=len(children))
         gaccess = _gpte_access(gpte, nxe[ks, 0]) & access[ks, 0]
-        allowed = np.where((gpte & _U(PT_DIRTY_MASK)) != 0, gaccess, gaccess & ~_U(ACC_WRITE_MASK))
+        allowed = np.where((gpte & _U(pg.PT_DIRTY_MASK)) != 0, gaccess, gaccess & ~_U(pg.ACC_WRITE_MASK))
         ok_large = (
             c_direct
-            & (c_gfn == (gpte & _U(PT64_LVL2_LARGE_ADDR_MASK)) >> _U(PAGE_SHIFT))
+            & (c_gfn == (gpte & _U(pg.PT64_LVL2_LARGE_ADDR_MASK)) >> _U(pg.PAGE_SHIFT))
             & ~_excess(c_access, allowed, wp0[ks, 0])
         )
         ok_table = (
             ~c_direct
-            & (c_gfn == (gpte & _U(PT64_BASE_ADDR_MASK)) >> _U(PAGE_SHIFT))
+            & (c_gfn == (gpte & _U(pg.PT64_BASE_ADDR_MASK)) >> _U(pg.PAGE_SHIFT))
             & (c_access == gaccess)
         )
         bad = bad_gpte | ~np.where(large, ok_large, ok_table)
