@@ -24,12 +24,14 @@ a ratio is the median over rounds of the two variants' ratio within the round:
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import re
 import shutil
 import sys
 import tempfile
 import time
+import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -66,6 +68,24 @@ def stripped_package(dest: Path) -> str:
     return STRIPPED
 
 
+@contextlib.contextmanager
+def without_audit() -> Iterator[types.ModuleType]:
+    """The package without the audit, imported for the duration (stripped_package)."""
+    with tempfile.TemporaryDirectory(prefix="mmud-stripped-") as tmp:
+        sys.path.insert(0, tmp)
+        try:
+            yield importlib.import_module(stripped_package(Path(tmp)))
+        finally:
+            sys.path.remove(tmp)
+            for name in [m for m in sys.modules if m.split(".")[0] == STRIPPED]:
+                del sys.modules[name]
+
+
+def kernel_vm(package: types.ModuleType, params: dict[str, str] | None = None) -> mmud.VM:
+    """The throughput guest (kernel workload, 64 MiB, seed 7) of mmud or its stripped copy."""
+    return package.VM(mem_mb=64, seed=7, workload="kernel", params=params)
+
+
 def _stepper(vm: mmud.VM, steps: int) -> Callable[[], list[float]]:
     def measure() -> list[float]:
         t = time.perf_counter()
@@ -77,23 +97,16 @@ def _stepper(vm: mmud.VM, steps: int) -> Callable[[], list[float]]:
 def throughput(quick: bool) -> None:
     rounds = 4 if quick else 200
     steps = 250 if quick else 1000
-    with tempfile.TemporaryDirectory(prefix="mmud-stripped-") as tmp:
-        sys.path.insert(0, tmp)
-        try:
-            without_audit = importlib.import_module(stripped_package(Path(tmp)))
-            vms = {
-                "stripped": without_audit.VM(mem_mb=64, seed=7, workload="kernel"),
-                "off": mmud.VM(mem_mb=64, seed=7, workload="kernel"),
-                "ratelimited": mmud.VM(mem_mb=64, seed=7, workload="kernel", params=MODES["ratelimited"]),
-                "incremental": mmud.VM(mem_mb=64, seed=7, workload="kernel", params=MODES["incremental"]),
-            }
-            for vm in vms.values():
-                vm.step(300)
-            samples = interleaved({name: _stepper(vm, steps) for name, vm in vms.items()}, rounds)
-        finally:
-            sys.path.remove(tmp)
-            for name in [m for m in sys.modules if m.split(".")[0] == STRIPPED]:
-                del sys.modules[name]
+    with without_audit() as stripped:
+        vms = {
+            "stripped": kernel_vm(stripped),
+            "off": kernel_vm(mmud),
+            "ratelimited": kernel_vm(mmud, MODES["ratelimited"]),
+            "incremental": kernel_vm(mmud, MODES["incremental"]),
+        }
+        for vm in vms.values():
+            vm.step(300)
+        samples = interleaved({name: _stepper(vm, steps) for name, vm in vms.items()}, rounds)
     figure("audit_off_ratio", paired_ratio(samples, "off", "stripped"), "ratio")
     figure("audit_ratelimited_ratio", paired_ratio(samples, "ratelimited", "off"), "ratio")
     figure("audit_incremental_ratio", paired_ratio(samples, "incremental", "off"), "ratio")

@@ -5,14 +5,12 @@ the bug's code path, in incremental scope at the post point of that very operati
 from __future__ import annotations
 
 import ast
-import importlib
-import sys
 from pathlib import Path
 
 import pytest
 
 import mmud
-from bench.bench_audit import stripped_package
+from bench.bench_audit import kernel_vm, without_audit
 from mmud.guest import WORKLOADS
 from mmud.host import HOST_WORKLOADS
 from mmud.kvm.dirty_log import kvm_get_dirty_log_protect, run_ioctl
@@ -59,18 +57,12 @@ def test_audit_hooks_are_one_line_tests():
     assert hooks > 20
 
 
-def test_the_build_without_the_audit_runs_the_same_guest(tmp_path, monkeypatch):
-    name = stripped_package(tmp_path)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    try:
-        without = importlib.import_module(name).VM(mem_mb=64, seed=7, workload="kernel")
-        with_audit = mmud.VM(mem_mb=64, seed=7, workload="kernel")
+def test_the_build_without_the_audit_runs_the_same_guest():
+    with without_audit() as stripped:
+        without, with_audit = kernel_vm(stripped), kernel_vm(mmud)
         without.step(400)
         with_audit.step(400)
         assert without.stats == with_audit.stats
-    finally:
-        for module in [m for m in sys.modules if m.split(".")[0] == name]:
-            del sys.modules[module]
 
 
 def test_audit_off_runs_nothing():

@@ -187,16 +187,16 @@ def _run(mmu: KvmMmu, point: str, pages: list[ShadowPage], tree: list[ShadowPage
     chooses instead (the tests compare the two)."""
     checked: C.CheckedEntries
     if impl is not None:
-        checked = impl(mmu, pages, entries)
+        checked = impl(mmu, pages, gfns, entries)
     elif gfns is None:
-        checked = PageArrays(mmu, pages, entries)
+        checked = PageArrays(mmu, pages, gfns, entries)
     else:
-        checked = PageEntries(mmu, pages, entries)
+        checked = PageEntries(mmu, pages, gfns, entries)
         if checked.size > SCALAR_ENTRIES:
-            checked = PageArrays(mmu, pages, entries)
-    walked, rows = checked, checked.rows_of(tree)
+            checked = PageArrays(mmu, pages, gfns, entries)
+    walked, rows = checked, C.rows_of(checked.sps, tree)
     if rows is None:
-        walked = type(checked)(mmu, tree)
+        walked = type(checked)(mmu, tree, gfns)
         rows = list(range(len(tree)))
     return C.run_checks(mmu, checked, walked, rows, point, PT64_ROOT_4LEVEL, gfns, synced,
                         skip_gfn, [*pages, *neighbours])

@@ -51,18 +51,16 @@ Messages = dict[int, list[tuple[int, str]]]  # page row -> (entry, message) in e
 
 class CheckedEntries(Protocol):
     """The sptes one run checks: all present entries of `sps`, or, for pages given a set of
-    entries, the present ones of those."""
+    entries, the present ones of those; and the gfns whose rmaps it checks (None: all).
+    Constructed as `(mmu, sps, gfns, entries=None)`."""
 
     sps: list[ShadowPage]
 
-    def rows_of(self, sps: list[ShadowPage]) -> list[int] | None:
-        """Row of each page (None if one is not among `sps`)."""
+    def entry_reports(self, root_level: int) -> tuple[Messages, Messages]:
+        """Checks 2 and 1 over every present leaf."""
 
-    def entry_reports(self, root_level: int, gfns: set[int] | None) -> tuple[Messages, Messages]:
-        """Checks 2 and 1 over every present leaf (gfns: those rmap_exact will be given)."""
-
-    def rmap_exact(self, gfns: set[int] | None) -> list[str]:
-        """Leaves are in their rmap; rmap entries of gfns (None: all) are live leaves."""
+    def rmap_exact(self) -> list[str]:
+        """Leaves are in their rmap; rmap entries of the run's gfns are live leaves."""
 
     def translation(self, skip_gfn: int | None) -> list[str]:
         """Synced indirect pages mirror the guest's current tables."""
@@ -101,6 +99,13 @@ def msg_leaf_translation(sp: ShadowPage, i: int, spte: int, gpte: int) -> str:
     return f"spte {spte:x} (sp {sp_address(sp)} level 1 index {i}) does not match gpte {gpte:x}\n"
 
 
+def msg_link(sp: ShadowPage, i: int, child: ShadowPage, gpte: int) -> str:
+    return (
+        f"sp {sp_address(sp)} level {sp.level} index {i} links "
+        f"{sp_address(child)} (gfn {child.gfn:x} access {child.access}) for gpte {gpte:x}\n"
+    )
+
+
 def msg_spte_bits(sp: ShadowPage, i: int, spte: int) -> str:
     return (
         f"spte {spte:x} (sp {sp_address(sp)} index {i}) breaks "
@@ -114,6 +119,27 @@ def msg_spte_bits(sp: ShadowPage, i: int, spte: int) -> str:
 # W => MMU-writable => Host-writable: the combinations of the three bits that keep it.
 SPTE_BITS_MASK = PT_WRITABLE_MASK | S.SPTE_MMU_WRITEABLE | S.SPTE_HOST_WRITEABLE
 SPTE_BITS_OK = (0, S.SPTE_HOST_WRITEABLE, S.SPTE_HOST_WRITEABLE | S.SPTE_MMU_WRITEABLE, SPTE_BITS_MASK)
+
+
+def rows_of(sps: list[ShadowPage], wanted: list[ShadowPage]) -> list[int] | None:
+    """The row in `sps` of each page of `wanted` (None if one is not there)."""
+    row_of = {sp: row for row, sp in enumerate(sps)}
+    rows = [row_of.get(sp) for sp in wanted]
+    return None if None in rows else rows
+
+
+def inspect_spte_has_rmap(mmu: KvmMmu, sp: ShadowPage, i: int, gfn: int, spte: int) -> list[str]:
+    """Check 2 for one present leaf."""
+    slot = mmu.memslots.lookup(gfn)
+    if slot is None:
+        return msg_no_memslot(gfn, i, sp)
+    return [] if slot.rmap.has(gfn) else [msg_no_rmap(spte)]
+
+
+def in_own_rmap(mmu: KvmMmu, sp: ShadowPage, i: int, gfn: int) -> bool:
+    """Whether entry i of sp is in the rmap of gfn."""
+    slot = mmu.memslots.lookup(gfn)
+    return slot is not None and sp.index << 9 | i in slot.rmap.get(gfn)
 
 
 def gfn_order(gfn: np.ndarray, bad: np.ndarray) -> list[int]:
@@ -132,13 +158,6 @@ def translated_page(mmu: KvmMmu, sp: ShadowPage, skip_gfn: int | None) -> np.nda
         return None
     start = (sp.gfn - slot.base_gfn) * 512
     return slot.backing.array[start : start + 512]
-
-
-def msg_link(sp: ShadowPage, i: int, child: ShadowPage, gpte: int) -> str:
-    return (
-        f"sp {sp_address(sp)} level {sp.level} index {i} links "
-        f"{sp_address(child)} (gfn {child.gfn:x} access {child.access}) for gpte {gpte:x}\n"
-    )
 
 
 def add_message(msgs: Messages, row: int, entry: int, text: str) -> None:
@@ -313,9 +332,7 @@ def spte_values(mmu: KvmMmu, sptep: np.ndarray) -> np.ndarray:
         return np.fromiter(
             (pages[p >> 9].spt[p & 511] for p in sptep.tolist()), dtype=np.uint64, count=len(sptep)
         )
-    chunks = mmu.pool.spt_chunks
-    flat = chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
-    return flat.reshape(-1)[sptep]
+    return mmu.pool.spt_array().reshape(-1)[sptep]
 
 
 def check_dirty_log(mmu: KvmMmu, gfns: set[int] | None) -> list[str]:
@@ -360,11 +377,11 @@ def run_checks(
     """One run: the active-page checks over `checked`, the walk checks over `tree_rows` of
     `tree` (which may be `checked` itself), the extended checks over `checked` — rmaps of
     gfns only (None: every rmap) — and the link checks over `linked`."""
-    check2, check1 = checked.entry_reports(root_level, gfns)
-    check3, check1_tree = (check2, check1) if tree is checked else tree.entry_reports(root_level, gfns)
+    check2, check1 = checked.entry_reports(root_level)
+    check3, check1_tree = (check2, check1) if tree is checked else tree.entry_reports(root_level)
     out = active_page_checks(mmu, checked.sps, check2)
     out += walk_checks(tree.sps, tree_rows, check3, check1_tree, point, synced)
-    out += checked.rmap_exact(gfns)
+    out += checked.rmap_exact()
     out += check_parent_links(mmu, linked)
     out += checked.translation(skip_gfn)
     out += checked.spte_bits()

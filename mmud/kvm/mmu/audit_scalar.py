@@ -80,10 +80,12 @@ class PageEntries:
     """The checked present entries of a few shadow pages, as Python lists."""
 
     def __init__(
-        self, mmu: KvmMmu, sps: list[ShadowPage], entries: list[set[int] | None] | None = None
+        self, mmu: KvmMmu, sps: list[ShadowPage], gfns: set[int] | None,
+        entries: list[set[int] | None] | None = None,
     ) -> None:
         self.mmu = mmu
         self.sps = sps
+        self.rmap_gfns = gfns
         self.present: list[list[int]] = []
         self.leaves: list[tuple[int, int, int, int]] = []  # (row, entry, gfn, spte)
         for row, sp in enumerate(sps):
@@ -100,39 +102,31 @@ class PageEntries:
                     self.leaves.append((row, i, sp.gfn_of(i), spte))
         self.size = sum(map(len, self.present))
 
-    def rows_of(self, sps: list[ShadowPage]) -> list[int] | None:
-        row_of = {sp: row for row, sp in enumerate(self.sps)}
-        rows = [row_of.get(sp) for sp in sps]
-        return None if None in rows else rows
-
-    def entry_reports(self, root_level: int, gfns: set[int] | None) -> tuple[C.Messages, C.Messages]:
+    def entry_reports(self, root_level: int) -> tuple[C.Messages, C.Messages]:
         check2: C.Messages = {}
         check1: C.Messages = {}
         lookup = self.mmu.memslots.lookup
         for row, i, gfn, spte in self.leaves:
+            for text in C.inspect_spte_has_rmap(self.mmu, self.sps[row], i, gfn, spte):
+                C.add_message(check2, row, i, text)
             slot = lookup(gfn)
             if slot is None:
-                for text in C.msg_no_memslot(gfn, i, self.sps[row]):
-                    C.add_message(check2, row, i, text)
                 continue
-            if not slot.rmap.has(gfn):
-                C.add_message(check2, row, i, C.msg_no_rmap(spte))
             pfn = gfn - slot.base_gfn + slot.backing.base_pfn
             if (spte & S.SPTE_BASE_ADDR_MASK) >> pg.PAGE_SHIFT != pfn:
                 C.add_message(check1, row, i, C.msg_mapping(root_level, pfn, spte))
         return check2, check1
 
-    def rmap_exact(self, gfns: set[int] | None) -> list[str]:
+    def rmap_exact(self) -> list[str]:
         mmu = self.mmu
         out: list[str] = []
         for row, i, gfn, _ in self.leaves:
             sp = self.sps[row]
-            slot = mmu.memslots.lookup(gfn)
-            if slot is None or sp.index << 9 | i not in slot.rmap.get(gfn):
+            if not C.in_own_rmap(mmu, sp, i, gfn):
                 out.append(C.msg_not_in_rmap(sp, i, gfn))
         pages = mmu.pool.pages
         active = mmu.active_mmu_pages
-        for gfn, sptep in self._rmap_entries(gfns):
+        for gfn, sptep in self._rmap_entries(self.rmap_gfns):
             sp, i = pages[sptep >> 9], sptep & 0x1FF
             spte = sp.spt[i]
             live = (

@@ -11,6 +11,7 @@ per reported error and per link of an upper-level page.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from functools import cached_property
 
 import numpy as np
 
@@ -25,13 +26,6 @@ _PRESENT = _U(S.SPTE_MMU_PRESENT)
 _ADDR = _U(S.SPTE_BASE_ADDR_MASK)
 _IDX = np.arange(512, dtype=np.int64)
 _W, _USER, _EXEC = _U(pg.PT_WRITABLE_MASK), _U(pg.PT_USER_MASK), _U(pg.ACC_EXEC_MASK)
-
-
-def _flat(chunks: list[np.ndarray]) -> np.ndarray:
-    """The pool's chunks as one (pages, 512) array (a copy only if there are several)."""
-    if len(chunks) == 1:
-        return chunks[0]
-    return np.concatenate(chunks) if chunks else np.zeros((0, 512), dtype=np.uint64)
 
 
 def rmap_arrays(mmu: KvmMmu, gfns: Iterable[int] | None) -> tuple[np.ndarray, np.ndarray]:
@@ -61,8 +55,8 @@ def live_leaf_gfns(mmu: KvmMmu, sptep: np.ndarray) -> np.ndarray:
     direct = np.fromiter((sp.direct for sp in pool.pages), dtype=bool, count=n)
     base = np.fromiter((sp.gfn for sp in pool.pages), dtype=np.int64, count=n)
     idx, i = sptep >> 9, sptep & 0x1FF
-    spte = _flat(pool.spt_chunks).reshape(-1)[sptep]
-    mapped = _flat(pool.gfn_chunks).reshape(-1)[sptep].astype(np.int64)
+    spte = C.spte_values(mmu, sptep)
+    mapped = pool.gfn_array().reshape(-1)[sptep].astype(np.int64)
     level, direct = level[idx], direct[idx]
     mapped = np.where(direct, base[idx] + (i << (9 * (level - 1))), mapped)
     leaf = (level == 1) | ((spte & _U(pg.PT_PAGE_SIZE_MASK)) != 0)
@@ -95,11 +89,13 @@ class PageArrays:
     pages at once; Python runs only for what is reported."""
 
     def __init__(
-        self, mmu: KvmMmu, sps: list[ShadowPage], entries: list[set[int] | None] | None = None
+        self, mmu: KvmMmu, sps: list[ShadowPage], gfns: set[int] | None,
+        entries: list[set[int] | None] | None = None,
     ) -> None:
         n = len(sps)
         self.mmu = mmu
         self.sps = sps
+        self.rmap_gfns = gfns
         self.index = np.fromiter((sp.index for sp in sps), dtype=np.int64, count=n)
         self.level = np.fromiter((sp.level for sp in sps), dtype=np.int64, count=n)
         self.sptes = np.stack([sp.sptes for sp in sps]) if n else np.zeros((0, 512), dtype=np.uint64)
@@ -131,41 +127,27 @@ class PageArrays:
         if direct_upper:
             shift = 9 * (self.level[direct_upper] - 1)[:, None]
             self.gfns[direct_upper] = base[direct_upper, None] + (_IDX << shift)
-        self._missing: tuple[set[int] | None, tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None
-        self._scratch = np.zeros((0, 512), dtype=np.int64)  # a (pool page, entry) array to reuse
 
-    def rows_of(self, sps: list[ShadowPage]) -> list[int] | None:
-        row_of = {sp: row for row, sp in enumerate(self.sps)}
-        rows = [row_of.get(sp) for sp in sps]
-        return None if None in rows else rows
-
-    def _rmap_missing(self, gfns: set[int] | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    @cached_property
+    def _rmap(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Which leaves are not registered under their gfn (a superset: an sptep found in
-        two rmaps may show here), and the (sptep, gfn) rmap entries of gfns and the leaves'
-        gfns (None: all). Computed once per run: checks 2 and rmap_exact both need it."""
-        if self._missing is not None and self._missing[0] is gfns:
-            return self._missing[1]
+        two rmaps may show here); the (sptep, gfn) rmap entries of the run's gfns and the
+        leaves' gfns; and the gfn registered at each (pool page, entry), which rmap_exact
+        then reuses as its scratch array. Checks 2 and rmap_exact both start from it."""
+        gfns = self.rmap_gfns
         wanted = None if gfns is None else set(gfns) | set(self.gfns[self.leaf].tolist())
         r_sptep, r_gfn = rmap_arrays(self.mmu, wanted)
         registered = np.full((len(self.mmu.pool.pages), 512), -1, dtype=np.int64)
         registered.reshape(-1)[r_sptep] = r_gfn
-        result = self.leaf & (registered[self.index] != self.gfns), r_sptep, r_gfn
-        self._scratch = registered
-        self._missing = (gfns, result)
-        return result
+        return self.leaf & (registered[self.index] != self.gfns), r_sptep, r_gfn, registered
 
-    def entry_reports(self, root_level: int, gfns: set[int] | None) -> tuple[C.Messages, C.Messages]:
-        # Check 2 can fail only where the exact rmap check fails: Python confirms those.
+    def entry_reports(self, root_level: int) -> tuple[C.Messages, C.Messages]:
+        # Check 2 can fail only where the exact rmap check fails: Python looks at those.
         check2: C.Messages = {}
-        lookup = self.mmu.memslots.lookup
-        for r, i in _coords(self._rmap_missing(gfns)[0]):
-            gfn = int(self.gfns[r, i])
-            slot = lookup(gfn)
-            if slot is None:
-                for text in C.msg_no_memslot(gfn, i, self.sps[r]):
-                    C.add_message(check2, r, i, text)
-            elif not slot.rmap.has(gfn):
-                C.add_message(check2, r, i, C.msg_no_rmap(int(self.sptes[r, i])))
+        for r, i in _coords(self._rmap[0]):
+            spte = int(self.sptes[r, i])
+            for text in C.inspect_spte_has_rmap(self.mmu, self.sps[r], i, int(self.gfns[r, i]), spte):
+                C.add_message(check2, r, i, text)
         check1: C.Messages = {}
         got = ((self.sptes & _ADDR) >> _U(pg.PAGE_SHIFT)).view(np.int64)
         for slot in self.mmu.memslots:
@@ -178,22 +160,22 @@ class PageArrays:
             msgs.sort(key=lambda m: m[0])
         return check2, check1
 
-    def rmap_exact(self, gfns: set[int] | None) -> list[str]:
+    def rmap_exact(self) -> list[str]:
         mmu = self.mmu
         pages = mmu.pool.pages
-        missing, r_sptep, r_gfn = self._rmap_missing(gfns)
+        missing, r_sptep, r_gfn, scratch = self._rmap
         out: list[str] = []
         for r, i in _coords(missing):
             # An sptep in two rmaps shows one of them above: confirm against the gfn's own.
             sp, gfn = self.sps[r], int(self.gfns[r, i])
-            slot = mmu.memslots.lookup(gfn)
-            if slot is None or sp.index << 9 | i not in slot.rmap.get(gfn):
+            if not C.in_own_rmap(mmu, sp, i, gfn):
                 out.append(C.msg_not_in_rmap(sp, i, gfn))
+        gfns = self.rmap_gfns
         if gfns is not None:
             keep = np.isin(r_gfn, np.fromiter(gfns, dtype=np.int64, count=len(gfns)))
             r_sptep, r_gfn = r_sptep[keep], r_gfn[keep]
         if self.complete:
-            live = self._scratch  # the registered gfns, not needed any more
+            live = scratch  # the registered gfns are compared already: refill, no new array
             live.fill(-1)
             live[self.index] = np.where(self.leaf, self.gfns, -1)
             mapped = live.reshape(-1)[r_sptep]

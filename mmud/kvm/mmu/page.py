@@ -146,3 +146,18 @@ class ShadowPagePool:
 
     def page(self, index: int) -> ShadowPage:
         return self.pages[index]
+
+    def spt_array(self) -> np.ndarray:
+        """Every page's sptes as one (pages, 512) array, indexed by pool index (a copy when
+        there are several chunks): for reading many sptes at once."""
+        return _joined(self.spt_chunks)
+
+    def gfn_array(self) -> np.ndarray:
+        """Every page's recorded gfns (`sp->gfns[]`), likewise."""
+        return _joined(self.gfn_chunks)
+
+
+def _joined(chunks: list[np.ndarray]) -> np.ndarray:
+    if len(chunks) == 1:
+        return chunks[0]
+    return np.concatenate(chunks) if chunks else np.zeros((0, PT64_ENT_PER_PAGE), dtype=np.uint64)
