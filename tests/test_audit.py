@@ -8,6 +8,7 @@ import ast
 from pathlib import Path
 
 import pytest
+import structlog.testing
 
 import mmud
 from bench.bench_audit import kernel_vm, without_audit
@@ -242,6 +243,19 @@ def test_bug_is_reported_by_its_check(bug, scope):
         bug,
         log[:5],
     )
+
+
+def test_each_error_is_a_structlog_event():
+    trigger, point, _ = SCENARIOS["wrong_pfn"]
+    vm, gt, vcpu = _setup("full")
+    vm.inject("wrong_pfn")
+    with structlog.testing.capture_logs() as events:
+        trigger(vm, gt, vcpu)
+    errors = [e for e in events if e["event"] == "mmu_audit_error"]
+    lines = vm.audit_log()
+    assert lines and len(errors) == len(lines) == vm.stats["mmu_audit_errors"]
+    assert [e["message"] for e in errors] == [line.rstrip("\n") for line in lines]
+    assert {e["log_level"] for e in errors} == {"error"} and errors[0]["point"] == point
 
 
 @pytest.mark.parametrize("bug", list(SCENARIOS))
