@@ -8,7 +8,7 @@ and its scheduler (mmud.machine, mmud.sched) → daemon (mmud.daemon) → contro
 
 from mmud.kvm.memslot import Memslot
 from mmud.kvm.mmu.roots import TripleFault
-from mmud.kvm.params import ParamError, Params
+from mmud.uapi.params import ParamError, Params
 from mmud.kvm.vcpu import Access, GeneralProtection, PageFault, Vcpu
 from mmud.kvm.vm import KvmError
 from mmud.machine import VM

@@ -21,7 +21,7 @@ from mmud.daemon.mountpoint import MountPointError
 from mmud.daemon.sim import SimConfig, VmConfig
 from mmud.fs import fuse
 from mmud.fs.tree import Tree
-from mmud.kvm.params import ParamError, Params
+from mmud.uapi.params import ParamError, Params
 from mmud.log import LEVELS, setup_logging
 
 EXIT_USAGE = 2

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from mmud.guest import WORKLOADS
 from mmud.host import HOST_WORKLOADS
 from mmud.kvm.mmu.zap import ZapRun
-from mmud.kvm.params import Params
+from mmud.uapi.params import Params
 from mmud.kvm.vm import Kvm
 from mmud.sched import Scheduler
 

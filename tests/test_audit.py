@@ -15,7 +15,7 @@ from bench.bench_audit import kernel_vm, without_audit
 from mmud.guest import WORKLOADS
 from mmud.host import HOST_WORKLOADS
 from mmud.kvm.dirty_log import kvm_get_dirty_log_protect, run_ioctl
-from mmud.kvm.mmu.bugs import BUGS, render_choices
+from mmud.uapi.bugs import BUGS, render_choices
 from tests.guest_tables import P, U, W, GuestTables
 
 VA = 0x0000_0000_0040_0000

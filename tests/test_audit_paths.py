@@ -15,7 +15,7 @@ from mmud.kvm.mmu import spte as S
 from mmud.kvm.mmu.audit import _run
 from mmud.kvm.mmu.audit_scalar import PageEntries
 from mmud.kvm.mmu.audit_vector import PageArrays
-from mmud.kvm.mmu.bugs import BUGS
+from mmud.uapi.bugs import BUGS
 from mmud.kvm.rmap import Rmap
 from mmud.sched import TaskFailed
 import mmud

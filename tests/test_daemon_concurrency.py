@@ -4,7 +4,7 @@ import random
 import threading
 import time
 
-from mmud.kvm.stats import STATS
+from mmud.uapi.stats import STATS
 from tests.fusemount import cat, echo, shell_write
 
 DURATION_SECONDS = 10.0

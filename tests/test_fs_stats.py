@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from mmud.kvm.stats import STATS, Kind
+from mmud.uapi.stats import STATS, Kind
 from tests.fusemount import assert_refused, echo, shell_write, wait_for
 
 

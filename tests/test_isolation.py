@@ -15,9 +15,9 @@ from mmud.kvm.isolation import (
     isolation_map,
     kernel_text,
     module_isolation,
-    parse_map,
 )
 from mmud.kvm.isolation.faultlog import KVM_LAST_FAULT_COUNT
+from mmud.uapi.isolation import parse_map
 
 ENTRY = re.compile(
     r"\[ *\d+\.\d{6}\] KVM isolation: page fault #(\d+) \((0|2)\) at (\S+\+0x[0-9a-f]+/0x[0-9a-f]+)"

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mmud.kvm.params import ParamError, Params, kstrtoull
+from mmud.uapi.params import ParamError, Params, kstrtoull
 
 MMU_AUDIT_ON = ["1", "1\n", "+1", "01", "001", b"1\n", "1\0junk"]
 MMU_AUDIT_OFF = ["0", "0\n", "+0", "0000"]

@@ -16,7 +16,7 @@ from typing import Any
 import structlog
 
 from mmud.kvm.isolation import module_isolation
-from mmud.kvm.params import Params
+from mmud.uapi.params import Params
 
 HISTORY = "fault_log.jsonl"
 

@@ -22,7 +22,7 @@ class VmSnapshot:
     debugfs_dir: str  # "<pid>-<fd>", as KVM names the per-VM debugfs directory
     state: str  # "running" or "paused"
     steps: int
-    stats: dict[str, int]  # every stat of mmud.kvm.stats, vCPU stats summed over vCPUs
+    stats: dict[str, int]  # every stat of mmud.uapi.stats, vCPU stats summed over vCPUs
     status: str  # the vm<N>/status text
     inject: str = "[none]\n"  # the vm<N>/inject text: injectable bugs, the armed one in brackets
     dirty_log_slots: tuple[int, ...] = ()  # slots with dirty logging on: vm<N>/dirty_log/<slot>

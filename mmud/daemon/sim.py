@@ -26,9 +26,10 @@ from mmud.daemon import vmctl, vmio
 from mmud.daemon.protocol import Reply, Request, Snapshot, VmSnapshot
 from mmud.daemon.faultlog import FaultLogPublisher
 from mmud.daemon.status import RateMeter, render_status
-from mmud.kvm.isolation import isolation_map, parse_map
+from mmud.kvm.isolation import isolation_map
+from mmud.uapi.isolation import parse_map
 from mmud.kvm.mmu.audit import module_audit
-from mmud.kvm.params import ParamError, Params
+from mmud.uapi.params import ParamError, Params
 from mmud.log import setup_logging
 
 # A batch this long keeps a request's wait (at most one batch) far under the 20 ms budget

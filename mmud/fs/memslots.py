@@ -13,7 +13,7 @@ from typing import Any
 
 from mmud.daemon.protocol import Snapshot
 from mmud.fs.nodes import Backend, RequestFile, choice_file
-from mmud.kvm.params import ParamError, kstrtoull
+from mmud.uapi.params import ParamError, kstrtoull
 
 # Action -> (how many numbers follow it, the words that may end the line -> log_dirty,
 # whether one of those words must end it).

@@ -16,9 +16,9 @@ from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from mmud.daemon.protocol import Snapshot, VmSnapshot
-from mmud.kvm.isolation import parse_map
-from mmud.kvm.params import ParamError, Params, kstrtoull
-from mmud.kvm.stats import StatDesc
+from mmud.uapi.isolation import parse_map
+from mmud.uapi.params import ParamError, Params, kstrtoull
+from mmud.uapi.stats import StatDesc
 
 # simple_attr_write() copies at most this many bytes before parsing (fs/libfs.c).
 SIMPLE_ATTR_MAX = 23

@@ -33,9 +33,9 @@ from mmud.fs.nodes import (
     stat_file,
 )
 from mmud.fs.memslots import memslots_file, zap_all_file
-from mmud.kvm.params import Params
-from mmud.kvm.vm import INJECTABLE_BUGS
-from mmud.kvm.stats import STATS
+from mmud.uapi.bugs import INJECTABLE_BUGS
+from mmud.uapi.params import Params
+from mmud.uapi.stats import STATS
 
 VM_STATE_ACTIONS = ("run", "pause", "restart")
 

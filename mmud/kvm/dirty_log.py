@@ -13,7 +13,7 @@ whole (`run_ioctl`) it is one ioctl between two scheduler steps. Run as a task w
 `words_per_step`, it yields after each step of each chunk of words — the points where, on a
 real host, vCPUs on other CPUs keep running: their lockless fast page faults and TLB hits
 go on, anything that needs the MMU lock waits (Kvm.wait_mmu_lock). The ordering bugs of
-mmud.kvm.mmu.bugs sit at these steps.
+mmud.uapi.bugs sit at these steps.
 """
 
 from __future__ import annotations

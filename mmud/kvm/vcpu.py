@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from mmud.kvm import stats
+from mmud.uapi import stats
 from mmud.kvm.mmu import fast_pf, mmio, paging_tmpl, pte_write, roots, sync, zap
 from mmud.kvm.mmu import spte as S
 from mmud.kvm.mmu.mmu import RET_PF_EMULATE, RET_PF_INVALID, RET_PF_RETRY

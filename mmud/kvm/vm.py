@@ -11,20 +11,18 @@ import weakref
 from collections.abc import Mapping
 
 from mmud import hostmem
-from mmud.kvm import dirty_log, guest_rw, kvm_main, stats
+from mmud.kvm import dirty_log, guest_rw, kvm_main
+from mmud.uapi import bugs, stats
 from mmud.kvm.devices import IORAM_BASE, IORAM_SIZE, IoRam, MmioBus
 from mmud.kvm.kvm_main import KvmError
 from mmud.kvm.memslot import KVM_MEM_LOG_DIRTY_PAGES, Memslots
-from mmud.kvm.mmu import audit, bugs, zap
+from mmud.kvm.mmu import audit, zap
 from mmud.kvm.mmu.mmu import KVM_MIN_ALLOC_MMU_PAGES, KvmMmu
 from mmud.kvm.isolation import arm_switch_fault, kvm_isolation_init_vm
-from mmud.kvm.params import Params
+from mmud.uapi.params import Params
 from mmud.kvm.vcpu import Vcpu
 from mmud.x86.paging import PAGE_SHIFT
 
-# A fault while switching address spaces: armed here, fired by the isolation code.
-ISOLATION_SWITCH_FAULT = "isolation_switch_fault"
-INJECTABLE_BUGS = (*bugs.BUG_BY_NAME, ISOLATION_SWITCH_FAULT)
 
 
 # Preemption points a waiter lets pass before it calls the lock holder stuck: a simulator bug.
@@ -235,8 +233,8 @@ class Kvm:
         return audit.audit_full(self.mmu, self.vcpus, "manual")
 
     def inject(self, name: str) -> None:
-        """Arm the bug `name` (INJECTABLE_BUGS); "none" disarms."""
-        if name == ISOLATION_SWITCH_FAULT:
+        """Arm the bug `name` (bugs.INJECTABLE_BUGS); "none" disarms."""
+        if name == bugs.ISOLATION_SWITCH_FAULT:
             arm_switch_fault(self)
         elif name != "none" and name not in bugs.BUG_BY_NAME:
             raise KvmError(errno.EINVAL, f"unknown bug {name!r}")
@@ -244,7 +242,7 @@ class Kvm:
 
     def render_inject(self) -> str:
         """The vm<N>/inject file: every bug, the armed one in brackets."""
-        return bugs.render_choices(self.mmu.bug, INJECTABLE_BUGS)
+        return bugs.render_choices(self.mmu.bug, bugs.INJECTABLE_BUGS)
 
     def audit_log(self) -> list[str]:
         """The module's audit log (kvm/audit_log), oldest first."""

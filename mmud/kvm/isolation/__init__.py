@@ -23,17 +23,13 @@ import errno
 import weakref
 from typing import TYPE_CHECKING
 
-from mmud.kvm.isolation.addrspace import (
-    INITIAL_SYMBOLS,
-    INITIAL_VCPU_SYMBOLS,
-    MapRequest,
-    parse_map,
-)
+from mmud.kvm.isolation.addrspace import INITIAL_SYMBOLS, INITIAL_VCPU_SYMBOLS
 from mmud.kvm.isolation.context import ModuleIsolation, VmIsolation
 from mmud.kvm.isolation.symbols import KernelText
+from mmud.uapi.isolation import MapRequest
 
 if TYPE_CHECKING:
-    from mmud.kvm.params import Params
+    from mmud.uapi.params import Params
     from mmud.kvm.vm import Kvm
 
 __all__ = [
@@ -43,7 +39,6 @@ __all__ = [
     "isolation_map",
     "kvm_isolation_init_vm",
     "module_isolation",
-    "parse_map",
 ]
 
 _modules: weakref.WeakKeyDictionary[Params, ModuleIsolation] = weakref.WeakKeyDictionary()

@@ -19,46 +19,20 @@ from __future__ import annotations
 
 import bisect
 import errno
-import re
 
 from mmud.kvm.isolation.layout import KERNEL_TEXT, PAGE_OFFSET, SymbolTable
+from mmud.uapi.isolation import MapRequest
 from mmud.x86.paging import PAGE_SIZE
 
 INITIAL_SYMBOLS = ("_stext", "kvm_text", "cpu_entry_area", "kvm", "kvm_memslots")
 INITIAL_VCPU_SYMBOLS = ("vcpu{i}", "vcpu{i}_task", "vcpu{i}_stack", "cpu{i}_per_cpu")
 
-KERNEL_SPACE = 0xFFFF800000000000  # the lowest address of the kernel half
-_SYMBOL = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*")
-_RANGE = re.compile(r"(?:0[xX])?([0-9a-fA-F]{1,16})[ \t]+(?:0[xX])?([0-9a-fA-F]{1,16})")
 
 # x86-64 4-level paging: the shift of the range each level's entry covers.
 _LEVELS = (("PGD", 39), ("P4D", 39), ("PUD", 30), ("PMD", 21), ("PTE", 12))
 _PAGE_TABLE = 0x63  # _KERNPG_TABLE: present, writable, accessed, dirty
 _PAGE_KERNEL = 0x8000000000000163  # present, writable, accessed, dirty, global, NX
 _PFN_MASK = (1 << 28) - 1  # table frames are numbered below 1 TiB
-
-
-class MapRequest:
-    """A parsed `kvm/isolation/map` write: a symbol name, or an address and a length."""
-
-    def __init__(self, symbol: str | None = None, start: int = 0, size: int = 0) -> None:
-        self.symbol, self.start, self.size = symbol, start, size
-
-
-def parse_map(data: bytes) -> MapRequest:
-    """`SYMBOL` or `ADDRESS LENGTH` (hex, 0x optional), one optional trailing newline."""
-    text = data.decode("latin-1")
-    if text.endswith("\n"):
-        text = text[:-1]
-    if _SYMBOL.fullmatch(text):
-        return MapRequest(symbol=text)
-    m = _RANGE.fullmatch(text)
-    if m is None:
-        raise OSError(errno.EINVAL, "expected SYMBOL or ADDRESS LENGTH")
-    start, size = int(m[1], 16), int(m[2], 16)
-    if size == 0 or start < KERNEL_SPACE or start + size > 1 << 64:
-        raise OSError(errno.EINVAL, "not a range of kernel addresses")
-    return MapRequest(start=start, size=size)
 
 
 class KvmAddressSpace:

@@ -37,7 +37,7 @@ from mmud.kvm.mmu.page import ShadowPage
 from mmud.x86.paging import PT64_ROOT_4LEVEL
 
 if TYPE_CHECKING:
-    from mmud.kvm.params import Params
+    from mmud.uapi.params import Params
     from mmud.kvm.vcpu import Vcpu
 
 AUDIT_PRE_PAGE_FAULT = "pre page fault"

@@ -31,7 +31,7 @@ from mmud.x86.paging import ACC_WRITE_MASK, PT_WRITABLE_MASK, pt_index
 if TYPE_CHECKING:
     from mmud.kvm.isolation import VmIsolation
     from mmud.kvm.mmu.audit import AuditTrack
-    from mmud.kvm.params import Params
+    from mmud.uapi.params import Params
     from mmud.kvm.vcpu import Vcpu
 
 KVM_MIN_ALLOC_MMU_PAGES = 64

@@ -6,7 +6,7 @@ An armed bug fires every time its code path runs. `Kvm.inject(name)` arms one ("
 disarms); `vm0/inject` lists them with the armed one in brackets.
 
 The `caught_by` column names the audit check that reports the bug (docs/audit.md has the
-messages); tests/test_audit_bugs.py proves each, in full and in incremental scope.
+messages); tests/test_audit.py proves each, in full and in incremental scope.
 """
 
 from __future__ import annotations
@@ -74,6 +74,9 @@ BUGS: tuple[Bug, ...] = (
     ),
 )
 BUG_BY_NAME: dict[str, Bug] = {b.name: b for b in BUGS}
+# A fault while switching address spaces: armed in a VM, fired by the isolation code.
+ISOLATION_SWITCH_FAULT = "isolation_switch_fault"
+INJECTABLE_BUGS = (*BUG_BY_NAME, ISOLATION_SWITCH_FAULT)
 
 
 def render_choices(armed: str | None, names: tuple[str, ...] = tuple(BUG_BY_NAME)) -> str:
