@@ -3,9 +3,9 @@
 Throughput is guest steps per second of the `kernel` workload (64 MiB, seed 7), one VM per
 variant in one process, the VMs stepping in turn, 1,000 steps each, round by round (ABBA);
 a ratio is the median over rounds of the two variants' ratio within the round:
-- `audit_off_ratio`: audit off relative to a build of the same package without the audit
-  (a copy of the source with every `# audit point` and `# audit track` line deleted,
-  imported beside mmud as `mmud_stripped`).
+- `audit_off_ratio`: audit off relative to the hooks-removed build (bench/_stripped.py: a
+  copy of the source with every `# audit point` and `# observer` line deleted, imported
+  beside mmud as `mmud_stripped`). Address-space isolation is off in these VMs.
 - `audit_full_ratio[<mem>]`: full audit at every point (rate limit 0) relative to off, for a
   guest whose RAM has first been touched through the guest kernel's direct map, so the
   shadow MMU holds a page per 4 KiB of RAM — the size the audit must walk. Measured in one
@@ -24,24 +24,16 @@ a ratio is the median over rounds of the two variants' ratio within the round:
 
 from __future__ import annotations
 
-import contextlib
-import importlib
-import re
-import shutil
-import sys
-import tempfile
 import time
-import types
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import mmud
 from bench._common import figure, interleaved, median, paired_ratio
+from bench._stripped import kernel_vm, without_hooks
 from mmud.kvm.dirty_log import kvm_get_dirty_log_protect
-from mmud.kvm.mmu.bugs import BUGS
+from mmud.uapi.bugs import BUGS
 from mmud.sched import TaskFailed
 
-REPO = Path(__file__).resolve().parent.parent
 DIRECT_VA = 0xFFFF888000000000
 MODES = {
     "ratelimited": {"mmu_audit": "1"},
@@ -52,39 +44,6 @@ MODES = {
         "mmu_audit_scope": "incremental",
     },
 }
-
-STRIPPED = "mmud_stripped"
-_MMUD_NAME = re.compile(r"\bmmud\b")
-
-
-def stripped_package(dest: Path) -> str:
-    """A copy of the mmud package without the audit — every audit point and every audit-track
-    hook deleted — importable from `dest` as `mmud_stripped`, beside mmud itself."""
-    shutil.copytree(REPO / "mmud", dest / STRIPPED, ignore=shutil.ignore_patterns("__pycache__"))
-    for path in (dest / STRIPPED).rglob("*.py"):
-        lines = path.read_text().splitlines(keepends=True)
-        kept = "".join(line for line in lines if "# audit point" not in line and "# audit track" not in line)
-        path.write_text(_MMUD_NAME.sub(STRIPPED, kept))
-    return STRIPPED
-
-
-@contextlib.contextmanager
-def without_audit() -> Iterator[types.ModuleType]:
-    """The package without the audit, imported for the duration (stripped_package)."""
-    with tempfile.TemporaryDirectory(prefix="mmud-stripped-") as tmp:
-        sys.path.insert(0, tmp)
-        try:
-            yield importlib.import_module(stripped_package(Path(tmp)))
-        finally:
-            sys.path.remove(tmp)
-            for name in [m for m in sys.modules if m.split(".")[0] == STRIPPED]:
-                del sys.modules[name]
-
-
-def kernel_vm(package: types.ModuleType, params: dict[str, str] | None = None) -> mmud.VM:
-    """The throughput guest (kernel workload, 64 MiB, seed 7) of mmud or its stripped copy."""
-    return package.VM(mem_mb=64, seed=7, workload="kernel", params=params)
-
 
 def _stepper(vm: mmud.VM, steps: int) -> Callable[[], list[float]]:
     def measure() -> list[float]:
@@ -97,7 +56,7 @@ def _stepper(vm: mmud.VM, steps: int) -> Callable[[], list[float]]:
 def throughput(quick: bool) -> None:
     rounds = 4 if quick else 200
     steps = 250 if quick else 1000
-    with without_audit() as stripped:
+    with without_hooks() as stripped:
         vms = {
             "stripped": kernel_vm(stripped),
             "off": kernel_vm(mmud),

@@ -13,6 +13,7 @@ from mmud.guest import WORKLOADS
 from mmud.host import HOST_WORKLOADS
 from mmud.kvm.mmu.zap import ZapRun
 from mmud.uapi.params import Params
+from mmud.kvm.module import KvmModule
 from mmud.kvm.vm import Kvm
 from mmud.sched import Scheduler
 
@@ -28,9 +29,10 @@ class VM(Kvm):
         vcpus: int = 1,
         seed: int = 0,
         workload: str | None = None,
-        params: Params | Mapping[str, str] | None = None,
+        params: Params | Mapping[str, str | None] | None = None,
+        module: KvmModule | None = None,
     ) -> None:
-        super().__init__(mem_mb=mem_mb, vcpus=vcpus, params=params)
+        super().__init__(mem_mb=mem_mb, vcpus=vcpus, params=params, module=module)
         known = [*WORKLOADS, *HOST_WORKLOADS]
         if workload is not None and workload not in known:
             raise ValueError(f"unknown workload {workload!r} (known: {', '.join(known)})")

@@ -87,7 +87,7 @@ class Migration:
     def to_new_vm(cls, source: VM) -> Migration:
         """A destination with the source's memslots, not running anything yet."""
         dest = VM(mem_mb=source.mem_mb, vcpus=len(source.vcpus), seed=source.seed,
-                  params=source.params)
+                  module=source.module)
         for slot in source.memslots:
             if slot.id not in dest.memslots.slots:
                 dest.set_memslot(slot.id, slot.base_gfn << PAGE_SHIFT, slot.npages * PAGE_SIZE)

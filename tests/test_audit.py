@@ -11,10 +11,11 @@ import pytest
 import structlog.testing
 
 import mmud
-from bench.bench_audit import kernel_vm, without_audit
+from bench._stripped import HOOK_MARKERS, kernel_vm, without_hooks
 from mmud.guest import WORKLOADS
 from mmud.host import HOST_WORKLOADS
 from mmud.kvm.dirty_log import kvm_get_dirty_log_protect, run_ioctl
+from mmud.kvm.mmu.observer import EVENTS
 from mmud.uapi.bugs import BUGS, render_choices
 from tests.guest_tables import P, U, W, GuestTables
 
@@ -37,29 +38,49 @@ def test_no_bug_no_error_at_every_point(scope, workload):
     assert vm.audit() == []
 
 
-HOOK_TESTS = {"# audit point": "audit_enabled", "# audit track": "audit_track is not None"}
+HOOK_TESTS = {"# audit point": "audit_enabled", "# observer": "obs", "# isolation": "isolation"}
 
 
-def test_audit_hooks_are_one_line_tests():
-    """Every audit point and audit-track hook is one `if <test>: <call>` line, so that with
-    the audit off it costs that test, and deleting the lines (bench_audit's build without
-    the audit) leaves the same program."""
-    hooks = 0
-    for path in Path(mmud.__file__).parent.rglob("*.py"):
-        for line in path.read_text().splitlines():
+def _hook_lines() -> list[tuple[Path, int, str, str]]:
+    """(file, line number, line, marker) of every hook in the package."""
+    found = []
+    for path in sorted(Path(mmud.__file__).parent.rglob("*.py")):
+        for n, line in enumerate(path.read_text().splitlines(), 1):
             marker = next((m for m in HOOK_TESTS if line.rstrip().endswith(m)), None)
-            if marker is None:
-                continue
-            hooks += 1
-            (node,) = ast.parse(line.strip()).body
-            assert isinstance(node, ast.If) and not node.orelse and len(node.body) == 1, (path, line)
-            assert isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Call), line
-            assert ast.unparse(node.test).endswith(HOOK_TESTS[marker]), (path, line)
-    assert hooks > 20
+            if marker is not None:
+                found.append((path, n, line, marker))
+    return found
+
+
+def test_hooks_are_one_line_tests():
+    """Every audit point, observer hook and isolation switch is one `if <test>: <call>`
+    line, so that with nobody listening it costs that test, and deleting the lines (the
+    hooks-removed build of bench/_stripped.py) leaves the same program. An observer hook
+    calls one event of MmuObserver on the attribute it tests."""
+    hooks = _hook_lines()
+    for path, _, line, marker in hooks:
+        (node,) = ast.parse(line.strip()).body
+        assert isinstance(node, ast.If) and not node.orelse and len(node.body) == 1, (path, line)
+        assert isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Call), line
+        assert ast.unparse(node.test).endswith(HOOK_TESTS[marker]), (path, line)
+        if marker == "# observer":
+            call = node.body[0].value.func
+            assert isinstance(call, ast.Attribute) and call.attr in EVENTS, (path, line)
+            assert ast.unparse(call.value) == ast.unparse(node.test), (path, line)
+    assert sum(m == "# observer" for *_, m in hooks) > 20 and set(HOOK_MARKERS) <= set(HOOK_TESTS)
+
+
+def test_one_observer_hook_per_site():
+    """Pairs are merged: no two observer hooks stand on consecutive lines, and every event
+    of the observer interface has a site."""
+    hooks = [(p, n) for p, n, _, m in _hook_lines() if m == "# observer"]
+    assert not [(p, n) for p, n in hooks if (p, n + 1) in set(hooks)]
+    text = "\n".join(line for *_, line, m in _hook_lines() if m == "# observer")
+    assert [e for e in EVENTS if f".{e}(" not in text] == []
 
 
 def test_the_build_without_the_audit_runs_the_same_guest():
-    with without_audit() as stripped:
+    with without_hooks() as stripped:
         without, with_audit = kernel_vm(stripped), kernel_vm(mmud)
         without.step(400)
         with_audit.step(400)
@@ -102,15 +123,27 @@ def test_rate_limit_window_and_suppressed_report():
     )
 
 
+LIMITED = {"mmu_audit": "1", "mmu_audit_ratelimit_ms": "100000", "mmu_audit_ratelimit_burst": "4"}
+
+
 def test_rate_limit_is_shared_by_the_vms_of_a_module():
-    params = mmud.Params(
-        {"mmu_audit": "1", "mmu_audit_ratelimit_ms": "100000", "mmu_audit_ratelimit_burst": "4"}
-    )
-    a = mmud.VM(mem_mb=64, seed=1, workload="kernel", params=params)
-    b = mmud.VM(mem_mb=64, seed=2, workload="kernel", params=params)
+    module = mmud.KvmModule(LIMITED)
+    a = mmud.VM(mem_mb=64, seed=1, workload="kernel", module=module)
+    b = mmud.VM(mem_mb=64, seed=2, workload="kernel", module=module)
     a.step(2000)
     b.step(2000)
     assert a.stats["mmu_audit_runs"] + b.stats["mmu_audit_runs"] == 4
+    assert len(module.audit.lines) == len(a.audit_log()) == len(b.audit_log())
+
+
+def test_vms_of_two_modules_share_nothing():
+    """No module state hides in a registry: each module has its own limiter and log."""
+    a = mmud.VM(mem_mb=64, seed=1, workload="kernel", params=LIMITED)
+    b = mmud.VM(mem_mb=64, seed=2, workload="kernel", module=mmud.KvmModule(LIMITED))
+    a.step(2000)
+    b.step(2000)
+    assert a.stats["mmu_audit_runs"] == b.stats["mmu_audit_runs"] == 4
+    assert a.module.audit is not b.module.audit and a.module.isolation is not b.module.isolation
 
 
 def test_inject_lists_bugs_with_the_armed_one_in_brackets():
@@ -191,7 +224,7 @@ def trigger_write_in_harvest(vm, gt, vcpu):
     _touch(vm, gt, vcpu)
     harvest = kvm_get_dirty_log_protect(vm, 0, words_per_step=1 << 20)  # one chunk
     next(harvest)
-    vcpu.tlb_flush_gva(VA)
+    vcpu.flush_tlb_gva(VA)
     _touch(vm, gt, vcpu)
     run_ioctl(harvest)
     assert vm.stats["pf_fast"] >= 1

@@ -10,13 +10,9 @@ import sys
 import pytest
 
 import mmud
-from mmud.kvm.isolation import (
-    arm_switch_fault,
-    isolation_map,
-    kernel_text,
-    module_isolation,
-)
+from mmud.kvm.isolation import arm_switch_fault, isolation_map
 from mmud.kvm.isolation.faultlog import KVM_LAST_FAULT_COUNT
+from mmud.kvm.module import kernel_text
 from mmud.uapi.isolation import parse_map
 
 ENTRY = re.compile(
@@ -28,7 +24,7 @@ FRAME = re.compile(r"\[ *\d+\.\d{6}\]  \S+\+0x[0-9a-f]+/0x[0-9a-f]+ \[\w+\]$")
 def run(steps: int = 3000, seed: int = 1, **load: str) -> tuple[mmud.VM, list[str]]:
     vm = mmud.VM(seed=seed, workload="kernel", params=mmud.Params(load))
     vm.step(steps)
-    return vm, list(module_isolation(vm.params).log.lines)
+    return vm, list(vm.module.isolation.log.lines)
 
 
 def entries(lines: list[str]) -> list[re.Match]:
@@ -61,7 +57,7 @@ def test_same_seed_same_log():
 
 def test_isolation_off_costs_nothing_and_logs_nothing():
     vm, lines = run(address_space_isolation="N")
-    assert lines == [] and vm.isolation is None and vm.mmu.asi is None
+    assert lines == [] and vm.isolation is None and vm.mmu.obs is None
     assert vm.stats["isolation_enters"] == vm.stats["isolation_faults"] == 0
 
 
@@ -70,13 +66,13 @@ def test_mapping_a_symbol_stops_its_faults():
     symbols = {m[5].split("+")[0] for m in entries(lines)}
     assert "mmu_page_hash" in symbols
     for name in symbols:
-        isolation_map(vm.params, parse_map(name.encode() + b"\n"))
-    vm2 = mmud.VM(seed=1, workload="kernel", params=vm.params)  # a new VM clears the log
-    assert not module_isolation(vm.params).log.lines
+        isolation_map(vm.module.isolation, parse_map(name.encode() + b"\n"))
+    vm2 = mmud.VM(seed=1, workload="kernel", module=vm.module)  # a new VM clears the log
+    assert not vm.module.isolation.log.lines
     vm2.step(3000)
-    later = {m[5].split("+")[0] for m in entries(list(module_isolation(vm.params).log.lines))}
+    later = {m[5].split("+")[0] for m in entries(list(vm.module.isolation.log.lines))}
     assert not later & symbols
-    mapped = module_isolation(vm.params).mm.lines()
+    mapped = vm.module.isolation.mm.lines()
     assert any(line.endswith(" mmu_page_hash") for line in mapped)
 
 
@@ -91,10 +87,10 @@ def test_map_refuses_bad_input(text):
 def test_map_refuses_unknown_symbol_and_maps_ranges():
     vm = mmud.VM(params=mmud.Params())
     with pytest.raises(OSError) as e:
-        isolation_map(vm.params, parse_map(b"nosuchsym"))
+        isolation_map(vm.module.isolation, parse_map(b"nosuchsym"))
     assert e.value.errno == errno.EINVAL
-    isolation_map(vm.params, parse_map(b"0xffff888103300010 8\n"))
-    mm = module_isolation(vm.params).mm
+    isolation_map(vm.module.isolation, parse_map(b"0xffff888103300010 8\n"))
+    mm = vm.module.isolation.mm
     assert mm.is_mapped(0xFFFF888103300FF8) and not mm.is_mapped(0xFFFF888103301000)
 
 
@@ -102,7 +98,7 @@ def test_switch_fault_dumps_both_page_tables():
     vm, _ = run(steps=200)
     arm_switch_fault(vm)
     vm.step(200)
-    lines = [line.split("] ", 1)[1] for line in module_isolation(vm.params).log.lines]
+    lines = [line.split("] ", 1)[1] for line in vm.module.isolation.log.lines]
     k = next(i for i, line in enumerate(lines) if line.endswith("while switching mm"))
     kvm_dump, kernel_dump = lines[k - 2], lines[k - 1]
     assert re.fullmatch(r"BASE [0-9a-f]{16} PGD \w+ P4D \w+ PUD \w+ PMD 0", kvm_dump)
@@ -116,7 +112,7 @@ PROBES = KVM_LAST_FAULT_COUNT + 2
 
 def test_the_129th_ip_fills_the_table(tmp_path, monkeypatch):
     """130 real touch points in a loaded module, each its own IP: 128 logged, then one full."""
-    source = "".join(f"def probe_{i}(mmu, gfn):\n    if mmu.asi: mmu.asi.touch_hash(gfn)\n\n"
+    source = "".join(f"def probe_{i}(mmu, gfn):\n    if mmu.obs: mmu.obs.hash_lookup(gfn)  # observer\n\n"
                      for i in range(PROBES))
     (tmp_path / "asi_probe.py").write_text(source)
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -127,10 +123,10 @@ def test_the_129th_ip_fills_the_table(tmp_path, monkeypatch):
         for i in range(PROBES):
             vm.isolation.enter()
             getattr(probe, f"probe_{i}")(vm.mmu, 5)
-            assert vm.mmu.asi is None  # the fault switched back
+            assert vm.mmu.obs is None  # the fault switched back (isolation detached)
     finally:
         sys.modules.pop("asi_probe", None)
-    log = module_isolation(vm.params).log
+    log = vm.module.isolation.log
     lines = [line.split("] ", 1)[1] for line in log.lines if "Call Trace" not in line]
     assert lines[KVM_LAST_FAULT_COUNT] == "KVM isolation: fault tracking buffer is full [128]"
     assert lines[KVM_LAST_FAULT_COUNT + 1].startswith("KVM isolation: page fault #128 (0) at probe_128+")

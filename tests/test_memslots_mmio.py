@@ -21,9 +21,9 @@ ALL_ONES = (1 << 64) - 1
 
 
 def leaf_spte(vcpu, va):
-    sp = vcpu.root
+    sp = vcpu.mmu.root
     for level in (4, 3, 2):
-        sp = vcpu.kvm_mmu.child_of(sp.spt[pt_index(va, level)])
+        sp = vcpu.mmu.kvm_mmu.child_of(sp.spt[pt_index(va, level)])
     return sp.spt[pt_index(va, 1)]
 
 
@@ -78,13 +78,13 @@ def test_mmio_info_cache_is_cleared_by_invlpg_and_root_sync():
     gt.map(VA, SLOT_GPA, flags=P | W | U)
     vcpu.read_u64(VA, user=True)
     vcpu.read_u64(VA, user=True)
-    assert vcpu.match_mmio_gva(VA)
+    assert vcpu.mmu.match_mmio_gva(VA)
     vcpu.invlpg(VA)
-    assert not vcpu.match_mmio_gva(VA)
+    assert not vcpu.mmu.match_mmio_gva(VA)
     vcpu.read_u64(VA, user=True)
-    assert vcpu.match_mmio_gva(VA)
+    assert vcpu.mmu.match_mmio_gva(VA)
     vcpu.cr3 = vcpu.cr3  # kvm_mmu_sync_roots clears it
-    assert not vcpu.match_mmio_gva(VA)
+    assert not vcpu.mmu.match_mmio_gva(VA)
 
 
 def test_churn_of_other_slots_never_makes_a_stable_slot_mmio():

@@ -55,7 +55,7 @@ def test_fast_zap_holds_the_lock_for_batches():
 
 def test_pinned_roots_go_when_released():
     vm, gt, vcpu = faulted_vm(vcpus=2)
-    roots = [v.root for v in vm.vcpus]
+    roots = [v.mmu.root for v in vm.vcpus]
     vm.zap_all(fast=True)
     assert all(r.invalid and r.root_count for r in roots)  # still pinned, skipped
     for v in vm.vcpus:

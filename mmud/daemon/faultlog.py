@@ -15,8 +15,7 @@ from typing import Any
 
 import structlog
 
-from mmud.kvm.isolation import module_isolation
-from mmud.uapi.params import Params
+from mmud.kvm.isolation import ModuleIsolation
 
 HISTORY = "fault_log.jsonl"
 
@@ -24,8 +23,8 @@ log = structlog.get_logger("mmud.isolation")
 
 
 class FaultLogPublisher:
-    def __init__(self, params: Params, state_dir: str | None) -> None:
-        self.module = module_isolation(params)
+    def __init__(self, module: ModuleIsolation, state_dir: str | None) -> None:
+        self.module = module
         self.history = Path(state_dir) / HISTORY if state_dir else None
         self._version = -1
         self._lines: tuple[str, ...] = ()

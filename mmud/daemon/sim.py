@@ -28,8 +28,9 @@ from mmud.daemon.faultlog import FaultLogPublisher
 from mmud.daemon.status import RateMeter, render_status
 from mmud.kvm.isolation import isolation_map
 from mmud.uapi.isolation import parse_map
-from mmud.kvm.mmu.audit import module_audit
-from mmud.uapi.params import ParamError, Params
+from mmud.kvm.module import KvmModule
+from mmud.machine import VM
+from mmud.uapi.params import ParamError
 from mmud.log import setup_logging
 
 # A batch this long keeps a request's wait (at most one batch) far under the 20 ms budget
@@ -88,10 +89,8 @@ class Simulation:
     """The loop, the VMs and the request handlers (`op` name -> method)."""
 
     def __init__(self, config: SimConfig, requests: Connection, out: Connection) -> None:
-        import mmud  # only this process builds VMs
-
-        self._vm_class = mmud.VM
-        self.params = Params(config.load)
+        self.module = KvmModule(config.load)  # one kvm module, shared by every VM
+        self.params = self.module.params
         self.requests, self.out = requests, out
         self.slots = [self._create(f"vm{i}", c) for i, c in enumerate(config.vms)]
         self.handlers: dict[str, Callable[..., Any]] = {
@@ -108,15 +107,14 @@ class Simulation:
             "zap_all": lambda vm, kind: vmctl.zap_all(self._slot(vm).vm, kind,
                                                       self._slot(vm).running),
         }
-        self.isolation = FaultLogPublisher(self.params, config.state_dir)
+        self.isolation = FaultLogPublisher(self.module.isolation, config.state_dir)
         self.logs: dict[str, tuple[str, ...]] = {}
         self._seq = 0
         self._batch = 1
         self._stopping = False
 
     def _create(self, name: str, c: VmConfig) -> _Slot:
-        vm = self._vm_class(mem_mb=c.mem_mb, vcpus=c.vcpus, seed=c.seed, workload=c.workload,
-                            params=self.params)
+        vm = VM(mem_mb=c.mem_mb, vcpus=c.vcpus, seed=c.seed, workload=c.workload, module=self.module)
         return _Slot(name, c, vm, os.memfd_create(f"kvm-{name}", os.MFD_CLOEXEC))
 
     # -- the loop -------------------------------------------------------------------------
@@ -190,7 +188,7 @@ class Simulation:
             params={n: self.params.render(n) for n in self.params.names()},
             vms=tuple(self._vm_snapshot(s) for s in self.slots),
             logs={**self.logs, **self.isolation.logs(self._fault_context()),
-                  "audit_log": tuple(line.rstrip("\n") for line in module_audit(self.params).lines)}))
+                  "audit_log": tuple(line.rstrip("\n") for line in self.module.audit.lines)}))
 
     def _vm_snapshot(self, s: _Slot) -> VmSnapshot:
         stats = s.vm.stats
@@ -262,7 +260,7 @@ class Simulation:
 
     def isolation_map(self, text: bytes) -> None:
         """`kvm/isolation/map`: extend the KVM address space (EINVAL: unknown symbol)."""
-        isolation_map(self.params, parse_map(text))
+        isolation_map(self.module.isolation, parse_map(text))
         log.info("isolation_map", text=text.decode("latin-1").rstrip("\n"))
 
     def set_state(self, vm: str, action: str) -> None:

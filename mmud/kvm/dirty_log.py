@@ -29,15 +29,13 @@ from mmud.kvm.kvm_main import (
     KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE,
     KvmError,
 )
-from mmud.kvm.memslot import KVM_USER_MEM_SLOTS, Memslot
+from mmud.kvm.memslot import BITS_PER_LONG, KVM_USER_MEM_SLOTS, Memslot, bitmap_pages
 from mmud.kvm.mmu.dirty import kvm_mmu_write_protect_pt_masked
 
 if TYPE_CHECKING:
-    from mmud.kvm.mmu.mmu import KvmMmu
     from mmud.kvm.vm import Kvm
 
 KVM_DIRTY_LOG_MANUAL_CAPS = KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE | KVM_DIRTY_LOG_INITIALLY_SET
-BITS_PER_LONG = 64
 
 T = TypeVar("T")
 Ioctl = Generator[None, None, T]
@@ -115,17 +113,6 @@ def kvm_clear_dirty_log_protect(
     yield from _harvest(kvm, slot, first_page // BITS_PER_LONG, mask, None, words_per_step)
 
 
-def _set_pages(first_word: int, words: np.ndarray) -> np.ndarray:
-    """Slot-relative page numbers of the set bits of `words` (bitmap words from first_word)."""
-    bits = np.unpackbits(words.astype("<u8", copy=False).view(np.uint8), bitorder="little")
-    return np.flatnonzero(bits) + first_word * BITS_PER_LONG
-
-
-def _note_harvested(mmu: KvmMmu, slot: Memslot, first_word: int, words: np.ndarray) -> None:
-    """For the incremental audit: the pages of `words` were harvested (and re-protected)."""
-    mmu.audit_track.gfns.update((_set_pages(first_word, words) + slot.base_gfn).tolist())
-
-
 def _harvest(
     kvm: Kvm, slot: Memslot, first_word: int, mask: np.ndarray | None,
     snapshot: np.ndarray | None, words_per_step: int,
@@ -157,7 +144,7 @@ def _harvest(
                     yield
                 if mmu.bug != "dirty_wp_skipped":
                     flush |= _protect(kvm, slot, first_word + a, taken)
-            if mmu.audit_track is not None: _note_harvested(mmu, slot, first_word + a, taken)  # audit track
+            if mmu.obs: mmu.obs.dirty_log_protect(slot, first_word + a, taken)  # observer
             if snapshot is not None:
                 snapshot[a:b] = taken
             if words_per_step:
@@ -182,4 +169,4 @@ def _take(bitmap: np.ndarray, words: slice, want: np.ndarray | None) -> np.ndarr
 def _protect(kvm: Kvm, slot: Memslot, first_word: int, words: np.ndarray) -> bool:
     if not words.any():
         return False
-    return kvm_mmu_write_protect_pt_masked(kvm.mmu, slot, _set_pages(first_word, words))
+    return kvm_mmu_write_protect_pt_masked(kvm.mmu, slot, bitmap_pages(first_word, words))

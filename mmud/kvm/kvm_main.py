@@ -131,7 +131,8 @@ def install_new_memslots(kvm: Kvm) -> None:
     memslots.generation |= KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS
     gen = (memslots.generation & ~KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS) + KVM_ADDRESS_SPACE_NUM
     memslots.generation = gen
-    if mmio.mmio_generation_wrapped(gen, kvm.clock_ns):  # kvm_arch_memslots_updated()
+    # kvm_arch_memslots_updated():
+    if mmio.mmio_generation_wrapped(gen, kvm.clock_ns, kvm.module.mmio_wrap_limit):
         kvm.kvm_mmu_zap_all_fast().finish()
 
 

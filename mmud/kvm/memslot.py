@@ -26,6 +26,8 @@ KVM_ADDRESS_SPACE_NUM = 2
 # The memslot "update in progress" bit of the generation (never stored in MMIO sptes).
 KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS = 1 << 63
 
+BITS_PER_LONG = 64  # a dirty bitmap is an array of unsigned longs
+
 BACKING_PFN_SHIFT = 20  # 4 GiB of pages per backing buffer
 MAX_SLOT_PAGES = 1 << BACKING_PFN_SHIFT
 
@@ -145,3 +147,8 @@ class Memslots:
     def total_pages(self) -> int:
         return sum(s.npages for s in self._sorted)
 
+
+def bitmap_pages(first_word: int, words: np.ndarray) -> np.ndarray:
+    """Slot-relative page numbers of the set bits of `words` (dirty-bitmap words from first_word)."""
+    bits = np.unpackbits(words.astype("<u8", copy=False).view(np.uint8), bitorder="little")
+    return np.flatnonzero(bits) + first_word * BITS_PER_LONG

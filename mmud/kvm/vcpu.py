@@ -13,22 +13,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from mmud.uapi import stats
-from mmud.kvm.mmu import fast_pf, mmio, paging_tmpl, pte_write, roots, sync, zap
+from mmud.kvm.mmu import paging_tmpl, pte_write, roots, sync, zap
 from mmud.kvm.mmu import spte as S
-from mmud.kvm.mmu.mmu import RET_PF_EMULATE, RET_PF_INVALID, RET_PF_RETRY
-from mmud.kvm.mmu.page import (
-    ROLE_CR0_WP,
-    ROLE_GPTE_IS_8_BYTES,
-    ROLE_NXE,
-    ROLE_SMAP_ANDNOT_WP,
-    ROLE_SMEP_ANDNOT_WP,
-    ShadowPage,
-    make_role,
-)
+from mmud.kvm.mmu.mmu import RET_PF_EMULATE
+from mmud.kvm.mmu.page import ShadowPage
+from mmud.kvm.mmu.vcpu_mmu import VcpuMmu, allowed_kinds
+from mmud.uapi import stats
 from mmud.x86.paging import (
     ACC_EXEC_MASK,
-    ACC_ALL,
     CR0_PE,
     CR0_PG,
     CR0_WP,
@@ -40,24 +32,22 @@ from mmud.x86.paging import (
     EFER_LMA,
     EFER_LME,
     EFER_NXE,
+    PAGE_MASK,
     PAGE_SHIFT,
     PFERR_FETCH_MASK,
     PFERR_PRESENT_MASK,
     PFERR_RSVD_MASK,
     PFERR_USER_MASK,
     PFERR_WRITE_MASK,
-    PT64_ROOT_4LEVEL,
     X86_EFLAGS_AC,
     X86_EFLAGS_FIXED,
     is_canonical,
-    permission_table,
     pt_index,
-    rsvd_table,
 )
 
 if TYPE_CHECKING:
     from mmud.kvm.isolation import VmIsolation
-    from mmud.kvm.vm import VM
+    from mmud.kvm.vm import Kvm
 
 # Requests (KVM_REQ_*), serviced at the next guest entry in vcpu_enter_guest()'s order.
 KVM_REQ_MMU_RELOAD = 1 << 0
@@ -66,19 +56,6 @@ KVM_REQ_TLB_FLUSH = 1 << 2
 
 # A fault that keeps coming back means KVM failed to make progress: a simulator bug.
 _MAX_FAULT_RETRIES = 64
-
-_allowed_cache: dict[tuple[tuple[int, ...], int], int] = {}
-
-
-def _allowed_kinds(permissions: tuple[int, ...], access: int) -> int:
-    """The access kinds (write | user << 1 | fetch << 2) that rights `access` allow."""
-    key = (permissions, access)
-    mask = _allowed_cache.get(key)
-    if mask is None:
-        mask = sum(1 << kind for kind in range(8) if not permissions[kind] >> access & 1)
-        _allowed_cache[key] = mask
-    return mask
-
 
 class PageFault(Exception):
     """A #PF delivered to the guest (the caller plays the guest's handler)."""
@@ -104,12 +81,16 @@ class Access:
 
 
 class Vcpu:
-    isolation: VmIsolation | None = None  # the VM's, when address_space_isolation=Y
-    fast_pf_gfn: int | None = None  # between a fast page fault's cmpxchg and mark_page_dirty
+    """The CPU side of a vCPU: registers, the TLB, requests, VM exits and the emulator.
 
-    def __init__(self, vm: VM, index: int) -> None:
+    Its MMU (`self.mmu`, the kernel's `vcpu->arch.mmu`) holds the roots, the paging mode
+    and the MMIO cache; this class implements the `VcpuOps` the MMU asks of it.
+    """
+
+    isolation: VmIsolation | None = None  # the VM's, when address_space_isolation=Y
+
+    def __init__(self, vm: Kvm, index: int) -> None:
         self.vm = vm
-        self.kvm_mmu = vm.mmu
         self.index = index
         self.stat = stats.new_vcpu_stats()
         self._cr0 = CR0_PE | CR0_PG | CR0_WP
@@ -118,55 +99,23 @@ class Vcpu:
         self._rflags = X86_EFLAGS_FIXED
         self._cr3 = 0
         self.requests = 0
-        self.root: ShadowPage | None = None
-        self.root_cr3 = 0
-        self.prev_roots: list[tuple[int, ShadowPage | None]] = [(0, None)] * roots.KVM_MMU_NUM_PREV_ROOTS
         # vpn -> (u64 view of the frame's buffer, u64 index of the frame, allowed kinds, buffer, gfn)
         self.tlb: dict[int, tuple] = {}
         self.injected: int | None = None
         self.accesses = 0  # guest memory accesses run (not a kernel stat; for rates)
-        self.fixed: tuple[ShadowPage, int] | None = None  # the leaf the last fault installed
-        # vcpu->arch.mmio_gva / mmio_access / mmio_gfn / mmio_generation
-        self.mmio_gva = 0
-        self.mmio_access = 0
-        self.mmio_gfn = 0
-        self.mmio_gen = 0
-        self._update_mode()
+        self.mmu = VcpuMmu(vm.mmu, self, vm.mmio_caching)
+        self._init_mmu()
 
     # --- paging mode ----------------------------------------------------------------------
 
-    def _update_mode(self) -> None:
-        self.cr0_wp = bool(self._cr0 & CR0_WP)
-        self.nxe = bool(self._efer & EFER_NXE)
-        self.smep = bool(self._cr4 & CR4_SMEP)
-        self.smap = bool(self._cr4 & CR4_SMAP)
-        self.ac = bool(self._rflags & X86_EFLAGS_AC)
-        self._update_permissions()
-        self.rsvd_table = rsvd_table(self.nxe)
-        role = ROLE_GPTE_IS_8_BYTES
-        if self.nxe:
-            role |= ROLE_NXE
-        if self.cr0_wp:
-            role |= ROLE_CR0_WP
-        elif self.smep:
-            role |= ROLE_SMEP_ANDNOT_WP
-        if not self.cr0_wp and self.smap:
-            role |= ROLE_SMAP_ANDNOT_WP
-        self.base_role = role
-
-    def _update_permissions(self) -> None:
-        """The guest's permission table, and the processor's for sptes (host CR0.WP=1)."""
-        self.guest_permissions = permission_table(self.cr0_wp, self.smep, self.smap, self.ac)
-        self.hw_permissions = permission_table(True, self.smep, self.smap, self.ac)
-
-    def root_role(self) -> int:
-        return make_role(self.base_role, PT64_ROOT_4LEVEL, False, ACC_ALL)
+    def _init_mmu(self) -> None:
+        self.mmu.init_context(self._cr0, self._cr4, self._efer, self._rflags)
 
     def kvm_mmu_reset_context(self) -> None:
         """A paging-mode change: drop every root; lookups under the new role miss the old pages."""
-        self._lock_mmu()
-        roots.kvm_mmu_unload(self.kvm_mmu, self)
-        self._update_mode()
+        self.lock_mmu()
+        roots.kvm_mmu_unload(self.mmu.kvm_mmu, self.mmu)
+        self._init_mmu()
 
     def _set_mode_register(self, name: str, value: int, reset_on: int) -> None:
         """A CR0/CR4/EFER write: an exit, and a context reset if a paging-mode bit changed
@@ -210,8 +159,7 @@ class Vcpu:
         old, self._rflags = self._rflags, value | X86_EFLAGS_FIXED
         if (old ^ value) & X86_EFLAGS_AC:
             # TLB entries carry permission decisions taken under the old AC.
-            self.ac = bool(value & X86_EFLAGS_AC)
-            self._update_permissions()
+            self.mmu.update_permission_bitmask(self._rflags)
             self.tlb.clear()
 
     @property
@@ -222,13 +170,13 @@ class Vcpu:
     def cr3(self, value: int) -> None:
         """kvm_set_cr3(): same value = sync + flush; new value = (fast) root switch."""
         self.stat["exits"] += 1
-        mmu = self.kvm_mmu
-        self._lock_mmu()
+        mmu = self.mmu
+        self.lock_mmu()
         if value == self._cr3:
-            sync.kvm_mmu_sync_roots(mmu, self)
+            sync.kvm_mmu_sync_roots(mmu.kvm_mmu, mmu)
             self.request_tlb_flush()
             return
-        roots.kvm_mmu_new_cr3(mmu, self, value)
+        roots.kvm_mmu_new_cr3(mmu.kvm_mmu, mmu, value)
         self._cr3 = value
 
     # --- requests ---------------------------------------------------------------------------
@@ -245,33 +193,32 @@ class Vcpu:
     def enter_guest(self) -> None:
         """vcpu_enter_guest(): service requests, then make sure a root is loaded."""
         if self.isolation: self.isolation.enter()  # isolation
-        mmu = self.kvm_mmu
+        mmu = self.mmu
         if self.requests:
             req, self.requests = self.requests, 0
             if req & (KVM_REQ_MMU_RELOAD | KVM_REQ_MMU_SYNC):
-                self._lock_mmu()
+                self.lock_mmu()
             if req & KVM_REQ_MMU_RELOAD:
-                roots.kvm_mmu_unload(mmu, self)
+                roots.kvm_mmu_unload(mmu.kvm_mmu, mmu)
             if req & KVM_REQ_MMU_SYNC:
-                sync.kvm_mmu_sync_roots(mmu, self)
+                sync.kvm_mmu_sync_roots(mmu.kvm_mmu, mmu)
             if req & KVM_REQ_TLB_FLUSH:
                 self.tlb.clear()
                 self.stat["tlb_flush"] += 1
-        if self.root is None:
-            self._lock_mmu()
-            roots.kvm_mmu_load(mmu, self)
+        if mmu.root is None:
+            self.lock_mmu()
+            roots.kvm_mmu_load(mmu.kvm_mmu, mmu)
 
-    def _lock_mmu(self) -> None:
+    # --- what the MMU asks of the CPU (VcpuOps) -------------------------------------------------
+
+    def lock_mmu(self) -> None:
         """spin_lock(&kvm->mmu_lock): while a harvest holds it across its preemption
         points, wait and let the other tasks run (only lockless work may overlap it)."""
-        if self.kvm_mmu.mmu_lock_held:
+        if self.mmu.kvm_mmu.mmu_lock_held:
             self.vm.wait_mmu_lock()
 
-    def all_roots(self) -> list[ShadowPage]:
-        found = [self.root] if self.root is not None else []
-        return found + [sp for _, sp in self.prev_roots if sp is not None]
-
-    # --- memory ------------------------------------------------------------------------------
+    def preempt(self) -> None:
+        self.vm.preempt()
 
     def mark_page_dirty(self, gfn: int) -> None:
         self.vm.mark_page_dirty(gfn)
@@ -280,34 +227,10 @@ class Vcpu:
         self.injected = error_code
         self.stat["pf_guest"] += 1
 
-    def cache_mmio_info(self, gva: int, gfn: int, access: int) -> None:
-        gen = self.vm.memslots.generation
-        if gen & (1 << 63):
-            return
-        self.mmio_gva = gva & ~0xFFF
-        self.mmio_access = access
-        self.mmio_gfn = gfn
-        self.mmio_gen = gen
+    def flush_tlb_current(self) -> None:
+        self.tlb.clear()
 
-    def clear_mmio_info(self, gva: int) -> None:
-        if self.mmio_gva == gva & ~0xFFF:
-            self.mmio_gva = 0
-
-    def clear_mmio_info_any(self) -> None:
-        self.mmio_gva = 0
-
-    def match_mmio_gva(self, gva: int) -> bool:
-        return (
-            self.mmio_gva != 0
-            and self.mmio_gen == self.vm.memslots.generation
-            and self.mmio_gva == gva & ~0xFFF
-        )
-
-    @property
-    def mmio_caching(self) -> bool:
-        return self.vm.mmio_caching
-
-    def tlb_flush_gva(self, gva: int) -> None:
+    def flush_tlb_gva(self, gva: int) -> None:
         self.tlb.pop(gva >> PAGE_SHIFT, None)
 
     def _hw_walk(self, gva: int, kind: int) -> tuple | int:
@@ -315,9 +238,9 @@ class Vcpu:
         err = (kind & 1) * PFERR_WRITE_MASK | (kind >> 1 & 1) * PFERR_USER_MASK
         if kind & 4:
             err |= PFERR_FETCH_MASK  # the host always runs with EFER.NX
-        sp = self.root
+        sp = self.mmu.root
         shift = 3 + 9 * sp.level
-        pages = self.kvm_mmu.pool.pages
+        pages = self.mmu.kvm_mmu.pool.pages
         while True:
             spte = sp.spt[(gva >> shift) & 511]
             if not spte & S.PT_PRESENT_MASK:
@@ -333,7 +256,7 @@ class Vcpu:
 
     def _tlb_fill(self, gva: int, kind: int, sp: ShadowPage, spte: int) -> tuple | None:
         """Cache the translation of gva by the leaf spte of sp; None if it refuses `kind`."""
-        allowed = _allowed_kinds(self.hw_permissions, S.spte_access(spte))
+        allowed = allowed_kinds(self.mmu.hw_permissions, S.spte_access(spte))
         if not allowed >> kind & 1:
             return None
         pfn = S.spte_to_pfn(spte)
@@ -349,7 +272,7 @@ class Vcpu:
         Raises PageFault when KVM reflects a #PF into the guest.
         """
         self.accesses += 1
-        if self.requests or self.root is None:
+        if self.requests or self.mmu.root is None:
             self.enter_guest()
         entry = self.tlb.get(gva >> PAGE_SHIFT)
         if entry is not None and entry[2] >> kind & 1:
@@ -362,18 +285,19 @@ class Vcpu:
             if not isinstance(result, int):
                 return result
             self.stat["exits"] += 1
-            self.fixed = None
-            r = self.kvm_mmu_page_fault(gva, result)
+            mmu = self.mmu
+            mmu.fixed = None
+            r = mmu.kvm_mmu_page_fault(gva, result)
             if self.injected is not None:
                 error_code, self.injected = self.injected, None
                 raise PageFault(gva, error_code)
             if r == RET_PF_EMULATE:
                 self.stat["pf_emulate"] += 1
                 return RET_PF_EMULATE
-            if self.fixed is not None and not self.requests:
+            if mmu.fixed is not None and not self.requests:
                 # The retried access would walk to the spte the fault just installed (nothing
                 # ran in between and no request is pending): take its translation directly.
-                sp, i = self.fixed
+                sp, i = mmu.fixed
                 spte = sp.spt[i]
                 if spte & S.SPTE_MMU_PRESENT:
                     entry = self._tlb_fill(gva, kind, sp, spte)
@@ -381,37 +305,18 @@ class Vcpu:
                         return entry
         raise RuntimeError(f"vCPU {self.index}: no progress on {gva:#x} (kind {kind})")
 
-    def kvm_mmu_page_fault(self, gva: int, error_code: int) -> int:
-        mmu = self.kvm_mmu
-        if mmu.asi: mmu.asi.touch_vcpu(self)  # isolation
-        if fast_pf.page_fault_can_be_fast(error_code) and fast_pf.fast_page_fault(
-            self, gva, lambda spte: self._hw_allows(spte, error_code)
-        ):
-            return RET_PF_RETRY
-        self._lock_mmu()
-        r = RET_PF_INVALID
-        if error_code & PFERR_RSVD_MASK:
-            r = mmio.handle_mmio_page_fault(mmu, self, gva)
-        if r == RET_PF_INVALID:
-            r = paging_tmpl.page_fault(mmu, self, gva, error_code)
-        return r
-
-    def _hw_allows(self, spte: int, error_code: int) -> bool:
-        """Whether the processor would let the faulting access through spte."""
-        kind = 1 | (error_code >> 1 & 2) | (error_code >> 2 & 4)
-        return bool(_allowed_kinds(self.hw_permissions, S.spte_access(spte)) >> kind & 1)
-
     # --- the emulator -----------------------------------------------------------------------------
 
     def _emulated_gpa(self, gva: int, kind: int) -> int:
         """The emulator's translation (vcpu_mmio_gva_to_gpa); raises PageFault."""
         self.stat["insn_emulation"] += 1
         error_code = (kind & 1) * PFERR_WRITE_MASK | (kind >> 1 & 1) * PFERR_USER_MASK
-        if self.match_mmio_gva(gva) and not (
-            self.guest_permissions[kind & 3] >> (self.mmio_access | ACC_EXEC_MASK) & 1
+        mmu = self.mmu
+        if mmu.match_mmio_gva(gva) and not (
+            mmu.guest_permissions[kind & 3] >> (mmu.mmio_access | ACC_EXEC_MASK) & 1
         ):
-            return self.mmio_gfn << PAGE_SHIFT | (gva & 0xFFF)
-        gpa = paging_tmpl.gva_to_gpa(self.kvm_mmu, self, gva, error_code)
+            return mmu.mmio_gfn << PAGE_SHIFT | (gva & ~PAGE_MASK)
+        gpa = paging_tmpl.gva_to_gpa(mmu.kvm_mmu, mmu, gva, error_code)
         if gpa < 0:
             self.stat["pf_guest"] += 1
             raise PageFault(gva, ~gpa)
@@ -435,7 +340,7 @@ class Vcpu:
             self.vm.mmio_write(gpa, value)
             return
         self.mark_page_dirty(gpa >> PAGE_SHIFT)
-        pte_write.kvm_mmu_pte_write(self.kvm_mmu, self, gpa, nbytes)
+        pte_write.kvm_mmu_pte_write(self.mmu.kvm_mmu, self.mmu, gpa, nbytes)
 
     # --- the guest's instructions --------------------------------------------------------------
 
@@ -452,14 +357,14 @@ class Vcpu:
                 return Access(gva, False, 0, gpa)
         except PageFault as pf:
             return Access(gva, True, pf.error_code)
-        return Access(gva, False, 0, entry[4] << PAGE_SHIFT | (gva & 0xFFF))
+        return Access(gva, False, 0, entry[4] << PAGE_SHIFT | (gva & ~PAGE_MASK))
 
     def read_u64(self, gva: int, *, user: bool = False) -> int:
         kind = user << 1
         entry = self._translate(gva, kind)
         if entry == RET_PF_EMULATE:
             return self._emulate_read(gva, kind)
-        return entry[0][entry[1] + ((gva & 0xFFF) >> 3)]
+        return entry[0][entry[1] + ((gva & ~PAGE_MASK) >> 3)]
 
     def write_u64(self, gva: int, value: int, *, user: bool = False) -> None:
         """A MOV store: a trapped write to a shadowed page table is emulated."""
@@ -468,7 +373,7 @@ class Vcpu:
         if entry == RET_PF_EMULATE:
             self._emulate_write(gva, value)
             return
-        entry[0][entry[1] + ((gva & 0xFFF) >> 3)] = value
+        entry[0][entry[1] + ((gva & ~PAGE_MASK) >> 3)] = value
 
     def fetch(self, gva: int, *, user: bool = False) -> Access:
         return self.access(gva, fetch=True, user=user)
@@ -485,7 +390,7 @@ class Vcpu:
             gpa = self._emulated_gpa(gva, kind)
             if self.vm.memslots.lookup(gpa >> PAGE_SHIFT) is None:
                 return None
-            zap.kvm_mmu_unprotect_page(self.kvm_mmu, gpa >> PAGE_SHIFT)
+            zap.kvm_mmu_unprotect_page(self.mmu.kvm_mmu, gpa >> PAGE_SHIFT)
             entry = self._translate(gva, kind)
         if entry == RET_PF_EMULATE:
             return None
@@ -500,12 +405,12 @@ class Vcpu:
 
     def copy_page(self, dst_gva: int, src_gva: int) -> None:
         """Supervisor `rep movsq` of 4 KiB from src_gva to dst_gva."""
-        src = self._string_target(src_gva & ~0xFFF, 0)
-        dst = self._string_target(dst_gva & ~0xFFF, 1)
+        src = self._string_target(src_gva & PAGE_MASK, 0)
+        dst = self._string_target(dst_gva & PAGE_MASK, 1)
         if dst is None:
             return
         if src is None:  # reading a device page: one device read per word
-            gpa = self._emulated_gpa(src_gva & ~0xFFF, 0)
+            gpa = self._emulated_gpa(src_gva & PAGE_MASK, 0)
             self.stat["mmio_exits"] += 512
             dst[3][dst[1]:dst[1] + 512] = self.vm.mmio_bus.read_page(gpa)
         else:
@@ -513,6 +418,6 @@ class Vcpu:
 
     def invlpg(self, gva: int) -> None:
         self.stat["exits"] += 1
-        self._lock_mmu()
+        self.lock_mmu()
         if is_canonical(gva):
-            sync.kvm_mmu_invlpg(self.kvm_mmu, self, gva)
+            sync.kvm_mmu_invlpg(self.mmu.kvm_mmu, self.mmu, gva)

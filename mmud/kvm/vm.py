@@ -18,6 +18,7 @@ from mmud.kvm.kvm_main import KvmError
 from mmud.kvm.memslot import KVM_MEM_LOG_DIRTY_PAGES, Memslots
 from mmud.kvm.mmu import audit, zap
 from mmud.kvm.mmu.mmu import KVM_MIN_ALLOC_MMU_PAGES, KvmMmu
+from mmud.kvm.module import KvmModule
 from mmud.kvm.isolation import arm_switch_fault, kvm_isolation_init_vm
 from mmud.uapi.params import Params
 from mmud.kvm.vcpu import Vcpu
@@ -36,18 +37,23 @@ class Kvm:
         self,
         mem_mb: int = 64,
         vcpus: int = 1,
-        params: Params | Mapping[str, str] | None = None,
+        params: Params | Mapping[str, str | None] | None = None,
+        module: KvmModule | None = None,
     ) -> None:
+        """A VM of `module` (the loaded kvm module it shares with other VMs); without one,
+        a module of its own loaded with `params`."""
         if mem_mb <= 0 or vcpus <= 0:
             raise ValueError("mem_mb and vcpus must be positive")
+        if module is not None and params is not None:
+            raise ValueError("give the parameters to the module, not to each VM")
         hostmem.keep_freed_arrays()
-        self.params = params if isinstance(params, Params) else Params(load=params)
+        self.module = module if module is not None else KvmModule(params)
         self.mem_mb = mem_mb
         self.mem_bytes = mem_mb << 20
         self.stat = stats.new_vm_stats()
         self.memslots = Memslots()
         self.clock_ns = 0  # simulated time, advanced by whoever runs the vCPUs
-        self.mmu = KvmMmu(self.memslots, self.stat, self.params, lambda: self.clock_ns)
+        self.mmu = KvmMmu(self.memslots, self.stat, self.module.audit, lambda: self.clock_ns)
         self._watch_params()
         self.mmio_caching = bool(self.params["mmio_caching"])
         self.vcpus: list[Vcpu] = []
@@ -55,8 +61,13 @@ class Kvm:
         self.last_zap: zap.ZapRun | None = None
         self.set_memslot(0, 0, self.mem_bytes)
         self.vcpus.extend(Vcpu(self, i) for i in range(vcpus))
-        self.mmu.vcpus = self.vcpus
+        self.mmu.vcpus = [v.mmu for v in self.vcpus]
         self.isolation = kvm_isolation_init_vm(self)
+
+    @property
+    def params(self) -> Params:
+        """The module's parameter block (/sys/module/kvm/parameters)."""
+        return self.module.params
 
     def _watch_params(self) -> None:
         """Follow run-time parameter writes; the watcher holds the VM weakly."""
@@ -74,14 +85,16 @@ class Kvm:
         self._apply_audit_params()
 
     def _apply_audit_params(self) -> None:
+        """The audit's static key, and its touch set attached while the scope is incremental."""
         mmu = self.mmu
-        audit.update_ratelimit(self.params)
         mmu.audit_enabled = bool(self.params["mmu_audit"])
         incremental = mmu.audit_enabled and self.params["mmu_audit_scope"] == "incremental"
-        if not incremental:
+        if not incremental and mmu.audit_track is not None:
+            mmu.detach(mmu.audit_track)
             mmu.audit_track = None
-        elif mmu.audit_track is None:
+        elif incremental and mmu.audit_track is None:
             mmu.audit_track = audit.AuditTrack()  # from now on: what changes
+            mmu.attach(mmu.audit_track)
 
     # --- statistics ----------------------------------------------------------------------------
 
@@ -230,7 +243,7 @@ class Kvm:
 
     def audit(self) -> list[str]:
         """Run one full audit now (every check, every vCPU's tree); the error lines."""
-        return audit.audit_full(self.mmu, self.vcpus, "manual")
+        return audit.audit_full(self.mmu, self.mmu.vcpus, "manual")
 
     def inject(self, name: str) -> None:
         """Arm the bug `name` (bugs.INJECTABLE_BUGS); "none" disarms."""
@@ -246,4 +259,4 @@ class Kvm:
 
     def audit_log(self) -> list[str]:
         """The module's audit log (kvm/audit_log), oldest first."""
-        return list(audit.module_audit(self.params).lines)
+        return list(self.module.audit.lines)

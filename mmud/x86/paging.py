@@ -11,6 +11,7 @@ import functools
 
 PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT
+PAGE_MASK = ~(PAGE_SIZE - 1)  # the page-frame bits of an address (the kernel's PAGE_MASK)
 PT64_ENT_PER_PAGE = 512
 PT64_LEVEL_BITS = 9
 PT64_ROOT_4LEVEL = 4

@@ -14,22 +14,19 @@ Modules, one job each:
 - context: the switches, the touch points and the fault handler.
 
 State that the kernel keeps in module globals (kvm_mm, kvm_last_fault[], the parameters)
-lives in one `ModuleIsolation` per parameter block, like the audit's module state.
+lives in one `ModuleIsolation`, held by the `KvmModule` (mmud/kvm/module.py).
 """
 
 from __future__ import annotations
 
 import errno
-import weakref
 from typing import TYPE_CHECKING
 
 from mmud.kvm.isolation.addrspace import INITIAL_SYMBOLS, INITIAL_VCPU_SYMBOLS
 from mmud.kvm.isolation.context import ModuleIsolation, VmIsolation
-from mmud.kvm.isolation.symbols import KernelText
 from mmud.uapi.isolation import MapRequest
 
 if TYPE_CHECKING:
-    from mmud.uapi.params import Params
     from mmud.kvm.vm import Kvm
 
 __all__ = [
@@ -38,32 +35,12 @@ __all__ = [
     "arm_switch_fault",
     "isolation_map",
     "kvm_isolation_init_vm",
-    "module_isolation",
 ]
-
-_modules: weakref.WeakKeyDictionary[Params, ModuleIsolation] = weakref.WeakKeyDictionary()
-_text: list[KernelText] = []  # built once per process: the layout of the code never changes
-
-
-def kernel_text() -> KernelText:
-    if not _text:
-        _text.append(KernelText())
-    return _text[0]
-
-
-def module_isolation(params: Params) -> ModuleIsolation:
-    """The isolation state of the kvm module whose parameter block is `params`."""
-    state = _modules.get(params)
-    if state is None:
-        state = ModuleIsolation(bool(params["address_space_isolation"]),
-                                bool(params["page_fault_stack"]), kernel_text())
-        _modules[params] = state
-    return state
 
 
 def kvm_isolation_init_vm(kvm: Kvm) -> VmIsolation | None:
     """A VM is created: clear the fault log and map its structures (None: isolation is off)."""
-    module = module_isolation(kvm.params)
+    module = kvm.module.isolation
     if not module.enabled:
         return None
     ctx = VmIsolation(kvm, module)
@@ -81,9 +58,8 @@ def kvm_isolation_init_vm(kvm: Kvm) -> VmIsolation | None:
     return ctx
 
 
-def isolation_map(params: Params, req: MapRequest) -> None:
+def isolation_map(module: ModuleIsolation, req: MapRequest) -> None:
     """A `kvm/isolation/map` write; EINVAL for a symbol no VM has."""
-    module = module_isolation(params)
     symbols = module.symbols()
     if symbols is None:
         raise OSError(errno.EINVAL, "address space isolation is off")

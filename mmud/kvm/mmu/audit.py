@@ -22,23 +22,25 @@ the simulation, gives the same run for the same seed.
 
 from __future__ import annotations
 
-import weakref
 from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import numpy as np
 import structlog
 
+from mmud.kvm.memslot import Memslot, bitmap_pages
 from mmud.kvm.mmu import audit_checks as C
+from mmud.kvm.ratelimit import Ratelimit
 from mmud.kvm.mmu.audit_scalar import PageEntries
 from mmud.kvm.mmu.audit_vector import PageArrays
 from mmud.kvm.mmu.mmu import KvmMmu
+from mmud.kvm.mmu.observer import MmuObserver
 from mmud.kvm.mmu.page import ShadowPage
 from mmud.x86.paging import PT64_ROOT_4LEVEL
 
 if TYPE_CHECKING:
-    from mmud.uapi.params import Params
-    from mmud.kvm.vcpu import Vcpu
+    from mmud.kvm.mmu.vcpu_mmu import VcpuMmu
 
 AUDIT_PRE_PAGE_FAULT = "pre page fault"
 AUDIT_POST_PAGE_FAULT = "post page fault"
@@ -54,34 +56,6 @@ RMAP_REPORT_BURST = 10
 log = structlog.get_logger("mmud.audit")
 
 
-class Ratelimit:
-    """lib/ratelimit.c: a fixed window that starts at the first call; at most `burst` passes
-    per window; the first call of a new window reports how many calls were refused."""
-
-    def __init__(self, name: str, interval_ms: int, burst: int) -> None:
-        self.name = name
-        self.interval_ns = interval_ms * 1_000_000
-        self.burst = burst
-        self.begin: int | None = None
-        self.printed = 0
-        self.missed = 0
-
-    def allow(self, now_ns: int, out: list[str]) -> bool:
-        if not self.interval_ns:
-            return True
-        if self.begin is None:
-            self.begin = now_ns
-        if now_ns - self.begin >= self.interval_ns:
-            if self.missed:
-                out.append(f"{self.name}: {self.missed} callbacks suppressed\n")
-            self.begin, self.printed, self.missed = now_ns, 0, 0
-        if self.burst and self.printed < self.burst:
-            self.printed += 1
-            return True
-        self.missed += 1
-        return False
-
-
 @dataclass
 class ModuleAudit:
     """State the kernel keeps once per module: the run limiter and the audit log."""
@@ -93,27 +67,8 @@ class ModuleAudit:
     lines: deque[str] = field(default_factory=lambda: deque(maxlen=AUDIT_LOG_LINES))
 
 
-_modules: weakref.WeakKeyDictionary[Params, ModuleAudit] = weakref.WeakKeyDictionary()
-
-
-def module_audit(params: Params) -> ModuleAudit:
-    state = _modules.get(params)
-    if state is None:
-        state = ModuleAudit(
-            Ratelimit("kvm_mmu_audit", params["mmu_audit_ratelimit_ms"], params["mmu_audit_ratelimit_burst"])
-        )
-        _modules[params] = state
-    return state
-
-
-def update_ratelimit(params: Params) -> None:
-    limit = module_audit(params).run_limit
-    limit.interval_ns = params["mmu_audit_ratelimit_ms"] * 1_000_000
-    limit.burst = params["mmu_audit_ratelimit_burst"]
-
-
-class AuditTrack:
-    """What the MMU touched since the last incremental run.
+class AuditTrack(MmuObserver):
+    """What the MMU touched since the last incremental run: an observer of the MMU.
 
     `sps`: pages changed as a whole (allocated, synced, zapped); `entries`: pages of which
     only some entries changed (an spte installed or dropped, a child linked) — an empty set
@@ -128,6 +83,10 @@ class AuditTrack:
         self.entries: dict[ShadowPage, set[int]] = {}
         self.gfns: set[int] = set()
 
+    def clear(self) -> None:
+        """A run has checked everything noted so far."""
+        self.sps, self.entries, self.gfns = set(), {}, set()
+
     def note(self, sp: ShadowPage | None, gfn: int | None = None, i: int | None = None) -> None:
         if sp is not None:
             if i is None:
@@ -139,6 +98,43 @@ class AuditTrack:
 
     def note_links(self, sp: ShadowPage) -> None:
         self.entries.setdefault(sp, set())
+
+    # --- MmuObserver events ----------------------------------------------------------------
+
+    def _whole_page(self, sp: ShadowPage) -> None:
+        self.note(sp, sp.gfn)
+
+    alloc_page = prepare_zap_page = account_shadowed = unaccount_shadowed = _whole_page
+    kvm_unsync_page = kvm_unlink_unsync_page = sync_page = _whole_page
+
+    def _link(self, parent: ShadowPage, i: int, child: ShadowPage) -> None:
+        self.note_links(child)
+        self.note(parent, None, i)
+
+    link_shadow_page = drop_parent_pte = _link
+
+    def unsync_children_changed(self, sp: ShadowPage) -> None:
+        self.note_links(sp)
+
+    def set_spte(self, sp: ShadowPage, i: int, gfn: int) -> None:
+        self.note(sp, gfn, i)
+
+    def drop_spte(self, sp: ShadowPage, i: int) -> None:
+        self.note(sp, sp.gfn_of(i), i)
+
+    def zap_mmio_spte(self, sp: ShadowPage, i: int) -> None:
+        self.note(sp, None, i)
+
+    def rmap_remove(self, sp: ShadowPage, i: int, gfn: int) -> None:
+        self.note(sp, gfn, i)
+
+    def _gfn(self, gfn: int) -> None:
+        self.gfns.add(gfn)
+
+    rmap_write_protect = pte_write = _gfn
+
+    def dirty_log_protect(self, slot: Memslot, first_word: int, words: np.ndarray) -> None:
+        self.gfns.update((bitmap_pages(first_word, words) + slot.base_gfn).tolist())
 
 
 def _incremental_pages(
@@ -218,14 +214,14 @@ def _limit_rmap_reports(messages: list[str], state: ModuleAudit, now_ns: int, no
     return kept
 
 
-def kvm_mmu_audit(mmu: KvmMmu, vcpu: Vcpu | None, point: str, written_gfn: int | None = None) -> list[str]:
+def kvm_mmu_audit(mmu: KvmMmu, vmmu: VcpuMmu | None, point: str, written_gfn: int | None = None) -> list[str]:
     """One audit run at `point`; returns (and logs) its error lines.
 
     written_gfn: at `pre pte write`, the table the guest has just written.
     """
     if mmu.audit_track is not None and point in _PRE_POINTS:
         return []  # incremental: a pre point opens the operation its post point checks
-    state = module_audit(mmu.params)
+    state = mmu.module_audit
     now = mmu.clock_ns()
     notes: list[str] = []
     allowed = state.run_limit.allow(now, notes)
@@ -234,7 +230,7 @@ def kvm_mmu_audit(mmu: KvmMmu, vcpu: Vcpu | None, point: str, written_gfn: int |
         mmu.stat["mmu_audit_ratelimited"] += 1
         return []
     mmu.stat["mmu_audit_runs"] += 1
-    vcpus = [vcpu] if vcpu is not None else mmu.vcpus
+    vcpus = [vmmu] if vmmu is not None else mmu.vcpus
     track = mmu.audit_track
     synced = None
     neighbours: list[ShadowPage] = []
@@ -252,7 +248,7 @@ def kvm_mmu_audit(mmu: KvmMmu, vcpu: Vcpu | None, point: str, written_gfn: int |
         pages, entries, neighbours = _incremental_pages(mmu, track)
         tree = pages
         gfns = set(track.gfns)
-        mmu.audit_track = AuditTrack()
+        track.clear()
         if point == AUDIT_POST_SYNC:
             synced = {sp for sp in pages for v in vcpus if v.root and C.reaches(mmu, sp, v.root)}
     messages = _run(mmu, point, pages, tree, gfns, synced, written_gfn, neighbours, entries)
@@ -273,7 +269,7 @@ def _log_lines(state: ModuleAudit, lines: list[str], point: str, *, warning: boo
             log.error("mmu_audit_error", point=point, message=line.rstrip("\n"))
 
 
-def audit_full(mmu: KvmMmu, vcpus: list[Vcpu], point: str) -> list[str]:
+def audit_full(mmu: KvmMmu, vcpus: list[VcpuMmu], point: str) -> list[str]:
     """A full run now, outside the limiter and the log (vm.audit(), tests)."""
     pages = list(reversed(mmu.active_mmu_pages))
     tree = [sp for v in vcpus if v.root is not None for sp in C.reachable_pages(mmu, v.root)]

@@ -14,7 +14,6 @@ protection that makes the spte read-only again, and the bit is reported next tim
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from mmud.kvm.mmu import spte as S
@@ -27,7 +26,7 @@ from mmud.x86.paging import (
 
 if TYPE_CHECKING:
     from mmud.kvm.mmu.page import ShadowPage
-    from mmud.kvm.vcpu import Vcpu
+    from mmud.kvm.mmu.vcpu_mmu import VcpuMmu
 
 _FAST_ERROR = PFERR_PRESENT_MASK | PFERR_WRITE_MASK | PFERR_RSVD_MASK
 _WANT = PFERR_PRESENT_MASK | PFERR_WRITE_MASK
@@ -38,36 +37,36 @@ def page_fault_can_be_fast(error_code: int) -> bool:
     return error_code & _FAST_ERROR == _WANT
 
 
-def walk_shadow_page_lockless(vcpu: Vcpu, gva: int) -> tuple[ShadowPage, int] | None:
+def walk_shadow_page_lockless(vmmu: VcpuMmu, gva: int) -> tuple[ShadowPage, int] | None:
     """The last-level sp and index mapping gva, or None where the walk stops early."""
-    if vcpu.root is None:
+    if vmmu.root is None:
         return None
-    *_, (sp, i, spte) = vcpu.kvm_mmu.shadow_walk(vcpu.root, gva)
+    *_, (sp, i, spte) = vmmu.kvm_mmu.shadow_walk(vmmu.root, gva)
     return (sp, i) if spte & S.SPTE_MMU_PRESENT else None
 
 
-def fast_page_fault(vcpu: Vcpu, gva: int, allowed: Callable[[int], bool]) -> bool:
+def fast_page_fault(vmmu: VcpuMmu, gva: int, error_code: int) -> bool:
     """Fix a dirty-logging write fault locklessly; True if the access may be retried.
 
-    `allowed(spte)` says whether the faulting access is allowed by an spte: the fault is
-    only dirty logging's if adding W makes it so (not a U/S or NX fault as well).
+    The fault is only dirty logging's if adding W lets the faulting access through the spte
+    (it is not a U/S or NX fault as well).
     """
-    found = walk_shadow_page_lockless(vcpu, gva)
+    found = walk_shadow_page_lockless(vmmu, gva)
     if found is None:
         return False
     sp, i = found
     old = sp.spt[i]
     if old & PT_WRITABLE_MASK:
-        return allowed(old)  # another vCPU fixed it first: spurious
-    if not S.is_mmu_writable_spte(old) or not allowed(old | PT_WRITABLE_MASK):
+        return vmmu.hw_allows(old, error_code)  # another vCPU fixed it first: spurious
+    if not S.is_mmu_writable_spte(old) or not vmmu.hw_allows(old | PT_WRITABLE_MASK, error_code):
         return False
     # cmpxchg64(sptep, old, old | W): nothing runs between the read and this store (the
     # preemption points are explicit), so the exchange always succeeds here.
     sp.spt[i] = old | PT_WRITABLE_MASK
-    vcpu.stat["pf_fast"] += 1
+    vmmu.stat["pf_fast"] += 1
     gfn = sp.gfn_of(i)
-    vcpu.fast_pf_gfn = gfn
-    vcpu.vm.preempt()  # the window between making the spte writable and logging the page
-    vcpu.mark_page_dirty(gfn)
-    vcpu.fast_pf_gfn = None
+    vmmu.fast_pf_gfn = gfn
+    vmmu.vcpu.preempt()  # the window between making the spte writable and logging the page
+    vmmu.vcpu.mark_page_dirty(gfn)
+    vmmu.fast_pf_gfn = None
     return True

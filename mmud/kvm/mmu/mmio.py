@@ -23,18 +23,16 @@ import structlog
 
 from mmud.kvm.memslot import KVM_ADDRESS_SPACE_NUM, KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS
 from mmud.kvm.mmu import spte as S
-from mmud.kvm.mmu.audit import Ratelimit
 from mmud.kvm.mmu.mmu import RET_PF_EMULATE, RET_PF_INVALID, RET_PF_RETRY, KvmMmu
 from mmud.kvm.mmu.page import ShadowPage
+from mmud.kvm.ratelimit import Ratelimit
 
 if TYPE_CHECKING:
-    from mmud.kvm.vcpu import Vcpu
+    from mmud.kvm.mmu.vcpu_mmu import VcpuMmu
 
 # The host's reserved physical-address bit that MMIO sptes borrow (host MAXPHYADDR < 52).
 SPTE_RSVD_MASK = S.SHADOW_MMIO_VALUE & ~S.PT_PRESENT_MASK
-# kvm_debug_ratelimited(): DEFAULT_RATELIMIT_INTERVAL (5 s) and DEFAULT_RATELIMIT_BURST.
 _WRAP_MESSAGE = "kvm: zapping shadow pages for mmio generation wraparound"
-_wrap_limit = Ratelimit("kvm_mmu_invalidate_mmio_sptes", 5000, 10)
 
 log = structlog.get_logger("mmud.kvm")
 
@@ -43,13 +41,13 @@ class KvmInternalError(RuntimeError):
     """KVM found its own tables corrupt and fails KVM_RUN with -EINVAL."""
 
 
-def mark_mmio_spte(mmu: KvmMmu, vcpu: Vcpu, sp: ShadowPage, i: int, gfn: int, access: int) -> int:
+def mark_mmio_spte(mmu: KvmMmu, vmmu: VcpuMmu, sp: ShadowPage, i: int, gfn: int, access: int) -> int:
     """Install an MMIO spte for a gfn without memslot; the access is then emulated."""
     if sp.spt[i] & S.SPTE_MMU_PRESENT:
         mmu.drop_spte(sp, i)
         mmu.kvm_flush_remote_tlbs()
     sp.spt[i] = S.make_mmio_spte(gfn, access, mmu.memslots.generation)
-    vcpu.stat["pf_mmio_spte_created"] += 1
+    vmmu.stat["pf_mmio_spte_created"] += 1
     return RET_PF_EMULATE
 
 
@@ -78,12 +76,12 @@ def sync_mmio_spte(mmu: KvmMmu, sp: ShadowPage, i: int, gfn: int, access: int) -
     return True
 
 
-def handle_mmio_page_fault(mmu: KvmMmu, vcpu: Vcpu, gva: int) -> int:
+def handle_mmio_page_fault(mmu: KvmMmu, vmmu: VcpuMmu, gva: int) -> int:
     """An RSVD fault: EMULATE (a current MMIO spte or cached info), INVALID (a stale MMIO
     spte: run the normal fault, which re-resolves the gfn) or RETRY (zapped meanwhile)."""
-    if vcpu.match_mmio_gva(gva):
+    if vmmu.match_mmio_gva(gva):
         return RET_PF_EMULATE
-    sptes = [(spte, sp.level) for sp, _, spte in mmu.shadow_walk(vcpu.root, gva)]
+    sptes = [(spte, sp.level) for sp, _, spte in mmu.shadow_walk(vmmu.root, gva)]
     spte, _ = sptes[-1]
     if S.is_shadow_present_pte(spte) and spte & SPTE_RSVD_MASK:
         head = f"handle_mmio_page_fault: detect reserved bits on spte, addr {gva:#x}, dump hierarchy:"
@@ -95,20 +93,21 @@ def handle_mmio_page_fault(mmu: KvmMmu, vcpu: Vcpu, gva: int) -> int:
         return RET_PF_RETRY
     if not check_mmio_spte(mmu, spte):
         return RET_PF_INVALID
-    vcpu.cache_mmio_info(gva, S.get_mmio_spte_gfn(spte), S.get_mmio_spte_access(spte))
+    vmmu.cache_mmio_info(gva, S.get_mmio_spte_gfn(spte), S.get_mmio_spte_access(spte))
     return RET_PF_EMULATE
 
 
-def mmio_generation_wrapped(gen: int, now_ns: int) -> bool:
+def mmio_generation_wrapped(gen: int, now_ns: int, limit: Ratelimit) -> bool:
     """kvm_mmu_invalidate_mmio_sptes()'s test, after a memslot update made generation gen.
 
     Generations step by KVM_ADDRESS_SPACE_NUM, so the address-space bits are stripped
     before looking for a wrap of the bits an MMIO spte holds. On a wrap the caller zaps
-    every shadow page; the kernel's rate-limited debug message is logged here.
+    every shadow page; the kernel's rate-limited debug message is logged here (`limit`:
+    kvm_debug_ratelimited()'s state, one per module).
     """
     gen &= S.MMIO_SPTE_GEN_MASK & ~(KVM_ADDRESS_SPACE_NUM - 1)
     if gen:
         return False
-    if _wrap_limit.allow(now_ns, []):
+    if limit.allow(now_ns, []):
         log.debug("mmio_generation_wraparound", message=_WRAP_MESSAGE)
     return True

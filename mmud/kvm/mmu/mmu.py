@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from mmud.kvm.memslot import Memslot, Memslots
 from mmud.kvm.mmu import spte as S
+from mmud.kvm.mmu.observer import MmuObserver, combine
 from mmud.kvm.mmu.page import (
     ShadowPage,
     ShadowPagePool,
@@ -29,10 +30,8 @@ from mmud.kvm.mmu.page import (
 from mmud.x86.paging import ACC_WRITE_MASK, PT_WRITABLE_MASK, pt_index
 
 if TYPE_CHECKING:
-    from mmud.kvm.isolation import VmIsolation
-    from mmud.kvm.mmu.audit import AuditTrack
-    from mmud.uapi.params import Params
-    from mmud.kvm.vcpu import Vcpu
+    from mmud.kvm.mmu.audit import AuditTrack, ModuleAudit
+    from mmud.kvm.mmu.vcpu_mmu import VcpuMmu
 
 KVM_MIN_ALLOC_MMU_PAGES = 64
 KVM_PERMILLE_MMU_PAGES = 20
@@ -62,21 +61,24 @@ def sptep_of(sp: ShadowPage, i: int) -> int:
 class KvmMmu:
     """MMU state of one VM. Only the simulation loop touches it (no locks inside)."""
 
-    asi: VmIsolation | None = None  # on the KVM address space: the VM's isolation
     mmu_lock_held = False  # a harvest holds kvm->mmu_lock across its preemption points
 
     def __init__(
-        self, memslots: Memslots, stat: dict[str, int], params: Params, clock_ns: Callable[[], int]
+        self, memslots: Memslots, stat: dict[str, int], module_audit: ModuleAudit,
+        clock_ns: Callable[[], int],
     ) -> None:
         self.memslots = memslots
         self.stat = stat
-        self.params = params
+        self.module_audit = module_audit  # the kvm module's audit limiter and log
         self.clock_ns = clock_ns
-        # The audit's static key and its incremental touch set.
+        # The audit's static key and its incremental touch set (also an attached observer).
         self.audit_enabled = False
         self.audit_track: AuditTrack | None = None
-        self.bug: str | None = None  # the armed injectable bug (bugs.py)
-        self.vcpus: list[Vcpu] = []
+        # Who listens to the MMU's events (observer.py): None, one observer, or a Fanout.
+        self.obs: MmuObserver | None = None
+        self._observers: list[MmuObserver] = []
+        self.bug: str | None = None  # the armed injectable bug (mmud/uapi/bugs.py)
+        self.vcpus: list[VcpuMmu] = []
         self.pool = ShadowPagePool()
         self.page_hash: dict[int, list[ShadowPage]] = {}
         # Insertion-ordered: first key = tail (oldest), last key = head (newest).
@@ -86,6 +88,15 @@ class KvmMmu:
         self.n_requested_mmu_pages = 0
         self.mmu_valid_gen = 0
         self.indirect_shadow_pages = 0
+
+    def attach(self, observer: MmuObserver) -> None:
+        """Start telling `observer` the MMU's events (after those attached before)."""
+        self._observers.append(observer)
+        self.obs = combine(self._observers)
+
+    def detach(self, observer: MmuObserver) -> None:
+        self._observers.remove(observer)
+        self.obs = combine(self._observers)
 
     # --- helpers ---------------------------------------------------------------------------
 
@@ -129,13 +140,13 @@ class KvmMmu:
         would make the MMU lock hold of a commit grow with guest memory (a 1 GiB guest's
         TLB took 15 ms), where a hardware flush costs the same at any size.
         """
-        for vcpu in self.vcpus:
-            vcpu.request_tlb_flush()
+        for vmmu in self.vcpus:
+            vmmu.vcpu.request_tlb_flush()
         self.stat["remote_tlb_flush"] += 1
 
     def kvm_reload_remote_mmus(self) -> None:
-        for vcpu in self.vcpus:
-            vcpu.make_request_mmu_reload()
+        for vmmu in self.vcpus:
+            vmmu.vcpu.make_request_mmu_reload()
 
     # --- page budget ----------------------------------------------------------------------
 
@@ -152,14 +163,14 @@ class KvmMmu:
     # --- rmap -------------------------------------------------------------------------------
 
     def rmap_add(self, slot: Memslot, gfn: int, sptep: int) -> int:
-        if self.asi: self.asi.touch_rmap(gfn, True)  # isolation
+        if self.obs: self.obs.rmap_add(gfn)  # observer
         return slot.rmap.add(gfn, sptep)
 
     def rmap_remove(self, sp: ShadowPage, i: int) -> None:
         """pte_list_remove(): a missing entry is an MMU bug; tolerated (the kernel BUG()s),
         so that an injected bug leaves the VM running for the audit to report."""
         gfn = sp.gfn_of(i)
-        if self.audit_track is not None: self.audit_track.note(sp, gfn, i)  # audit track
+        if self.obs: self.obs.rmap_remove(sp, i, gfn)  # observer
         slot = self.memslots.lookup(gfn)
         if slot is None or not slot.rmap.remove(gfn, sptep_of(sp, i)):
             return
@@ -167,8 +178,7 @@ class KvmMmu:
 
     def rmap_write_protect(self, gfn: int) -> bool:
         """Clear W and MMU-writable in every spte mapping gfn; True if any changed."""
-        if self.asi: self.asi.touch_rmap(gfn)  # isolation
-        if self.audit_track is not None: self.audit_track.note(None, gfn)  # audit track
+        if self.obs: self.obs.rmap_write_protect(gfn)  # observer
         slot = self.memslots.lookup(gfn)
         if slot is None:
             return False
@@ -186,7 +196,7 @@ class KvmMmu:
 
     def drop_spte(self, sp: ShadowPage, i: int) -> None:
         """Clear a present leaf spte and take it out of its rmap."""
-        if self.audit_track is not None: self.audit_track.note(sp, sp.gfn_of(i), i)  # audit track
+        if self.obs: self.obs.drop_spte(sp, i)  # observer
         if self.bug != "rmap_remove_skipped":
             self.rmap_remove(sp, i)
         sp.spt[i] = 0
@@ -202,13 +212,12 @@ class KvmMmu:
     # --- page tracking (KVM_PAGE_TRACK_WRITE) ------------------------------------------------
 
     def page_track_is_active(self, gfn: int) -> bool:
-        if self.asi: self.asi.touch_gfn_track(gfn)  # isolation
+        if self.obs: self.obs.page_track_is_active(gfn)  # observer
         slot = self.memslots.lookup(gfn)
         return slot is not None and slot.gfn_track.get(gfn, 0) > 0
 
     def account_shadowed(self, sp: ShadowPage) -> None:
-        if self.asi: self.asi.touch_gfn_track(sp.gfn, True)  # isolation
-        if self.audit_track is not None: self.audit_track.note(sp, sp.gfn)  # audit track
+        if self.obs: self.obs.account_shadowed(sp)  # observer
         self.indirect_shadow_pages += 1
         gfn = sp.gfn
         slot = self.memslots.lookup(gfn)
@@ -220,7 +229,7 @@ class KvmMmu:
                 self.kvm_flush_remote_tlbs()
 
     def unaccount_shadowed(self, sp: ShadowPage) -> None:
-        if self.audit_track is not None: self.audit_track.note(sp, sp.gfn)  # audit track
+        if self.obs: self.obs.unaccount_shadowed(sp)  # observer
         self.indirect_shadow_pages -= 1
         if sp.level == 1:
             return
@@ -236,10 +245,9 @@ class KvmMmu:
     # --- shadow page lookup and allocation ---------------------------------------------------
 
     def alloc_page(self, gfn: int, role: int) -> ShadowPage:
-        if self.asi: self.asi.touch_hash(gfn, True)  # isolation
         sp = self.pool.alloc()
         sp.init(gfn, role, self.mmu_valid_gen)
-        if self.audit_track is not None: self.audit_track.note(sp, gfn)  # audit track
+        if self.obs: self.obs.alloc_page(sp)  # observer
         self.page_hash.setdefault(hash_64(gfn), []).append(sp)
         self.active_mmu_pages[sp] = None
         self.n_used_mmu_pages += 1
@@ -247,16 +255,16 @@ class KvmMmu:
 
     def free_page(self, sp: ShadowPage) -> None:
         """kvm_mmu_free_page(): the sp leaves the hash and returns to the pool."""
-        if self.asi: self.asi.touch_hash(sp.gfn, True)  # isolation
+        if self.obs: self.obs.free_page(sp)  # observer
         self.page_hash[hash_64(sp.gfn)].remove(sp)
         self.pool.release(sp)
 
-    def get_page(self, vcpu: Vcpu, gfn: int, level: int, direct: bool, access: int) -> ShadowPage:
+    def get_page(self, vmmu: VcpuMmu, gfn: int, level: int, direct: bool, access: int) -> ShadowPage:
         """kvm_mmu_get_page(): find the sp for (gfn, role) or build it."""
-        if self.asi: self.asi.touch_hash(gfn)  # isolation
+        if self.obs: self.obs.hash_lookup(gfn)  # observer
         from mmud.kvm.mmu import sync, zap
 
-        role = make_role(vcpu.base_role, level, direct, access)
+        role = make_role(vmmu.base_role, level, direct, access)
         collisions = 0
         need_sync = False
         invalid_list: list[ShadowPage] = []
@@ -274,11 +282,11 @@ class KvmMmu:
                 if sp.role != role:
                     continue
                 if sp.unsync:
-                    if not sync.resync_page(self, vcpu, sp, invalid_list):
+                    if not sync.resync_page(self, vmmu, sp, invalid_list):
                         break
                     self.kvm_flush_remote_tlbs()
                 if sp.unsync_children:
-                    vcpu.request_mmu_sync()
+                    vmmu.vcpu.request_mmu_sync()
                 sp.write_flooding_count = 0
                 found = sp
                 break
@@ -291,8 +299,8 @@ class KvmMmu:
                 if level == 1 and self.bug != "write_protect_skipped" and self.rmap_write_protect(gfn):
                     self.kvm_flush_remote_tlbs()
                 if level > 1 and need_sync:
-                    flush = sync.kvm_sync_pages(self, vcpu, gfn, invalid_list)
-            zap.kvm_mmu_flush_or_zap(self, vcpu, invalid_list, False, flush)
+                    flush = sync.kvm_sync_pages(self, vmmu, gfn, invalid_list)
+            zap.kvm_mmu_flush_or_zap(self, vmmu, invalid_list, False, flush)
         elif invalid_list:
             zap.commit_zap_page(self, invalid_list)
         if collisions > self.stat["max_mmu_page_hash_collisions"]:
@@ -302,17 +310,14 @@ class KvmMmu:
     # --- linking ------------------------------------------------------------------------------
 
     def link_shadow_page(self, parent: ShadowPage, i: int, sp: ShadowPage) -> None:
-        if self.asi: self.asi.touch_sp(sp, True)  # isolation
-        if self.audit_track is not None: self.audit_track.note_links(sp)  # audit track
-        if self.audit_track is not None: self.audit_track.note(parent, None, i)  # audit track
+        if self.obs: self.obs.link_shadow_page(parent, i, sp)  # observer
         parent.spt[i] = S.make_nonleaf_spte(sp.index)
         sp.parent_ptes.append(sptep_of(parent, i))
         if sp.unsync_children or sp.unsync:
             self.mark_unsync(parent, i)
 
     def drop_parent_pte(self, child: ShadowPage, parent: ShadowPage, i: int) -> None:
-        if self.audit_track is not None: self.audit_track.note_links(child)  # audit track
-        if self.audit_track is not None: self.audit_track.note(parent, None, i)  # audit track
+        if self.obs: self.obs.drop_parent_pte(parent, i, child)  # observer
         if self.bug != "parent_unlink_skipped":
             sptep = sptep_of(parent, i)
             if sptep in child.parent_ptes:
@@ -324,7 +329,7 @@ class KvmMmu:
         bit = 1 << i
         if sp.unsync_child_bitmap & bit:
             return
-        if self.audit_track is not None: self.audit_track.note_links(sp)  # audit track
+        if self.obs: self.obs.unsync_children_changed(sp)  # observer
         sp.unsync_child_bitmap |= bit
         sp.unsync_children += 1
         if sp.unsync_children == 1:
@@ -336,7 +341,7 @@ class KvmMmu:
             self.mark_unsync(pages[sptep >> _SPTEP_SHIFT], sptep & _SPTEP_MASK)
 
     def clear_unsync_child_bit(self, sp: ShadowPage, i: int) -> None:
-        if self.audit_track is not None: self.audit_track.note_links(sp)  # audit track
+        if self.obs: self.obs.unsync_children_changed(sp)  # observer
         sp.unsync_children -= 1
         sp.unsync_child_bitmap &= ~(1 << i)
 
@@ -368,14 +373,13 @@ class KvmMmu:
         return found
 
     def kvm_unsync_page(self, sp: ShadowPage) -> None:
-        if self.asi: self.asi.touch_sp(sp, True)  # isolation
-        if self.audit_track is not None: self.audit_track.note(sp, sp.gfn)  # audit track
+        if self.obs: self.obs.kvm_unsync_page(sp)  # observer
         self.stat["mmu_unsync"] += 1
         sp.unsync = True
         self.mark_parents_unsync(sp)
 
     def kvm_unlink_unsync_page(self, sp: ShadowPage) -> None:
-        if self.audit_track is not None: self.audit_track.note(sp, sp.gfn)  # audit track
+        if self.obs: self.obs.kvm_unlink_unsync_page(sp)  # observer
         sp.unsync = False
         self.stat["mmu_unsync"] -= 1
 
@@ -395,7 +399,7 @@ class KvmMmu:
 
     def set_spte(
         self,
-        vcpu: Vcpu,
+        vmmu: VcpuMmu,
         sp: ShadowPage,
         i: int,
         pte_access: int,
@@ -405,10 +409,9 @@ class KvmMmu:
         host_writable: bool,
     ) -> int:
         spt = sp.spt
-        if self.asi: self.asi.touch_spt(sp, i, True)  # isolation
+        if self.obs: self.obs.set_spte(sp, i, gfn)  # observer
         old = spt[i]
         spte = S.make_leaf_spte(pfn, pte_access, sp.level, host_writable)
-        if self.audit_track is not None: self.audit_track.note(sp, gfn, i)  # audit track
         if not host_writable:
             pte_access &= ~ACC_WRITE_MASK
         ret = 0
@@ -421,7 +424,7 @@ class KvmMmu:
                     ret |= SET_SPTE_WRITE_PROTECTED_PT
                     spte &= ~(PT_WRITABLE_MASK | S.SPTE_MMU_WRITEABLE)
                 if spte & PT_WRITABLE_MASK:
-                    vcpu.mark_page_dirty(gfn)
+                    vmmu.vcpu.mark_page_dirty(gfn)
         spt[i] = spte
         # mmu_spte_update(): losing W (or MMU-writable) on a present spte needs a flush.
         if old & S.SPTE_MMU_PRESENT and old & ~spte & (PT_WRITABLE_MASK | S.SPTE_MMU_WRITEABLE):
@@ -430,7 +433,7 @@ class KvmMmu:
 
     def mmu_set_spte(
         self,
-        vcpu: Vcpu,
+        vmmu: VcpuMmu,
         sp: ShadowPage,
         i: int,
         pte_access: int,
@@ -458,11 +461,11 @@ class KvmMmu:
         ret = RET_PF_RETRY
         if self.bug == "wrong_pfn":
             pfn ^= 1
-        result = self.set_spte(vcpu, sp, i, pte_access, gfn, pfn, True, host_writable)
+        result = self.set_spte(vmmu, sp, i, pte_access, gfn, pfn, True, host_writable)
         if result & SET_SPTE_WRITE_PROTECTED_PT:
             if write_fault:
                 ret = RET_PF_EMULATE
-            vcpu.request_tlb_flush()
+            vmmu.vcpu.request_tlb_flush()
         if result & SET_SPTE_NEED_REMOTE_TLB_FLUSH or flush:
             self.kvm_flush_remote_tlbs()
         if not was_rmapped:

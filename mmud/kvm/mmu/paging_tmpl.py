@@ -38,7 +38,7 @@ from mmud.x86.paging import (
 )
 
 if TYPE_CHECKING:
-    from mmud.kvm.vcpu import Vcpu
+    from mmud.kvm.mmu.vcpu_mmu import VcpuMmu
 
 
 class GuestWalker:
@@ -56,19 +56,19 @@ class GuestWalker:
         self.ptes = [0, 0, 0, 0]
 
 
-def walk_addr(mmu: KvmMmu, vcpu: Vcpu, addr: int, error_code: int) -> GuestWalker | int:
+def walk_addr(mmu: KvmMmu, vmmu: VcpuMmu, addr: int, error_code: int) -> GuestWalker | int:
     """Walk the guest tables for addr; a walker, or the #PF error code to inject.
 
     The hot path of every shadow fault: guest memory is read through the slot's u64 view
     and permissions come from the vCPU's precomputed table (update_permission_bitmask).
     """
     write = error_code & PFERR_WRITE_MASK
-    nxe = vcpu.nxe
-    rsvd = vcpu.rsvd_table
+    nxe = vmmu.nxe
+    rsvd = vmmu.rsvd_table
     memslots = mmu.memslots
     w = GuestWalker()
-    if mmu.asi: mmu.asi.touch_memslots()  # isolation
-    table = vcpu.cr3 & CR3_ADDR_MASK
+    if mmu.obs: mmu.obs.gfn_to_memslot()  # observer
+    table = vmmu.vcpu.cr3 & CR3_ADDR_MASK
     pte_access = ACC_ALL
     level = 4
     slot = None
@@ -79,16 +79,16 @@ def walk_addr(mmu: KvmMmu, vcpu: Vcpu, addr: int, error_code: int) -> GuestWalke
         if not lo <= pte_gpa < hi:
             slot = memslots.lookup(pte_gpa >> PAGE_SHIFT)
             if slot is None:
-                return _fault(vcpu, 0, error_code)
+                return _fault(vmmu, 0, error_code)
             lo = slot.base_gfn << PAGE_SHIFT
             hi = lo + (slot.npages << PAGE_SHIFT)
             u64 = slot.backing.u64
         gpte = u64[(pte_gpa - lo) >> 3]
         if not gpte & PT_PRESENT_MASK:
-            return _fault(vcpu, 0, error_code)
+            return _fault(vmmu, 0, error_code)
         large = level == 2 and gpte & PT_PAGE_SIZE_MASK
         if gpte & rsvd[level * 2 + (1 if large else 0)]:
-            return _fault(vcpu, PFERR_PRESENT_MASK | PFERR_RSVD_MASK, error_code)
+            return _fault(vmmu, PFERR_PRESENT_MASK | PFERR_RSVD_MASK, error_code)
         k = level - 1
         w.table_gfn[k] = table >> PAGE_SHIFT
         w.pte_gpa[k] = pte_gpa
@@ -100,8 +100,8 @@ def walk_addr(mmu: KvmMmu, vcpu: Vcpu, addr: int, error_code: int) -> GuestWalke
         table = gpte & PT64_BASE_ADDR_MASK
         level -= 1
     kind = (error_code >> 1 & 1) | (error_code >> 1 & 2) | (error_code >> 2 & 4)
-    if vcpu.guest_permissions[kind] >> pte_access & 1:
-        return _fault(vcpu, PFERR_PRESENT_MASK, error_code)
+    if vmmu.guest_permissions[kind] >> pte_access & 1:
+        return _fault(vmmu, PFERR_PRESENT_MASK, error_code)
     # Success: set A on every entry used and D on the leaf of a write (FNAME(update_accessed_dirty_bits)).
     for k in range(3, level - 2, -1):
         gpte = w.ptes[k]
@@ -111,7 +111,7 @@ def walk_addr(mmu: KvmMmu, vcpu: Vcpu, addr: int, error_code: int) -> GuestWalke
         if new != gpte:
             w.ptes[k] = new
             memslots.write_u64(w.pte_gpa[k], new)
-            vcpu.mark_page_dirty(w.table_gfn[k])
+            vmmu.vcpu.mark_page_dirty(w.table_gfn[k])
     leaf = w.ptes[level - 1]
     if level == 2:
         gfn = ((leaf & PT64_LVL2_LARGE_ADDR_MASK) >> PAGE_SHIFT) + ((addr >> PAGE_SHIFT) & 511)
@@ -125,68 +125,68 @@ def walk_addr(mmu: KvmMmu, vcpu: Vcpu, addr: int, error_code: int) -> GuestWalke
     return w
 
 
-def _fault(vcpu: Vcpu, errcode: int, access: int) -> int:
+def _fault(vmmu: VcpuMmu, errcode: int, access: int) -> int:
     """The error code to inject: the cause bits plus the access type (I/D only with NXE or SMEP)."""
     errcode |= access & (PFERR_WRITE_MASK | PFERR_USER_MASK)
-    if access & PFERR_FETCH_MASK and (vcpu.nxe or vcpu.smep):
+    if access & PFERR_FETCH_MASK and (vmmu.nxe or vmmu.smep):
         errcode |= PFERR_FETCH_MASK
     return errcode
 
 
-def gva_to_gpa(mmu: KvmMmu, vcpu: Vcpu, addr: int, error_code: int) -> int:
+def gva_to_gpa(mmu: KvmMmu, vmmu: VcpuMmu, addr: int, error_code: int) -> int:
     """FNAME(gva_to_gpa): the gpa of addr, or ~error_code (< 0) for the #PF to inject."""
-    w = walk_addr(mmu, vcpu, addr, error_code)
+    w = walk_addr(mmu, vmmu, addr, error_code)
     if isinstance(w, int):
         return ~w
     return (w.gfn << PAGE_SHIFT) | (addr & 0xFFF)
 
 
-def shadow_page_table_clear_flood(vcpu: Vcpu, addr: int) -> None:
+def shadow_page_table_clear_flood(vmmu: VcpuMmu, addr: int) -> None:
     """Reset the flood counters of the sps on addr's shadow path (a real access used them)."""
-    if vcpu.root is None:
+    if vmmu.root is None:
         return
-    for sp, _, _ in vcpu.kvm_mmu.shadow_walk(vcpu.root, addr):
+    for sp, _, _ in vmmu.kvm_mmu.shadow_walk(vmmu.root, addr):
         sp.write_flooding_count = 0
 
 
-def page_fault(mmu: KvmMmu, vcpu: Vcpu, addr: int, error_code: int) -> int:
+def page_fault(mmu: KvmMmu, vmmu: VcpuMmu, addr: int, error_code: int) -> int:
     """FNAME(page_fault) (RSVD already handled by the caller)."""
-    w = walk_addr(mmu, vcpu, addr, error_code & ~PFERR_RSVD_MASK)
+    w = walk_addr(mmu, vmmu, addr, error_code & ~PFERR_RSVD_MASK)
     if isinstance(w, int):
-        vcpu.inject_page_fault(addr, w)
+        vmmu.vcpu.inject_page_fault(addr, w)
         return RET_PF_RETRY
     write_fault = bool(error_code & PFERR_WRITE_MASK)
     if error_code & (PFERR_PRESENT_MASK | PFERR_WRITE_MASK) == (
         PFERR_PRESENT_MASK | PFERR_WRITE_MASK
     ) and mmu.page_track_is_active(w.gfn):
-        shadow_page_table_clear_flood(vcpu, addr)
+        shadow_page_table_clear_flood(vmmu, addr)
         return RET_PF_EMULATE
     slot = mmu.memslots.lookup(w.gfn)
     if slot is None:
-        vcpu.cache_mmio_info(addr, w.gfn, w.pte_access & S.SHADOW_MMIO_ACCESS_MASK)
-        if not vcpu.mmio_caching:
+        vmmu.cache_mmio_info(addr, w.gfn, w.pte_access & S.SHADOW_MMIO_ACCESS_MASK)
+        if not vmmu.mmio_caching:
             return RET_PF_EMULATE
         pfn = None
     else:
         pfn = slot.gfn_to_pfn(w.gfn)
         # CR0.WP=0: a supervisor write to a read-only page gets a supervisor-only writable
         # spte (and NX under SMEP, or the kernel could now execute a user page).
-        if write_fault and not w.pte_access & ACC_WRITE_MASK and not vcpu.cr0_wp:
+        if write_fault and not w.pte_access & ACC_WRITE_MASK and not vmmu.cr0_wp:
             if not error_code & PFERR_USER_MASK:
                 w.pte_access = (w.pte_access | ACC_WRITE_MASK) & ~ACC_USER_MASK
-                if vcpu.smep:
+                if vmmu.smep:
                     w.pte_access &= ~ACC_EXEC_MASK
-    if mmu.audit_enabled: kvm_mmu_audit(mmu, vcpu, AUDIT_PRE_PAGE_FAULT)  # audit point
+    if mmu.audit_enabled: kvm_mmu_audit(mmu, vmmu, AUDIT_PRE_PAGE_FAULT)  # audit point
     if not zap.make_mmu_pages_available(mmu):
         return RET_PF_RETRY
-    r = fetch(mmu, vcpu, addr, w, write_fault, pfn)
-    if mmu.audit_enabled: kvm_mmu_audit(mmu, vcpu, AUDIT_POST_PAGE_FAULT)  # audit point
+    r = fetch(mmu, vmmu, addr, w, write_fault, pfn)
+    if mmu.audit_enabled: kvm_mmu_audit(mmu, vmmu, AUDIT_POST_PAGE_FAULT)  # audit point
     return r
 
 
-def fetch(mmu: KvmMmu, vcpu: Vcpu, addr: int, w: GuestWalker, write_fault: bool, pfn: int | None) -> int:
+def fetch(mmu: KvmMmu, vmmu: VcpuMmu, addr: int, w: GuestWalker, write_fault: bool, pfn: int | None) -> int:
     """FNAME(fetch): build the shadow path for addr and install the leaf spte."""
-    sp = vcpu.root
+    sp = vmmu.root
     if sp is None:
         return RET_PF_RETRY
     level = sp.level
@@ -199,7 +199,7 @@ def fetch(mmu: KvmMmu, vcpu: Vcpu, addr: int, w: GuestWalker, write_fault: bool,
             child = pages[((spte & S.SPTE_BASE_ADDR_MASK) >> PAGE_SHIFT) - S.SPT_PFN_BASE]
         else:
             k = level - 2
-            child = mmu.get_page(vcpu, w.table_gfn[k], level - 1, False, w.pt_access[k])
+            child = mmu.get_page(vmmu, w.table_gfn[k], level - 1, False, w.pt_access[k])
             mmu.link_shadow_page(sp, i, child)
         sp = child
         level -= 1
@@ -217,14 +217,14 @@ def fetch(mmu: KvmMmu, vcpu: Vcpu, addr: int, w: GuestWalker, write_fault: bool,
                 spte = 0
         if not spte & S.SPTE_MMU_PRESENT:
             base_gfn = w.gfn & ~((1 << (9 * (level - 1))) - 1)
-            child = mmu.get_page(vcpu, base_gfn, level - 1, True, direct_access)
+            child = mmu.get_page(vmmu, base_gfn, level - 1, True, direct_access)
             mmu.link_shadow_page(sp, i, child)
         sp = child
         level -= 1
     sp.write_flooding_count = 0
     i = (addr >> PAGE_SHIFT) & 511
-    vcpu.stat["pf_fixed"] += 1
+    vmmu.stat["pf_fixed"] += 1
     if pfn is None:
-        return mmio.mark_mmio_spte(mmu, vcpu, sp, i, w.gfn, w.pte_access)
-    vcpu.fixed = (sp, i)
-    return mmu.mmu_set_spte(vcpu, sp, i, w.pte_access, write_fault, w.gfn, pfn)
+        return mmio.mark_mmio_spte(mmu, vmmu, sp, i, w.gfn, w.pte_access)
+    vmmu.fixed = (sp, i)
+    return mmu.mmu_set_spte(vmmu, sp, i, w.pte_access, write_fault, w.gfn, pfn)

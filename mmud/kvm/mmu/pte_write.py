@@ -19,7 +19,7 @@ from mmud.kvm.mmu.page import ROLE_BASE_MASK, ShadowPage
 from mmud.x86.paging import PAGE_SHIFT, PAGE_SIZE
 
 if TYPE_CHECKING:
-    from mmud.kvm.vcpu import Vcpu
+    from mmud.kvm.mmu.vcpu_mmu import VcpuMmu
 
 WRITE_FLOOD_THRESHOLD = 3
 PTE_SIZE = 8  # 64-bit guests only: gpte_is_8_bytes
@@ -52,12 +52,12 @@ def need_remote_flush(old: int, new: int) -> bool:
     return bool(old & ~new & S.SPTE_PERM_MASK)
 
 
-def kvm_mmu_pte_write(mmu: KvmMmu, vcpu: Vcpu, gpa: int, nbytes: int) -> None:
+def kvm_mmu_pte_write(mmu: KvmMmu, vmmu: VcpuMmu, gpa: int, nbytes: int) -> None:
     """The guest wrote nbytes at gpa (already in memory); update the shadow of that gpte."""
-    if mmu.asi: mmu.asi.touch_hash(gpa >> PAGE_SHIFT)  # isolation
     if not mmu.indirect_shadow_pages:
         return
     gfn = gpa >> PAGE_SHIFT
+    if mmu.obs: mmu.obs.pte_write(gfn)  # observer
     # mmu_pte_write_fetch_gpte(): a PAE/64-bit guest's 4-byte write is widened to its gpte.
     if nbytes == 4:
         gpa &= ~7
@@ -66,12 +66,11 @@ def kvm_mmu_pte_write(mmu: KvmMmu, vcpu: Vcpu, gpa: int, nbytes: int) -> None:
     if nbytes == 8:
         gentry = mmu.memslots.read_u64(gpa) or 0
     mmu.stat["mmu_pte_write"] += 1
-    if mmu.audit_enabled: kvm_mmu_audit(mmu, vcpu, AUDIT_PRE_PTE_WRITE, gfn)  # audit point
-    if mmu.audit_track is not None: mmu.audit_track.note(None, gfn)  # audit track
+    if mmu.audit_enabled: kvm_mmu_audit(mmu, vmmu, AUDIT_PRE_PTE_WRITE, gfn)  # audit point
     offset = gpa & (PAGE_SIZE - 1)
     invalid_list: list[ShadowPage] = []
     remote_flush = local_flush = False
-    base_role = vcpu.base_role
+    base_role = vmmu.base_role
     for sp in mmu.indirect_valid_sps_of_gfn(gfn) if mmu.bug != "pte_write_ignored" else ():
         if sp.invalid:
             continue  # zapped earlier in this loop
@@ -88,8 +87,8 @@ def kvm_mmu_pte_write(mmu: KvmMmu, vcpu: Vcpu, gpa: int, nbytes: int) -> None:
                 mmu.stat["mmu_pde_zapped"] += 1
             else:
                 mmu.stat["mmu_pte_updated"] += 1
-                sync.update_pte(mmu, vcpu, sp, i, gentry)
+                sync.update_pte(mmu, vmmu, sp, i, gentry)
         if need_remote_flush(old, sp.spt[i]):
             remote_flush = True
-    zap.kvm_mmu_flush_or_zap(mmu, vcpu, invalid_list, remote_flush, local_flush)
-    if mmu.audit_enabled: kvm_mmu_audit(mmu, vcpu, AUDIT_POST_PTE_WRITE)  # audit point
+    zap.kvm_mmu_flush_or_zap(mmu, vmmu, invalid_list, remote_flush, local_flush)
+    if mmu.audit_enabled: kvm_mmu_audit(mmu, vmmu, AUDIT_POST_PTE_WRITE)  # audit point

@@ -15,7 +15,7 @@ from mmud.kvm.mmu.page import ShadowPage
 from mmud.x86.paging import ACC_ALL, CR3_ADDR_MASK, PAGE_SHIFT, PT64_ROOT_4LEVEL
 
 if TYPE_CHECKING:
-    from mmud.kvm.vcpu import Vcpu
+    from mmud.kvm.mmu.vcpu_mmu import VcpuMmu
 
 KVM_MMU_NUM_PREV_ROOTS = 3
 
@@ -24,22 +24,22 @@ class TripleFault(Exception):
     """The guest's CR3 points outside every memslot (mmu_check_root): the vCPU shuts down."""
 
 
-def mmu_alloc_roots(mmu: KvmMmu, vcpu: Vcpu) -> None:
-    root_gfn = (vcpu.cr3 & CR3_ADDR_MASK) >> PAGE_SHIFT
+def mmu_alloc_roots(mmu: KvmMmu, vmmu: VcpuMmu) -> None:
+    root_gfn = (vmmu.vcpu.cr3 & CR3_ADDR_MASK) >> PAGE_SHIFT
     if mmu.memslots.lookup(root_gfn) is None:
-        raise TripleFault(f"CR3 {vcpu.cr3:#x} is not in guest RAM")
+        raise TripleFault(f"CR3 {vmmu.vcpu.cr3:#x} is not in guest RAM")
     zap.make_mmu_pages_available(mmu)
-    sp = mmu.get_page(vcpu, root_gfn, PT64_ROOT_4LEVEL, False, ACC_ALL)
+    sp = mmu.get_page(vmmu, root_gfn, PT64_ROOT_4LEVEL, False, ACC_ALL)
     sp.root_count += 1
-    vcpu.root = sp
-    vcpu.root_cr3 = vcpu.cr3
+    vmmu.root = sp
+    vmmu.root_cr3 = vmmu.vcpu.cr3
 
 
-def kvm_mmu_load(mmu: KvmMmu, vcpu: Vcpu) -> None:
+def kvm_mmu_load(mmu: KvmMmu, vmmu: VcpuMmu) -> None:
     """Allocate the root, sync it and start from an empty TLB."""
-    mmu_alloc_roots(mmu, vcpu)
-    sync.kvm_mmu_sync_roots(mmu, vcpu)
-    vcpu.tlb.clear()
+    mmu_alloc_roots(mmu, vmmu)
+    sync.kvm_mmu_sync_roots(mmu, vmmu)
+    vmmu.vcpu.flush_tlb_current()
 
 
 def mmu_free_root_page(mmu: KvmMmu, sp: ShadowPage, invalid_list: list[ShadowPage]) -> None:
@@ -48,48 +48,48 @@ def mmu_free_root_page(mmu: KvmMmu, sp: ShadowPage, invalid_list: list[ShadowPag
         zap.prepare_zap_page(mmu, sp, invalid_list)
 
 
-def kvm_mmu_free_roots(mmu: KvmMmu, vcpu: Vcpu, *, current: bool, previous: bool) -> None:
+def kvm_mmu_free_roots(mmu: KvmMmu, vmmu: VcpuMmu, *, current: bool, previous: bool) -> None:
     invalid_list: list[ShadowPage] = []
     if previous:
-        for k, (_, sp) in enumerate(vcpu.prev_roots):
+        for k, (_, sp) in enumerate(vmmu.prev_roots):
             if sp is not None:
                 mmu_free_root_page(mmu, sp, invalid_list)
-            vcpu.prev_roots[k] = (0, None)
-    if current and vcpu.root is not None:
-        mmu_free_root_page(mmu, vcpu.root, invalid_list)
-        vcpu.root = None
+            vmmu.prev_roots[k] = (0, None)
+    if current and vmmu.root is not None:
+        mmu_free_root_page(mmu, vmmu.root, invalid_list)
+        vmmu.root = None
     zap.commit_zap_page(mmu, invalid_list)
 
 
-def kvm_mmu_unload(mmu: KvmMmu, vcpu: Vcpu) -> None:
-    kvm_mmu_free_roots(mmu, vcpu, current=True, previous=True)
+def kvm_mmu_unload(mmu: KvmMmu, vmmu: VcpuMmu) -> None:
+    kvm_mmu_free_roots(mmu, vmmu, current=True, previous=True)
 
 
 def _is_root_usable(sp: ShadowPage | None, root_cr3: int, new_cr3: int, role: int) -> bool:
     return sp is not None and root_cr3 == new_cr3 and sp.role == role
 
 
-def cached_root_available(vcpu: Vcpu, new_cr3: int, new_role: int) -> bool:
+def cached_root_available(vmmu: VcpuMmu, new_cr3: int, new_role: int) -> bool:
     """Swap the current root into the cache, looking for one usable for new_cr3 (LRU order)."""
-    root = (vcpu.root_cr3, vcpu.root)
+    root = (vmmu.root_cr3, vmmu.root)
     for k in range(KVM_MMU_NUM_PREV_ROOTS):
-        root, vcpu.prev_roots[k] = vcpu.prev_roots[k], root
+        root, vmmu.prev_roots[k] = vmmu.prev_roots[k], root
         if _is_root_usable(root[1], root[0], new_cr3, new_role):
-            vcpu.root_cr3, vcpu.root = new_cr3, root[1]
+            vmmu.root_cr3, vmmu.root = new_cr3, root[1]
             return True
     # Not found: the evicted oldest entry becomes "current" and is freed by the caller.
-    vcpu.root_cr3, vcpu.root = new_cr3, root[1]
+    vmmu.root_cr3, vmmu.root = new_cr3, root[1]
     return False
 
 
-def kvm_mmu_new_cr3(mmu: KvmMmu, vcpu: Vcpu, new_cr3: int) -> None:
+def kvm_mmu_new_cr3(mmu: KvmMmu, vmmu: VcpuMmu, new_cr3: int) -> None:
     """MOV CR3 to a new value: reuse a cached root (fast switch) or drop the current one."""
-    new_role = vcpu.root_role()
+    new_role = vmmu.root_role()
     if mmu.memslots.lookup((new_cr3 & CR3_ADDR_MASK) >> PAGE_SHIFT) is not None and (
-        cached_root_available(vcpu, new_cr3, new_role)
+        cached_root_available(vmmu, new_cr3, new_role)
     ):
-        vcpu.request_mmu_sync()
-        vcpu.request_tlb_flush()
-        vcpu.root.write_flooding_count = 0
+        vmmu.vcpu.request_mmu_sync()
+        vmmu.vcpu.request_tlb_flush()
+        vmmu.root.write_flooding_count = 0
         return
-    kvm_mmu_free_roots(mmu, vcpu, current=True, previous=False)
+    kvm_mmu_free_roots(mmu, vmmu, current=True, previous=False)

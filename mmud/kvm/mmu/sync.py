@@ -29,7 +29,7 @@ from mmud.x86.paging import (
 )
 
 if TYPE_CHECKING:
-    from mmud.kvm.vcpu import Vcpu
+    from mmud.kvm.mmu.vcpu_mmu import VcpuMmu
 
 
 def prefetch_invalid_gpte(gpte: int, nxe: bool) -> bool:
@@ -49,11 +49,10 @@ def leaf_pte_access(sp_access: int, gpte: int, nxe: bool) -> int:
     return access
 
 
-def sync_page(mmu: KvmMmu, vcpu: Vcpu, sp: ShadowPage) -> int:
+def sync_page(mmu: KvmMmu, vmmu: VcpuMmu, sp: ShadowPage) -> int:
     """FNAME(sync_page): re-read all 512 gptes of an unsync sp; returns present sptes left."""
-    if mmu.asi: mmu.asi.touch_sp(sp)  # isolation
-    if mmu.audit_track is not None: mmu.audit_track.note(sp, sp.gfn)  # audit track
-    nxe = vcpu.nxe
+    if mmu.obs: mmu.obs.sync_page(sp)  # observer
+    nxe = vmmu.nxe
     read = mmu.memslots.read_u64
     spt = sp.spt
     table = sp.gfn << PAGE_SHIFT
@@ -77,14 +76,14 @@ def sync_page(mmu: KvmMmu, vcpu: Vcpu, sp: ShadowPage) -> int:
             continue
         nr_present += 1
         host_writable = bool(old & S.SPTE_HOST_WRITEABLE)
-        ret = mmu.set_spte(vcpu, sp, i, pte_access, gfn, S.spte_to_pfn(old), False, host_writable)
+        ret = mmu.set_spte(vmmu, sp, i, pte_access, gfn, S.spte_to_pfn(old), False, host_writable)
         need_flush = need_flush or bool(ret & SET_SPTE_NEED_REMOTE_TLB_FLUSH)
     if need_flush:
         mmu.kvm_flush_remote_tlbs()
     return nr_present
 
 
-def resync_page(mmu: KvmMmu, vcpu: Vcpu, sp: ShadowPage, invalid_list: list[ShadowPage]) -> bool:
+def resync_page(mmu: KvmMmu, vmmu: VcpuMmu, sp: ShadowPage, invalid_list: list[ShadowPage]) -> bool:
     """Bring sp's sptes up to date; if nothing of it survives it is zapped instead (False).
 
     The sp keeps its unsync state: only a caller that has write-protected the gfn may mark
@@ -92,13 +91,13 @@ def resync_page(mmu: KvmMmu, vcpu: Vcpu, sp: ShadowPage, invalid_list: list[Shad
     marked the page synced there without write-protecting it, leaving a writable mapping
     of a "synced" guest table — the audit's write-protection check reports exactly that).
     """
-    if sync_page(mmu, vcpu, sp) == 0:
+    if sync_page(mmu, vmmu, sp) == 0:
         zap.prepare_zap_page(mmu, sp, invalid_list)
         return False
     return True
 
 
-def kvm_sync_page(mmu: KvmMmu, vcpu: Vcpu, sp: ShadowPage, invalid_list: list[ShadowPage]) -> bool:
+def kvm_sync_page(mmu: KvmMmu, vmmu: VcpuMmu, sp: ShadowPage, invalid_list: list[ShadowPage]) -> bool:
     """Mark a write-protected unsync sp synced and bring its sptes up to date."""
     mmu.kvm_unlink_unsync_page(sp)
     if sp.level > 1:
@@ -106,21 +105,21 @@ def kvm_sync_page(mmu: KvmMmu, vcpu: Vcpu, sp: ShadowPage, invalid_list: list[Sh
         # no gptes sync_page could read, so it goes.
         zap.prepare_zap_page(mmu, sp, invalid_list)
         return False
-    return resync_page(mmu, vcpu, sp, invalid_list)
+    return resync_page(mmu, vmmu, sp, invalid_list)
 
 
-def kvm_sync_pages(mmu: KvmMmu, vcpu: Vcpu, gfn: int, invalid_list: list[ShadowPage]) -> bool:
+def kvm_sync_pages(mmu: KvmMmu, vmmu: VcpuMmu, gfn: int, invalid_list: list[ShadowPage]) -> bool:
     """Sync every unsync sp of gfn (it is becoming an upper-level table)."""
     synced = False
     for sp in mmu.indirect_valid_sps_of_gfn(gfn):
         if sp.unsync:
-            synced = kvm_sync_page(mmu, vcpu, sp, invalid_list) or synced
+            synced = kvm_sync_page(mmu, vmmu, sp, invalid_list) or synced
     return synced
 
 
-def mmu_sync_children(mmu: KvmMmu, vcpu: Vcpu, parent: ShadowPage) -> None:
+def mmu_sync_children(mmu: KvmMmu, vmmu: VcpuMmu, parent: ShadowPage) -> None:
     """Sync every unsync page below parent, KVM_PAGE_ARRAY_NR pages per batch."""
-    if mmu.asi: mmu.asi.touch_sp(parent)  # isolation
+    if mmu.obs: mmu.obs.mmu_sync_children(parent)  # observer
     if mmu.bug == "sync_skipped":
         return
     invalid_list: list[ShadowPage] = []
@@ -137,25 +136,25 @@ def mmu_sync_children(mmu: KvmMmu, vcpu: Vcpu, parent: ShadowPage) -> None:
             flush = False
         for sp in batch:
             if sp.unsync and not sp.invalid:
-                flush = kvm_sync_page(mmu, vcpu, sp, invalid_list) or flush
-    zap.kvm_mmu_flush_or_zap(mmu, vcpu, invalid_list, False, flush)
+                flush = kvm_sync_page(mmu, vmmu, sp, invalid_list) or flush
+    zap.kvm_mmu_flush_or_zap(mmu, vmmu, invalid_list, False, flush)
 
 
-def kvm_mmu_sync_roots(mmu: KvmMmu, vcpu: Vcpu) -> None:
-    root = vcpu.root
+def kvm_mmu_sync_roots(mmu: KvmMmu, vmmu: VcpuMmu) -> None:
+    root = vmmu.root
     if root is None:
         return
-    vcpu.clear_mmio_info_any()
+    vmmu.clear_mmio_info_any()
     if not root.unsync and not root.unsync_children:
         return
-    if mmu.audit_enabled: kvm_mmu_audit(mmu, vcpu, AUDIT_PRE_SYNC)  # audit point
-    mmu_sync_children(mmu, vcpu, root)
-    if mmu.audit_enabled: kvm_mmu_audit(mmu, vcpu, AUDIT_POST_SYNC)  # audit point
+    if mmu.audit_enabled: kvm_mmu_audit(mmu, vmmu, AUDIT_PRE_SYNC)  # audit point
+    mmu_sync_children(mmu, vmmu, root)
+    if mmu.audit_enabled: kvm_mmu_audit(mmu, vmmu, AUDIT_POST_SYNC)  # audit point
 
 
-def invlpg_root(mmu: KvmMmu, vcpu: Vcpu, gva: int, root: ShadowPage) -> None:
+def invlpg_root(mmu: KvmMmu, vmmu: VcpuMmu, gva: int, root: ShadowPage) -> None:
     """FNAME(invlpg) for one root: rebuild the leaf spte of gva if its page is unsync."""
-    if mmu.asi: mmu.asi.touch_sp(root)  # isolation
+    if mmu.obs: mmu.obs.invlpg(root)  # observer
     sp = root
     level = root.level
     while True:
@@ -168,7 +167,7 @@ def invlpg_root(mmu: KvmMmu, vcpu: Vcpu, gva: int, root: ShadowPage) -> None:
                 mmu.kvm_flush_remote_tlbs()
             gpte = mmu.memslots.read_u64((sp.gfn << PAGE_SHIFT) + 8 * i)
             if gpte is not None:
-                update_pte(mmu, vcpu, sp, i, gpte)
+                update_pte(mmu, vmmu, sp, i, gpte)
             return
         if not spte & S.SPTE_MMU_PRESENT or not sp.unsync_children:
             return
@@ -176,9 +175,9 @@ def invlpg_root(mmu: KvmMmu, vcpu: Vcpu, gva: int, root: ShadowPage) -> None:
         level -= 1
 
 
-def update_pte(mmu: KvmMmu, vcpu: Vcpu, sp: ShadowPage, i: int, gpte: int) -> bool:
+def update_pte(mmu: KvmMmu, vmmu: VcpuMmu, sp: ShadowPage, i: int, gpte: int) -> bool:
     """FNAME(prefetch_gpte): build entry i of a level-1 sp from gpte, speculatively."""
-    nxe = vcpu.nxe
+    nxe = vmmu.nxe
     if prefetch_invalid_gpte(gpte, nxe):
         return False
     gfn = (gpte & PT64_BASE_ADDR_MASK) >> PAGE_SHIFT
@@ -186,14 +185,14 @@ def update_pte(mmu: KvmMmu, vcpu: Vcpu, sp: ShadowPage, i: int, gpte: int) -> bo
     if slot is None:
         return False
     pte_access = leaf_pte_access(sp.access, gpte, nxe)
-    mmu.mmu_set_spte(vcpu, sp, i, pte_access, False, gfn, slot.gfn_to_pfn(gfn))
+    mmu.mmu_set_spte(vmmu, sp, i, pte_access, False, gfn, slot.gfn_to_pfn(gfn))
     return True
 
 
-def kvm_mmu_invlpg(mmu: KvmMmu, vcpu: Vcpu, gva: int) -> None:
+def kvm_mmu_invlpg(mmu: KvmMmu, vmmu: VcpuMmu, gva: int) -> None:
     """INVLPG: sync gva in the current and cached roots, then flush it from the TLB."""
-    vcpu.clear_mmio_info(gva)
-    for root in vcpu.all_roots():
-        invlpg_root(mmu, vcpu, gva, root)
-    vcpu.tlb_flush_gva(gva)
-    vcpu.stat["invlpg"] += 1
+    vmmu.clear_mmio_info(gva)
+    for root in vmmu.all_roots():
+        invlpg_root(mmu, vmmu, gva, root)
+    vmmu.vcpu.flush_tlb_gva(gva)
+    vmmu.stat["invlpg"] += 1

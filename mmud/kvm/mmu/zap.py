@@ -21,7 +21,7 @@ from mmud.kvm.mmu.mmu import (
 from mmud.kvm.mmu.page import ShadowPage
 
 if TYPE_CHECKING:
-    from mmud.kvm.vcpu import Vcpu
+    from mmud.kvm.mmu.vcpu_mmu import VcpuMmu
 
 BATCH_ZAP_PAGES = 10
 
@@ -36,7 +36,7 @@ def mmu_page_zap_pte(mmu: KvmMmu, sp: ShadowPage, i: int) -> bool:
             mmu.drop_parent_pte(mmu.child_of(spte), sp, i)
         return True
     if S.is_mmio_spte(spte):
-        if mmu.audit_track is not None: mmu.audit_track.note(sp, None, i)  # audit track
+        if mmu.obs: mmu.obs.zap_mmio_spte(sp, i)  # observer
         sp.spt[i] = 0
     return False
 
@@ -56,8 +56,7 @@ def _unlink_parents(mmu: KvmMmu, sp: ShadowPage) -> None:
 
 def prepare_zap_page(mmu: KvmMmu, sp: ShadowPage, invalid_list: list[ShadowPage]) -> int:
     """__kvm_mmu_prepare_zap_page(); returns how many pages it moved to invalid_list."""
-    if mmu.asi: mmu.asi.touch_sp(sp, True)  # isolation
-    if mmu.audit_track is not None: mmu.audit_track.note(sp, sp.gfn)  # audit track
+    if mmu.obs: mmu.obs.prepare_zap_page(sp)  # observer
     mmu.stat["mmu_shadow_zapped"] += 1
     nr_zapped = 0
     if sp.level > 1:
@@ -98,7 +97,7 @@ def commit_zap_page(mmu: KvmMmu, invalid_list: list[ShadowPage]) -> None:
 
 
 def kvm_mmu_flush_or_zap(
-    mmu: KvmMmu, vcpu: Vcpu, invalid_list: list[ShadowPage], remote_flush: bool, local_flush: bool
+    mmu: KvmMmu, vmmu: VcpuMmu, invalid_list: list[ShadowPage], remote_flush: bool, local_flush: bool
 ) -> None:
     if invalid_list:
         commit_zap_page(mmu, invalid_list)
@@ -107,7 +106,7 @@ def kvm_mmu_flush_or_zap(
         mmu.kvm_flush_remote_tlbs()
         return
     if local_flush:
-        vcpu.request_tlb_flush()
+        vmmu.vcpu.request_tlb_flush()
 
 
 def prepare_zap_oldest_mmu_page(mmu: KvmMmu, invalid_list: list[ShadowPage]) -> bool:

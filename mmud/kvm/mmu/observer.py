@@ -1,0 +1,144 @@
+"""One interface through which the shadow MMU tells observers what it does.
+
+Observers — the incremental audit's touch set, address-space isolation's touch points, and
+next the kvmmmu tracepoints and the recorder — all hook into the MMU the same way: one line
+at the kernel's own site, which with nobody listening costs one attribute test,
+
+    if mmu.obs: mmu.obs.set_spte(sp, i, gfn)  # observer
+
+`KvmMmu.obs` is None, the one attached observer, or a `Fanout` calling each of several in
+attachment order. An observer subclasses `MmuObserver` and overrides the events it cares
+about; the others stay no-ops. A hook's name is the kernel function it sits in.
+
+Events say what the MMU did or touched, not why an observer cares: the audit keeps the
+pages and gfns that changed, isolation checks whether the object touched is mapped in the
+KVM address space (so a hook also marks a read that changes nothing, e.g. `hash_lookup`).
+The benchmark's hooks-removed build deletes every `# observer` line.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from mmud.kvm.memslot import Memslot
+    from mmud.kvm.mmu.page import ShadowPage
+    import numpy as np
+
+
+class MmuObserver(Protocol):
+    """The MMU's events. Subclass it explicitly to inherit a no-op for every event."""
+
+    # --- shadow pages ------------------------------------------------------------------
+    def hash_lookup(self, gfn: int) -> None:
+        """kvm_mmu_get_page() reads the hash bucket of gfn."""
+
+    def alloc_page(self, sp: ShadowPage) -> None:
+        """kvm_mmu_alloc_page(): sp is new (on the hash and the active list)."""
+
+    def free_page(self, sp: ShadowPage) -> None:
+        """kvm_mmu_free_page(): sp leaves the hash."""
+
+    def prepare_zap_page(self, sp: ShadowPage) -> None:
+        """__kvm_mmu_prepare_zap_page(): sp is being zapped."""
+
+    def account_shadowed(self, sp: ShadowPage) -> None:
+        """sp's gfn becomes write-tracked (an upper-level guest table)."""
+
+    def unaccount_shadowed(self, sp: ShadowPage) -> None:
+        """sp's gfn stops being shadowed by it."""
+
+    # --- links and unsync ----------------------------------------------------------------
+    def link_shadow_page(self, parent: ShadowPage, i: int, child: ShadowPage) -> None:
+        """Entry i of parent now points at child."""
+
+    def drop_parent_pte(self, parent: ShadowPage, i: int, child: ShadowPage) -> None:
+        """Entry i of parent no longer points at child."""
+
+    def unsync_children_changed(self, sp: ShadowPage) -> None:
+        """A bit of sp's unsync_child_bitmap was set or cleared."""
+
+    def kvm_unsync_page(self, sp: ShadowPage) -> None:
+        """sp goes unsync: its guest table may now change without a trap."""
+
+    def kvm_unlink_unsync_page(self, sp: ShadowPage) -> None:
+        """sp is marked synced."""
+
+    def sync_page(self, sp: ShadowPage) -> None:
+        """FNAME(sync_page): sp's sptes are re-read from its guest table."""
+
+    def mmu_sync_children(self, parent: ShadowPage) -> None:
+        """The unsync pages below parent are about to be synced."""
+
+    def invlpg(self, root: ShadowPage) -> None:
+        """FNAME(invlpg) walks the tree of root."""
+
+    # --- sptes and rmaps ---------------------------------------------------------------------
+    def set_spte(self, sp: ShadowPage, i: int, gfn: int) -> None:
+        """Entry i of sp is written as a leaf mapping gfn."""
+
+    def drop_spte(self, sp: ShadowPage, i: int) -> None:
+        """The present leaf entry i of sp is cleared."""
+
+    def zap_mmio_spte(self, sp: ShadowPage, i: int) -> None:
+        """The MMIO entry i of sp is cleared."""
+
+    def rmap_add(self, gfn: int) -> None:
+        """An spte joins the rmap of gfn."""
+
+    def rmap_remove(self, sp: ShadowPage, i: int, gfn: int) -> None:
+        """Entry i of sp leaves the rmap of gfn."""
+
+    def rmap_write_protect(self, gfn: int) -> None:
+        """Every spte mapping gfn loses W."""
+
+    def page_track_is_active(self, gfn: int) -> None:
+        """The write-tracking count of gfn is read."""
+
+    # --- guest walks, emulated writes, dirty logging ------------------------------------------
+    def gfn_to_memslot(self) -> None:
+        """The guest walker looks up memslots."""
+
+    def page_fault(self, vcpu_index: int) -> None:
+        """kvm_mmu_page_fault() starts on a vCPU (it reads vcpu->arch.mmu)."""
+
+    def pte_write(self, gfn: int) -> None:
+        """kvm_mmu_pte_write(): the guest wrote its page table at gfn (shadowed pages exist)."""
+
+    def dirty_log_protect(self, slot: Memslot, first_word: int, words: np.ndarray) -> None:
+        """A dirty-log harvest took the bits `words` (from bitmap word first_word) and
+        write-protected their pages."""
+
+
+# Every event of MmuObserver, for Fanout.
+EVENTS: tuple[str, ...] = tuple(
+    name for name, value in vars(MmuObserver).items() if callable(value) and not name.startswith("_")
+)
+
+
+class Fanout(MmuObserver):
+    """Several observers at once: each event goes to every one, in attachment order."""
+
+    def __init__(self, observers: tuple[MmuObserver, ...]) -> None:
+        self.observers = observers
+
+
+def _fan(name: str):  # type: ignore[no-untyped-def]
+    def event(self: Fanout, *args: object) -> None:
+        for observer in self.observers:
+            getattr(observer, name)(*args)
+    event.__name__ = event.__qualname__ = name
+    return event
+
+
+for _name in EVENTS:
+    setattr(Fanout, _name, _fan(_name))
+
+
+def combine(observers: list[MmuObserver]) -> MmuObserver | None:
+    """What `KvmMmu.obs` holds for a list of attached observers."""
+    if not observers:
+        return None
+    if len(observers) == 1:
+        return observers[0]
+    return Fanout(tuple(observers))
