@@ -9,24 +9,31 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Any
 
 import structlog
+from structlog.typing import EventDict, Processor, WrappedLogger
 
 LEVELS = ("debug", "info", "warning", "error", "critical")
 _PRIO = {"debug": "<7>", "info": "<6>", "warning": "<4>", "error": "<3>", "critical": "<2>"}
 _json = structlog.processors.JSONRenderer()
 
 
-def _journald_json(logger: Any, method: str, event: dict[str, Any]) -> str:
-    return _PRIO.get(event.get("level", ""), "<6>") + _json(logger, method, event)
+def _journald_json(logger: WrappedLogger, method: str, event: EventDict) -> str:
+    """One JSON line behind its `<N>` priority prefix, for journald to set PRIORITY= from.
+
+    The renderer is typed to return bytes too (for serializers such as orjson); the default
+    json.dumps gives str, and bytes would be decoded so the prefix can go in front.
+    """
+    line = _json(logger, method, event)
+    text = line.decode() if isinstance(line, bytes) else line
+    return _PRIO.get(event.get("level", ""), "<6>") + text
 
 
 def setup_logging(level: str = "info") -> None:
     """Configure structlog and stdlib logging once per process (the simulation process too)."""
     numeric = logging.getLevelName(level.upper())
-    render = structlog.dev.ConsoleRenderer() if sys.stdout.isatty() else _journald_json
-    shared = [structlog.processors.add_log_level,
+    render: Processor = structlog.dev.ConsoleRenderer() if sys.stdout.isatty() else _journald_json
+    shared: list[Processor] = [structlog.processors.add_log_level,
               structlog.processors.TimeStamper(fmt="iso", utc=True),
               structlog.processors.format_exc_info]
     structlog.configure(processors=[structlog.contextvars.merge_contextvars, *shared, render],

@@ -26,11 +26,17 @@ def render_memslots(memslots: Memslots) -> str:
 
 def set_memslot(vm: Kvm, action: str, slot: int, gpa: int | None, size: int | None,
                 log_dirty: bool | None) -> None:
-    """Apply one parsed line; `add` of a slot that exists is EEXIST, the others need one."""
+    """Apply one parsed line; `add` of a slot that exists is EEXIST, the others need one.
+
+    gpa and size are None where the action's grammar has no such field (mmud/fs/memslots.py
+    lets `add` through only with both, `move` only with a gpa).
+    """
     old = vm.memslots.slots.get(slot)
     if action == "add":
         if old is not None:
             raise OSError(errno.EEXIST, f"memslot {slot} exists")
+        if gpa is None or size is None:
+            raise OSError(errno.EINVAL, "add takes a gpa and a size")
         vm.set_memslot(slot, gpa, size, log_dirty=bool(log_dirty))
         return
     if old is None:

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
-from typing import Any
 
+from mmud.guest.hw import IORAM_BASE, IORAM_SIZE, GuestVcpu
 from mmud.guest.pgtable import (
     _KERNPG_TABLE,
     _PAGE_NX,
@@ -26,7 +26,6 @@ from mmud.guest.pgtable import (
     pte_index,
     pud_index,
 )
-from mmud.kvm.devices import IORAM_BASE, IORAM_SIZE
 from mmud.x86 import paging as pg
 
 VMALLOC_START = 0xFFFFC90000000000
@@ -61,7 +60,7 @@ class IoramDriver:
         self.rng = rng
         self.words: dict[int, int] = {}  # virtual address -> value last written
 
-    def io(self, vcpu: Any, error: Callable[[str], None]) -> None:
+    def io(self, vcpu: GuestVcpu, error: Callable[[str], None]) -> None:
         """One write to a random word, then a read of a random word written before."""
         stride = IORAM_SIZE // IORAM_WORDS
         addr = VMALLOC_START + self.rng.randrange(IORAM_WORDS) * stride

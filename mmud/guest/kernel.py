@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import random
 from collections import deque
-from collections.abc import Generator, Iterator
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import Protocol
 
-import mmud
 from mmud.guest import memory
 from mmud.guest.frames import BadPage, FrameAllocator, OutOfMemory
+from mmud.guest.hw import GuestVcpu, GuestVm, PageFault
 from mmud.guest.ioremap import IoramDriver, ioram_mappable, ioremap_boot
 from mmud.guest.mm import MM, VM_WRITE, VMA
 from mmud.guest.pgtable import (
@@ -107,14 +107,15 @@ class Program(Protocol):
 class Task:
     pid: int
     mm: MM
+    # The vCPU the task runs on, updated on migration. Until its first step, the vCPU that
+    # created it: the scheduler sets the real one before the task runs.
+    vcpu: GuestVcpu
     program: Program | None = None
-    # The vCPU the task runs on; valid from its first step, updated on migration.
-    vcpu: Any = None
     gen: Iterator[None] | None = field(default=None, repr=False)
 
 
 class Kernel:
-    def __init__(self, vm: Any, seed: int) -> None:
+    def __init__(self, vm: GuestVm, seed: int) -> None:
         self.vm = vm
         self.rng = random.Random(seed)
         self.counters = dict.fromkeys(COUNTERS, 0)
@@ -180,14 +181,14 @@ class Kernel:
 
     # -- scheduler -----------------------------------------------------------------------
 
-    def cpu_up(self, vcpu: Any) -> Iterator[None]:
+    def cpu_up(self, vcpu: GuestVcpu) -> Iterator[None]:
         """Bring a vCPU up on the kernel page tables, with SMEP and SMAP as Linux enables."""
         vcpu.cr4 |= pg.CR4_SMEP | pg.CR4_SMAP
         vcpu.cr3 = SWAPPER_PGD_PFN << PAGE_SHIFT
         self.idle_tasks[vcpu.index] = Task(pid=0, mm=self.init_mm, vcpu=vcpu)
         yield
 
-    def run_slice(self, vcpu: Any) -> Iterator[None]:
+    def run_slice(self, vcpu: GuestVcpu) -> Iterator[None]:
         """Pick the next runnable task and run it for a time slice, or idle one step."""
         if self.ioram is not None and self.ioram.rng.random() < IORAM_IO_CHANCE:
             self.ioram.io(vcpu, self.error)
@@ -212,7 +213,7 @@ class Kernel:
             reason = "segv"
         except OutOfMemory:
             reason = "oom_kills"
-        except (mmud.PageFault, BadPage) as fault:
+        except (PageFault, BadPage) as fault:
             self._oops(task, fault)
             self._release_mm(task.mm)
             return
@@ -222,10 +223,10 @@ class Kernel:
         self.counters[reason] += 1
         try:
             yield from self.do_exit(task)
-        except (mmud.PageFault, BadPage) as fault:
+        except (PageFault, BadPage) as fault:
             self._oops(task, fault)
 
-    def _switch_mm(self, vcpu: Any, mm: MM) -> bool:
+    def _switch_mm(self, vcpu: GuestVcpu, mm: MM) -> bool:
         """switch_mm: load mm's pgd unless this vCPU already runs on it."""
         cr3 = mm.pgd << PAGE_SHIFT
         if vcpu.cr3 == cr3:
@@ -256,7 +257,7 @@ class Kernel:
     # -- process lifecycle ---------------------------------------------------------------
 
     def spawn(
-        self, vcpu: Any, vmas: list[VMA], programs: list[Program]
+        self, vcpu: GuestVcpu, vmas: Sequence[VMA], programs: Sequence[Program]
     ) -> Generator[None, None, bool]:
         """Start a process (execve into a fresh mm) with one thread per program."""
         pgd = yield from self._alloc_process(self.idle_tasks[vcpu.index], "oom_kills")
@@ -266,7 +267,7 @@ class Kernel:
         for vma in vmas:
             mm.insert_vma(vma)
         for program in programs:
-            self._start(Task(self._new_pid(), mm, program))
+            self._start(Task(self._new_pid(), mm, vcpu, program))
         self.counters["spawns"] += 1
         return True
 
@@ -310,7 +311,7 @@ class Kernel:
             self.nr_processes -= 1
             self.counters["fork_failed"] += 1
         else:
-            self._start(Task(self._new_pid(), child, child_program))
+            self._start(Task(self._new_pid(), child, task.vcpu, child_program))
             self.counters["forks"] += 1
         # The parent's writable PTEs became read-only: flush them from this vCPU's TLB.
         memory.flush_tlb_local(self, task)
@@ -340,15 +341,21 @@ class Kernel:
     def _user_access(
         self, task: Task, addr: int, *, write: bool = False, fetch: bool = False, value: int = 0
     ) -> Generator[None, None, int]:
-        """One user-mode access, retried after each #PF the kernel fixed; returns the load."""
+        """One user-mode access, retried after each #PF the kernel fixed; returns the load.
+
+        An access still faulting after MAX_FAULT_RETRIES fixes gets SIGSEGV with the last
+        error code: the kernel cannot make progress on it.
+        """
+        last_error = 0
         for _ in range(MAX_FAULT_RETRIES):
             error_code, loaded = _user_op(task.vcpu, addr, write, fetch, value)
             yield
             if error_code is None:
                 return loaded
+            last_error = error_code
             yield from self.do_page_fault(task, addr, error_code)
         self.counters["fault_loops"] += 1
-        raise SegmentationFault(addr, error_code)
+        raise SegmentationFault(addr, last_error)
 
     def get_user(self, task: Task, addr: int) -> Generator[None, None, int]:
         self.counters["reads"] += 1
@@ -405,7 +412,7 @@ class Kernel:
             self.counters["pte_tables_replaced"] += 1
 
 
-def _user_op(vcpu: Any, addr: int, write: bool, fetch: bool, value: int) -> tuple[int | None, int]:
+def _user_op(vcpu: GuestVcpu, addr: int, write: bool, fetch: bool, value: int) -> tuple[int | None, int]:
     """Run one user-mode access; return the #PF error code (None if none) and the load."""
     try:
         if write:
@@ -415,7 +422,7 @@ def _user_op(vcpu: Any, addr: int, write: bool, fetch: bool, value: int) -> tupl
             return (access.error_code if access.fault else None), 0
         else:
             value = vcpu.read_u64(addr, user=True)
-    except mmud.PageFault as fault:
+    except PageFault as fault:
         return fault.error_code, 0
     return None, value
 

@@ -7,13 +7,18 @@ leaf table or floods a directory, exactly as Linux's own edits do under KVM.
 The functions are generators: each `yield` is a preemption point and follows at most one
 guest store (or a zeroing/copy of one page). A task may migrate between vCPUs at any yield,
 so the vCPU is always read from `task.vcpu` afresh and never kept across a yield.
+
+The module depends on the kernel only through `MemKernel` and `MemTask`, the little it needs
+of them, so that kernel.py imports this module and never the other way round.
 """
 
 from __future__ import annotations
 
 from collections.abc import Generator, Iterator
-from typing import TYPE_CHECKING
+from typing import Protocol
 
+from mmud.guest.frames import FrameAllocator
+from mmud.guest.hw import GuestVcpu
 from mmud.guest.mm import MM, TASK_SIZE, VM_EXEC, VM_WRITE, VMA
 from mmud.guest.pgtable import (
     LEVEL_ENTRY_SIZE,
@@ -34,22 +39,44 @@ from mmud.guest.pgtable import (
 )
 from mmud.x86 import paging as pg
 
-if TYPE_CHECKING:
-    from mmud.guest.kernel import Kernel, Task
-
 # Table entries scanned between two preemption points when nothing is written.
 SCAN_BATCH = 16
 
 
-def read_entry(task: Task, table: int, index: int) -> int:
+class MemTask(Protocol):
+    """What page-table code needs of a task: the vCPU it runs on now, and its mm."""
+
+    @property
+    def vcpu(self) -> GuestVcpu: ...
+
+    @property
+    def mm(self) -> MM: ...
+
+
+class MemKernel(Protocol):
+    """What page-table code needs of the kernel: frames, the page cache and the counters."""
+
+    @property
+    def frames(self) -> FrameAllocator: ...
+
+    @property
+    def counters(self) -> dict[str, int]: ...
+
+    @property
+    def page_cache(self) -> dict[tuple[int, int], int]: ...
+
+    def file_word(self, file: int, pgoff: int) -> int: ...
+
+
+def read_entry(task: MemTask, table: int, index: int) -> int:
     return task.vcpu.read_u64(pfn_to_virt(table) + 8 * index)
 
 
-def set_entry(task: Task, table: int, index: int, value: int) -> None:
+def set_entry(task: MemTask, table: int, index: int, value: int) -> None:
     task.vcpu.write_u64(pfn_to_virt(table) + 8 * index, value)
 
 
-def lookup_table(task: Task, mm: MM, addr: int, level: int) -> int | None:
+def lookup_table(task: MemTask, mm: MM, addr: int, level: int) -> int | None:
     """Frame of the level-`level` table mapping addr, or None if an upper entry is absent."""
     table = mm.pgd
     for upper in range(4, level, -1):
@@ -60,7 +87,7 @@ def lookup_table(task: Task, mm: MM, addr: int, level: int) -> int | None:
     return table
 
 
-def alloc_zeroed_page(k: Kernel, task: Task) -> Generator[None, None, int]:
+def alloc_zeroed_page(k: MemKernel, task: MemTask) -> Generator[None, None, int]:
     """A fresh frame, zeroed through the direct map (clear_page)."""
     pfn = k.frames.alloc()
     task.vcpu.clear_page(pfn_to_virt(pfn))
@@ -68,7 +95,7 @@ def alloc_zeroed_page(k: Kernel, task: Task) -> Generator[None, None, int]:
     return pfn
 
 
-def pte_table_alloc(k: Kernel, task: Task, mm: MM, addr: int) -> Generator[None, None, int]:
+def pte_table_alloc(k: MemKernel, task: MemTask, mm: MM, addr: int) -> Generator[None, None, int]:
     """Walk to addr's PTE table, allocating missing pud/pmd/pte tables on the way."""
     table = mm.pgd
     for level in (4, 3, 2):
@@ -91,7 +118,7 @@ def pte_table_alloc(k: Kernel, task: Task, mm: MM, addr: int) -> Generator[None,
 
 
 def handle_mm_fault(
-    k: Kernel, task: Task, vma: VMA, addr: int, write: bool
+    k: MemKernel, task: MemTask, vma: VMA, addr: int, write: bool
 ) -> Generator[None, None, None]:
     """Resolve a fault the VMA permits: demand-map, break COW, or accept a spurious fault."""
     table = yield from pte_table_alloc(k, task, task.mm, addr)
@@ -101,7 +128,7 @@ def handle_mm_fault(
         if vma.file is None:
             yield from do_anonymous_page(k, task, vma, table, addr)
         else:
-            yield from do_read_fault(k, task, vma, table, addr)
+            yield from do_read_fault(k, task, (vma.file, vma.pgoff(addr)), table, addr)
     elif write and not pte_write(pte):
         yield from do_wp_page(k, task, vma, table, addr, pte)
     else:
@@ -111,7 +138,7 @@ def handle_mm_fault(
 
 
 def _install_pte(
-    k: Kernel, task: Task, table: int, addr: int, pfn: int, pte: int
+    k: MemKernel, task: MemTask, table: int, addr: int, pfn: int, pte: int
 ) -> Generator[None, None, None]:
     """Set a not-present PTE to pte, unless another thread mapped the page meanwhile."""
     index = pte_index(addr)
@@ -124,7 +151,7 @@ def _install_pte(
 
 
 def do_anonymous_page(
-    k: Kernel, task: Task, vma: VMA, table: int, addr: int
+    k: MemKernel, task: MemTask, vma: VMA, table: int, addr: int
 ) -> Generator[None, None, None]:
     pfn = yield from alloc_zeroed_page(k, task)
     k.counters["anon_faults"] += 1
@@ -133,10 +160,10 @@ def do_anonymous_page(
 
 
 def do_read_fault(
-    k: Kernel, task: Task, vma: VMA, table: int, addr: int
+    k: MemKernel, task: MemTask, key: tuple[int, int], table: int, addr: int
 ) -> Generator[None, None, None]:
-    """Map a page of the program image from the page cache, filling it on first use."""
-    key = (vma.file, vma.pgoff(addr))
+    """Map page `key` (file, page offset) of a program image from the page cache, filling
+    it on first use. The caller resolved the VMA to the key: only file mappings get here."""
     pfn = k.page_cache.get(key)
     if pfn is None:
         pfn = yield from alloc_zeroed_page(k, task)
@@ -149,7 +176,7 @@ def do_read_fault(
 
 
 def do_wp_page(
-    k: Kernel, task: Task, vma: VMA, table: int, addr: int, pte: int
+    k: MemKernel, task: MemTask, vma: VMA, table: int, addr: int, pte: int
 ) -> Generator[None, None, None]:
     """Write fault on a present read-only PTE of a writable VMA: copy-on-write."""
     index = pte_index(addr)
@@ -174,19 +201,19 @@ def do_wp_page(
     yield
 
 
-def flush_tlb_page(k: Kernel, task: Task, addr: int) -> None:
+def flush_tlb_page(k: MemKernel, task: MemTask, addr: int) -> None:
     task.vcpu.invlpg(addr)
     k.counters["invlpg"] += 1
 
 
-def flush_tlb_local(k: Kernel, task: Task) -> None:
+def flush_tlb_local(k: MemKernel, task: MemTask) -> None:
     """Flush the whole TLB by reloading CR3 (what Linux does above 33 pages)."""
     task.vcpu.cr3 = task.vcpu.cr3
     k.counters["tlb_flushes"] += 1
 
 
 def _present_ptes(
-    task: Task, mm: MM, start: int, end: int
+    task: MemTask, mm: MM, start: int, end: int
 ) -> Iterator[tuple[int, int, int] | None]:
     """(table, addr, pte) of each present PTE in [start, end), skipping absent tables.
 
@@ -215,7 +242,7 @@ def _present_ptes(
 
 
 def zap_pte_range(
-    k: Kernel, task: Task, mm: MM, start: int, end: int, *, flush: bool
+    k: MemKernel, task: MemTask, mm: MM, start: int, end: int, *, flush: bool
 ) -> Generator[None, None, None]:
     """Clear the PTEs of [start, end) and drop their pages; INVLPG each if the mm is live."""
     for hit in _present_ptes(task, mm, start, end):
@@ -230,7 +257,7 @@ def zap_pte_range(
 
 
 def change_protection(
-    k: Kernel, task: Task, mm: MM, start: int, end: int, write: bool
+    k: MemKernel, task: MemTask, mm: MM, start: int, end: int, write: bool
 ) -> Generator[None, None, None]:
     """mprotect's PTE pass: write-enable pages this mm owns alone, or write-protect all."""
     for hit in _present_ptes(task, mm, start, end):
@@ -246,14 +273,14 @@ def change_protection(
 
 
 def free_pgd_range(
-    k: Kernel, task: Task, mm: MM, start: int, end: int
+    k: MemKernel, task: MemTask, mm: MM, start: int, end: int
 ) -> Generator[None, None, bool]:
     """Free the page tables over [start, end) that no VMA needs any more; True if any."""
     return (yield from _free_tables(k, task, mm, mm.pgd, 4, 0, start, min(end, TASK_SIZE)))
 
 
 def _free_tables(
-    k: Kernel, task: Task, mm: MM, table: int, level: int, base: int, start: int, end: int
+    k: MemKernel, task: MemTask, mm: MM, table: int, level: int, base: int, start: int, end: int
 ) -> Generator[None, None, bool]:
     size = LEVEL_ENTRY_SIZE[level]
     first = (max(start, base) - base) // size
@@ -278,7 +305,7 @@ def _free_tables(
 
 
 def copy_page_range(
-    k: Kernel, task: Task, parent: MM, child: MM, vma: VMA
+    k: MemKernel, task: MemTask, parent: MM, child: MM, vma: VMA
 ) -> Generator[None, None, bool]:
     """fork's copy of one VMA: share every page, both sides read-only where writable.
 
@@ -302,7 +329,7 @@ def copy_page_range(
     return wrprotected
 
 
-def replace_pte_table(k: Kernel, task: Task, addr: int) -> Generator[None, None, bool]:
+def replace_pte_table(k: MemKernel, task: MemTask, addr: int) -> Generator[None, None, bool]:
     """Move addr's PTE table to a new frame and repoint its pmd (page-table migration).
 
     The pmd is rewritten with a new non-zero value, which the shadow MMU must handle as a
@@ -327,7 +354,7 @@ def replace_pte_table(k: Kernel, task: Task, addr: int) -> Generator[None, None,
     return True
 
 
-def exit_mmap(k: Kernel, task: Task, mm: MM) -> Generator[None, None, None]:
+def exit_mmap(k: MemKernel, task: MemTask, mm: MM) -> Generator[None, None, None]:
     """Tear down an address space no vCPU has loaded: pages, tables, then the pgd."""
     for vma in mm.vmas:
         yield from zap_pte_range(k, task, mm, vma.start, vma.end, flush=False)

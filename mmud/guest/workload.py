@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator
-from typing import Any, ClassVar
+from typing import ClassVar
 
+from mmud.guest.hw import GuestVcpu, GuestVm
 from mmud.guest.kernel import Kernel
 
 
@@ -19,7 +20,7 @@ class Workload:
 
     name: ClassVar[str]
 
-    def __init__(self, vm: Any, seed: int) -> None:
+    def __init__(self, vm: GuestVm, seed: int) -> None:
         self.kernel = Kernel(vm, seed)
         self.rng = random.Random(f"{self.name}/{seed}")
 
@@ -32,13 +33,13 @@ class Workload:
         """The first data errors and oopses, verbatim."""
         return self.kernel.errors
 
-    def task(self, vcpu: Any) -> Iterator[None]:
+    def task(self, vcpu: GuestVcpu) -> Iterator[None]:
         """The vCPU's life: boot onto the kernel tables, then schedule forever."""
         yield from self.kernel.cpu_up(vcpu)
         while True:
             yield from self.replenish(vcpu)
             yield from self.kernel.run_slice(vcpu)
 
-    def replenish(self, vcpu: Any) -> Iterator[None]:
+    def replenish(self, vcpu: GuestVcpu) -> Iterator[None]:
         """Start the processes the workload is missing, on this vCPU."""
         raise NotImplementedError

@@ -18,8 +18,8 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
 
+from mmud.guest.hw import GuestVcpu, GuestVm
 from mmud.guest.kernel import Kernel, SegmentationFault, Task
 from mmud.guest.mm import (
     HEAP_START,
@@ -55,6 +55,9 @@ PROCESS_PAGES = 1000
 MAX_PROCESSES = 12
 STREAM_MAX_PAGES = 8192
 STREAM_WRITE_RATIO = 0.3
+
+# One operation of a process: a system activity that yields at its preemption points.
+Op = Callable[[Kernel, Task], Iterator[None]]
 
 
 def check_load(k: Kernel, task: Task, addr: int, expected: int) -> Iterator[None]:
@@ -115,7 +118,7 @@ class ProcessProgram:
 
     def run(self, k: Kernel, task: Task) -> Iterator[None]:
         # None is exit(): the generator returns and the kernel reaps the task.
-        ops: tuple[tuple[Callable[[Kernel, Task], Iterator[None]] | None, float], ...] = (
+        ops: tuple[tuple[Op | None, float], ...] = (
             (self.touch, 50),
             (self.sweep, 3),
             (self.fetch, 6),
@@ -127,19 +130,23 @@ class ProcessProgram:
             (self.fork, 1),
             (None, 0.5),
         )
-        funcs = [op for op, _ in ops]
+        funcs = [func for func, _ in ops]
         weights = [w for _, w in ops]
         while True:
-            if task.mm.rss > self.limits.rss:
-                op = self.munmap if any(v.mapped for v in task.mm.vmas) else None
-            else:
-                op = self.rng.choices(funcs, weights)[0]
+            op = self._next_op(task, funcs, weights)
             if op is None:
                 if k.nr_processes > self.limits.min_processes:
                     return
                 continue
             k.counters["ops"] += 1
             yield from op(k, task)
+
+    def _next_op(self, task: Task, funcs: list[Op | None], weights: list[float]) -> Op | None:
+        """A random operation by weight; over its RSS budget the process must shrink (munmap),
+        or exit if it has nothing it may unmap."""
+        if task.mm.rss > self.limits.rss:
+            return self.munmap if any(v.mapped for v in task.mm.vmas) else None
+        return self.rng.choices(funcs, weights)[0]
 
     # -- memory accesses ---------------------------------------------------------------
 
@@ -283,11 +290,11 @@ class StreamProgram:
 class KernelWorkload(Workload):
     name = "kernel"
 
-    def __init__(self, vm: Any, seed: int) -> None:
+    def __init__(self, vm: GuestVm, seed: int) -> None:
         super().__init__(vm, seed)
         self.limits = Limits.for_frames(self.kernel.frames.nr_frames)
 
-    def replenish(self, vcpu: Any) -> Iterator[None]:
+    def replenish(self, vcpu: GuestVcpu) -> Iterator[None]:
         if self.kernel.nr_processes < self.limits.target_processes:
             program = ProcessProgram(random.Random(self.rng.getrandbits(64)), self.limits)
             image = self.rng.randrange(NR_IMAGES)
@@ -297,13 +304,13 @@ class KernelWorkload(Workload):
 class StreamWorkload(Workload):
     name = "stream"
 
-    def __init__(self, vm: Any, seed: int) -> None:
+    def __init__(self, vm: GuestVm, seed: int) -> None:
         super().__init__(vm, seed)
         self.nr_pages = min(STREAM_MAX_PAGES, self.kernel.frames.nr_frames // 4)
         self.nr_threads = len(vm.vcpus)
         self.started = False
 
-    def replenish(self, vcpu: Any) -> Iterator[None]:
+    def replenish(self, vcpu: GuestVcpu) -> Iterator[None]:
         if self.started:
             return
         self.started = True
