@@ -61,11 +61,8 @@ def test_add_move_flags_delete_update_the_table_and_the_generation(daemon):
 
 
 @pytest.mark.parametrize("line", [
-    "\n", "add", "add 9", f"add 9 {GPA:#x}", f"add 9 {GPA:#x} 0x1000 log_dirty=1",
-    f"add 9 {GPA:#x} 0x1000 log_dirty extra", f"add 9  {GPA:#x} 0x1000", "add x 0 0x1000",
-    "add 9 0x 0x1000", "add -1 0 0x1000", "Add 9 0 0x1000", "move 0", "flags 0",
-    "flags 0 log_dirty", "flags 0 log_dirty=2", "delete", "delete 0 0", "delete 0\n\n",
-    "delete 0\ndelete 0\n", " delete 0", "zap 0",
+    # malformed, refused in the FUSE process (the whole matrix: tests/test_fs_tree.py)
+    "add 9", "delete 0\ndelete 0\n", "zap 0",
     # well formed, refused by KVM: unaligned, too big, past the end of the address space,
     # a slot number past 508, no such slot
     f"add 9 {GPA + 1:#x} 0x1000", f"add 9 {GPA:#x} 0x1001", f"add 9 {GPA:#x} 0x200000000",
@@ -112,6 +109,6 @@ def test_zap_all_fast_and_slow_zap_every_page(daemon):
     assert daemon.read("vm0/state") == "running\n"
 
 
-@pytest.mark.parametrize("word", ["\n", "Fast", "fast\n\n", " slow", "fast slow", "all", "1"])
+@pytest.mark.parametrize("word", ["Fast", "fast\n\n"])  # the whole matrix: tests/test_fs_tree.py
 def test_zap_all_refuses_other_words(daemon, word):
     assert_refused(shell_write(daemon.path("vm0/zap_all"), word))

@@ -38,8 +38,9 @@ def test_mmu_audit_accepts(daemon, text):
     assert daemon.read("kvm/mmu-debug") == "1\n"
 
 
-@pytest.mark.parametrize("text", ["y", "Y", "on", "true", "2", "10", "-1", "-0", "0x1", " 1",
-                                  "1 ", "1\n\n", "1a", "\n", "99999999999999999999"])
+# The whole refusal matrices are in tests/test_fs_tree.py (in-process, with no request sent);
+# here a few of each reach write(2) through the kernel.
+@pytest.mark.parametrize("text", ["y", "2", "1\n\n", "99999999999999999999"])
 def test_mmu_audit_refuses(daemon, text):
     assert_refused(shell_write(daemon.path("parameters/mmu_audit"), text))
     assert daemon.read("parameters/mmu_audit") == "N\n"
@@ -72,9 +73,8 @@ def test_uint_accepts(daemon, text, value):
 
 
 @pytest.mark.parametrize(("text", "message"), [
-    ("08", "Invalid argument"), ("0x", "Invalid argument"), ("4 2", "Invalid argument"),
-    (" 42", "Invalid argument"), ("42 ", "Invalid argument"), ("42\n\n", "Invalid argument"),
-    ("-1", "Invalid argument"), ("4294967296", "Numerical result out of range"),
+    ("08", "Invalid argument"), ("42\n\n", "Invalid argument"),
+    ("4294967296", "Numerical result out of range"),
 ])
 def test_uint_refuses(daemon, text, message):
     assert_refused(shell_write(daemon.path("parameters/mmu_audit_ratelimit_burst"), text), message)

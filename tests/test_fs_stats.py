@@ -39,7 +39,7 @@ def test_clear_cumulative_stat(daemon):
         assert shell_write(daemon.path("kvm/exits"), text).returncode == 0
 
 
-@pytest.mark.parametrize("text", ["5", "1", "-0", "zero", "0 0", "0\n\n"])
+@pytest.mark.parametrize("text", ["5", "0\n\n"])  # the whole matrix: tests/test_fs_tree.py
 def test_clear_refuses_anything_but_zero(daemon, text):
     assert_refused(shell_write(daemon.path("kvm/exits"), text))
 

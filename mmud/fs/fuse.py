@@ -95,7 +95,10 @@ class ControlFS(Operations):
             return 0  # sysfs never hands an empty buffer to a setter
         if (handle := self.handles.get(fi.fh)) is not None:
             return handle.write(offset, bytes(data))  # a byte file: positioned, short writes
-        self._writable(path).store(bytes(data))  # the simulation logs what it applied
+        node = self._writable(path)
+        if isinstance(node, BinaryFile):
+            raise OSError(errno.EBADF, path)  # written only through the handle its open made
+        node.store(bytes(data))  # the simulation logs what it applied
         return len(data)
 
     def truncate(self, path: str, length: int, fh: Any = None) -> int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Callable, Mapping
+from functools import partial
 from typing import Any, Protocol
 
 from mmud.daemon.protocol import Snapshot, VmSnapshot
@@ -158,8 +159,7 @@ def dirty_log_dir(backend: Backend, vm: str) -> Dir:
     def children(snap: Snapshot) -> Mapping[str, Node]:
         one = snap.vm(vm)
         slots = one.dirty_log_slots if one else ()
-        return {str(i): BinaryFile(lambda i=i: _DirtyLogHandle(backend, vm, i), 0o400)
-                for i in slots}
+        return {str(i): BinaryFile(partial(_DirtyLogHandle, backend, vm, i), 0o400) for i in slots}
 
     return Dir(children)
 
