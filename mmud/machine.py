@@ -40,13 +40,14 @@ class VM(Kvm):
         self.steps = 0
         self.workload_name = workload
         self.scheduler = Scheduler(seed)
-        guest, host_task = HOST_WORKLOADS.get(workload, (workload, None))
+        # A host workload runs a guest workload on the vCPUs and a host task beside them.
+        guest, host_task = HOST_WORKLOADS.get(workload or "", (workload, None))
         self.workload = WORKLOADS[guest](self, seed) if guest else None
         if self.workload is not None:
             for vcpu in self.vcpus:
                 self.scheduler.add(f"vcpu{vcpu.index}", self.workload.task(vcpu))
         if host_task is not None:
-            self.scheduler.add(workload, host_task(self, seed))
+            self.scheduler.add(str(workload), host_task(self, seed))
 
     def step(self, n: int = 1) -> int:
         """Run n scheduler steps (fewer if every task ended); returns the steps run."""

@@ -15,8 +15,9 @@ import errno
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
+from enum import StrEnum
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -30,6 +31,7 @@ from mmud.kvm.isolation import isolation_map
 from mmud.uapi.isolation import parse_map
 from mmud.kvm.module import KvmModule
 from mmud.machine import VM
+from mmud.migration import Migration, MigrationResult
 from mmud.uapi.params import ParamError
 from mmud.log import setup_logging
 
@@ -39,7 +41,14 @@ BATCH_SECONDS = 0.002
 # Files show values at most this old while the VM runs; also the paused loop's poll timeout.
 PUBLISH_SECONDS = 0.05
 STEP_CHUNK = 32  # steps between two looks at the batch deadline
-STATES = ("running", "paused", "crashed")
+
+
+class VmState(StrEnum):
+    """What `vm<N>/state` reads."""
+
+    RUNNING = "running"
+    PAUSED = "paused"
+    CRASHED = "crashed"  # the guest or the simulated KVM raised; only `restart` clears it
 
 log = structlog.get_logger("mmud.sim")
 
@@ -68,17 +77,19 @@ class _Slot:
 
     name: str
     config: VmConfig
-    vm: Any
+    vm: VM
     fd: int
     running: bool = True
     failure: str | None = None  # why the VM crashed; only a restart clears it
     rates: RateMeter = field(default_factory=RateMeter)
-    migration: Any = None  # the running pre-copy (mmud.migration.Migration.run()), if any
+    migration: Generator[None, None, MigrationResult] | None = None  # the running pre-copy, if any
     migrate_text: Callable[[], str] = lambda: ""  # what vm<N>/migrate shows
 
     @property
-    def state(self) -> str:
-        return STATES[2] if self.failure else STATES[0] if self.running else STATES[1]
+    def state(self) -> VmState:
+        if self.failure:
+            return VmState.CRASHED
+        return VmState.RUNNING if self.running else VmState.PAUSED
 
     @property
     def debugfs_dir(self) -> str:
@@ -193,7 +204,7 @@ class Simulation:
     def _vm_snapshot(self, s: _Slot) -> VmSnapshot:
         stats = s.vm.stats
         status = render_status(s.vm, s.state, s.rates.update(s.vm.steps, stats), s.failure)
-        return VmSnapshot(s.name, s.debugfs_dir, s.state, s.vm.steps, stats, status,
+        return VmSnapshot(s.name, s.debugfs_dir, s.state.value, s.vm.steps, stats, status,
                           s.vm.render_inject(), vmio.dirty_log_slots(s.vm), s.migrate_text(),
                           memslots=vmctl.render_memslots(s.vm.memslots))
 
@@ -230,8 +241,6 @@ class Simulation:
     def migrate(self, vm: str, action: str) -> None:
         """`echo start > vm<N>/migrate`: pre-copy it into a new paused VM, one round per loop
         turn while the source keeps running; the source is paused at the stop."""
-        from mmud.migration import Migration
-
         s = self._slot(vm)
         if s.migration is not None or not s.running:
             raise OSError(errno.EBUSY, f"{vm} is migrating or not running")

@@ -69,6 +69,12 @@ def logged_slot(kvm: Kvm, slot_id: int) -> Memslot:
     return slot
 
 
+def dirty_bitmap(slot: Memslot) -> np.ndarray:
+    """The bitmap of a slot that logged_slot() accepted."""
+    assert slot.dirty_bitmap is not None, "logged_slot() checks that the slot logs"
+    return slot.dirty_bitmap
+
+
 def to_bytes(words: np.ndarray) -> bytes:
     """The userspace bitmap: little-endian 64-bit words, bit 0 = the first page."""
     return words.astype("<u8", copy=False).tobytes()
@@ -80,7 +86,7 @@ def kvm_get_dirty_log_protect(kvm: Kvm, slot_id: int, words_per_step: int = 0) -
     With manual protect the bitmap is only copied: KVM_CLEAR_DIRTY_LOG clears and protects.
     """
     slot = logged_slot(kvm, slot_id)
-    bitmap = slot.dirty_bitmap
+    bitmap = dirty_bitmap(slot)
     if kvm.manual_dirty_log_protect:
         return to_bytes(bitmap)
     snapshot = np.zeros_like(bitmap)
@@ -120,7 +126,7 @@ def _harvest(
     """For each chunk of words: take-and-zero (only the bits of `mask`, if given), then
     write-protect the pages whose bits were taken; one flush at the end."""
     mmu = kvm.mmu
-    bitmap = slot.dirty_bitmap
+    bitmap = dirty_bitmap(slot)
     n = len(mask) if mask is not None else len(bitmap)
     chunk = words_per_step or max(n, 1)
     flush = False

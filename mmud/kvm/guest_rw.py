@@ -39,6 +39,7 @@ def _pieces(memslots: Memslots, gpa: int, size: int) -> Iterator[np.ndarray]:
     end = gpa + size
     while gpa < end:
         slot = memslots.lookup(gpa >> PAGE_SHIFT)
+        assert slot is not None, "ram_extent() found RAM all the way"
         start = gpa - (slot.base_gfn << PAGE_SHIFT)
         n = min(end, slot.end_gfn << PAGE_SHIFT) - gpa
         yield slot.backing.array.view(np.uint8)[start:start + n]

@@ -108,12 +108,16 @@ def kvm_set_memslot(
         install_new_memslots(kvm)  # the slot is published as going away
         kvm.kvm_mmu_zap_all_fast().finish()  # kvm_arch_flush_shadow_memslot()
     new: Memslot | None = None
+    if change is MrChange.CREATE:
+        new = Memslot(slot_id, base_gfn, npages, flags, memslots.new_backing(npages))
+        memslots.install(new)
+        install_new_memslots(kvm)
+        kvm_arch_commit_memory_region(kvm, new, change)
+        return
+    assert old is not None, "only CREATE makes a slot that did not exist"
     if change is MrChange.DELETE:
         memslots.remove(slot_id)
         memslots.drop_backing(old.backing)
-    elif change is MrChange.CREATE:
-        new = Memslot(slot_id, base_gfn, npages, flags, memslots.new_backing(npages))
-        memslots.install(new)
     elif change is MrChange.MOVE:
         # Same userspace mapping, new guest-physical place; rmaps start empty.
         new = Memslot(slot_id, base_gfn, npages, flags, old.backing)

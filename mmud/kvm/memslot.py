@@ -41,7 +41,7 @@ class Backing:
         self.id = backing_id
         self.npages = npages
         self.array = np.zeros(npages * (PAGE_SIZE // 8), dtype=np.uint64)
-        self.u64 = memoryview(self.array)
+        self.u64 = self.array.data
 
     @property
     def base_pfn(self) -> int:

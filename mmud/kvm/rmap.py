@@ -26,7 +26,7 @@ class Rmap:
     def __init__(self, base_gfn: int, npages: int) -> None:
         self.base_gfn = base_gfn
         self.head = np.full(npages, EMPTY, dtype=np.int64)
-        self._head = memoryview(self.head)
+        self._head = self.head.data
         self.desc: dict[int, list[int]] = {}  # page of the slot -> spteps (2 or more)
 
     def add(self, gfn: int, sptep: int) -> int:

@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from mmud.kvm.mmu import paging_tmpl, pte_write, roots, sync, zap
 from mmud.kvm.mmu import spte as S
 from mmud.kvm.mmu.mmu import RET_PF_EMULATE
@@ -53,6 +55,11 @@ if TYPE_CHECKING:
 KVM_REQ_MMU_RELOAD = 1 << 0
 KVM_REQ_MMU_SYNC = 1 << 1
 KVM_REQ_TLB_FLUSH = 1 << 2
+
+# A TLB entry: (u64 view of the frame's buffer, u64 index of the frame in it, the access
+# kinds it allows, the buffer as a numpy array, the gfn). A translation is one of these, or
+# RET_PF_EMULATE where the access must be emulated.
+TlbEntry = tuple[memoryview, int, int, np.ndarray, int]
 
 # A fault that keeps coming back means KVM failed to make progress: a simulator bug.
 _MAX_FAULT_RETRIES = 64
@@ -99,8 +106,7 @@ class Vcpu:
         self._rflags = X86_EFLAGS_FIXED
         self._cr3 = 0
         self.requests = 0
-        # vpn -> (u64 view of the frame's buffer, u64 index of the frame, allowed kinds, buffer, gfn)
-        self.tlb: dict[int, tuple] = {}
+        self.tlb: dict[int, TlbEntry] = {}  # by virtual page number
         self.injected: int | None = None
         self.accesses = 0  # guest memory accesses run (not a kernel stat; for rates)
         self.mmu = VcpuMmu(vm.mmu, self, vm.mmio_caching)
@@ -233,12 +239,13 @@ class Vcpu:
     def flush_tlb_gva(self, gva: int) -> None:
         self.tlb.pop(gva >> PAGE_SHIFT, None)
 
-    def _hw_walk(self, gva: int, kind: int) -> tuple | int:
+    def _hw_walk(self, gva: int, kind: int) -> TlbEntry | int:
         """The processor's walk of the shadow tables: a TLB entry, or a #PF error code."""
         err = (kind & 1) * PFERR_WRITE_MASK | (kind >> 1 & 1) * PFERR_USER_MASK
         if kind & 4:
             err |= PFERR_FETCH_MASK  # the host always runs with EFER.NX
         sp = self.mmu.root
+        assert sp is not None, "enter_guest() loads a root before any access"
         shift = 3 + 9 * sp.level
         pages = self.mmu.kvm_mmu.pool.pages
         while True:
@@ -254,7 +261,7 @@ class Vcpu:
         entry = self._tlb_fill(gva, kind, sp, spte)
         return err | PFERR_PRESENT_MASK if entry is None else entry
 
-    def _tlb_fill(self, gva: int, kind: int, sp: ShadowPage, spte: int) -> tuple | None:
+    def _tlb_fill(self, gva: int, kind: int, sp: ShadowPage, spte: int) -> TlbEntry | None:
         """Cache the translation of gva by the leaf spte of sp; None if it refuses `kind`."""
         allowed = allowed_kinds(self.mmu.hw_permissions, S.spte_access(spte))
         if not allowed >> kind & 1:
@@ -266,7 +273,7 @@ class Vcpu:
         self.tlb[gva >> PAGE_SHIFT] = entry
         return entry
 
-    def _translate(self, gva: int, kind: int) -> tuple | int:
+    def _translate(self, gva: int, kind: int) -> TlbEntry | int:
         """Run one access to translation: a TLB entry, or RET_PF_EMULATE.
 
         Raises PageFault when KVM reflects a #PF into the guest.
@@ -349,7 +356,7 @@ class Vcpu:
         kind = write | user << 1 | fetch << 2
         try:
             entry = self._translate(gva, kind)
-            if entry == RET_PF_EMULATE:
+            if isinstance(entry, int):
                 gpa = self._emulated_gpa(gva, kind)
                 if write:  # a read-modify-write that stores the value it read
                     value = self.vm.memslots.read_u64(gpa & ~7)
@@ -362,7 +369,7 @@ class Vcpu:
     def read_u64(self, gva: int, *, user: bool = False) -> int:
         kind = user << 1
         entry = self._translate(gva, kind)
-        if entry == RET_PF_EMULATE:
+        if isinstance(entry, int):
             return self._emulate_read(gva, kind)
         return entry[0][entry[1] + ((gva & ~PAGE_MASK) >> 3)]
 
@@ -370,7 +377,7 @@ class Vcpu:
         """A MOV store: a trapped write to a shadowed page table is emulated."""
         kind = 1 | user << 1
         entry = self._translate(gva, kind)
-        if entry == RET_PF_EMULATE:
+        if isinstance(entry, int):
             self._emulate_write(gva, value)
             return
         entry[0][entry[1] + ((gva & ~PAGE_MASK) >> 3)] = value
@@ -378,7 +385,7 @@ class Vcpu:
     def fetch(self, gva: int, *, user: bool = False) -> Access:
         return self.access(gva, fetch=True, user=user)
 
-    def _string_target(self, gva: int, kind: int) -> tuple | None:
+    def _string_target(self, gva: int, kind: int) -> TlbEntry | None:
         """Translation for `rep stos/movs` of a page; None if the page is MMIO.
 
         Such instructions do not write page tables, so when their write traps on a
@@ -386,13 +393,13 @@ class Vcpu:
         (retry_instruction), instead of emulating 512 stores.
         """
         entry = self._translate(gva, kind)
-        if entry == RET_PF_EMULATE and kind & 1:
+        if isinstance(entry, int) and kind & 1:
             gpa = self._emulated_gpa(gva, kind)
             if self.vm.memslots.lookup(gpa >> PAGE_SHIFT) is None:
                 return None
             zap.kvm_mmu_unprotect_page(self.mmu.kvm_mmu, gpa >> PAGE_SHIFT)
             entry = self._translate(gva, kind)
-        if entry == RET_PF_EMULATE:
+        if isinstance(entry, int):
             return None
         return entry
 

@@ -109,7 +109,7 @@ def _set_uint(s: str) -> int:
 
 
 def _render_uint(value: Value) -> bytes:
-    return b"%u\n" % value
+    return b"%u\n" % int(value)
 
 
 AUDIT_SCOPES = ("full", "incremental")

@@ -48,9 +48,10 @@ _OBSERVER_FILES = frozenset({__file__, observer.__file__})
 
 def _site() -> FrameType:
     """The frame of the MMU code whose event led to the current touch."""
-    frame = sys._getframe(1)
-    while frame.f_code.co_filename in _OBSERVER_FILES:
+    frame: FrameType | None = sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename in _OBSERVER_FILES:
         frame = frame.f_back
+    assert frame is not None, "an MMU event always has a caller"
     return frame
 
 
@@ -193,6 +194,7 @@ class VmIsolation(MmuObserver):
         self.stat["isolation_faults"] += 1
         text = self.module.text
         sym, offset = text.symbol(frame.f_code), frame.f_lasti  # the faulting IP
+        assert sym is not None, f"a touch from outside KVM's code: {frame.f_code.co_qualname}"
         n = self.log.track(sym.address + offset)
         if n is None:
             return  # an IP already seen: nothing more to do (no call chain to walk)

@@ -64,10 +64,6 @@ RMAP_ADDR, RMAP_STRIDE = PAGE_OFFSET + 0x140000000, 0x1000000  # slot->arch.rmap
 GFN_TRACK_ADDR, GFN_TRACK_STRIDE = PAGE_OFFSET + 0x180000000, 0x400000
 
 
-def page_round(size: int) -> int:
-    return -(-size // PAGE_SIZE) * PAGE_SIZE
-
-
 @dataclass(frozen=True)
 class Region:
     """One object (or array of objects) under one symbol name."""

@@ -23,6 +23,7 @@ the simulation, gives the same run for the same seed.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -36,7 +37,7 @@ from mmud.kvm.mmu.audit_scalar import PageEntries
 from mmud.kvm.mmu.audit_vector import PageArrays
 from mmud.kvm.mmu.mmu import KvmMmu
 from mmud.kvm.mmu.observer import MmuObserver
-from mmud.kvm.mmu.page import ShadowPage
+from mmud.kvm.mmu.page import ShadowPage, sptep_page
 from mmud.x86.paging import PT64_ROOT_4LEVEL
 
 if TYPE_CHECKING:
@@ -156,10 +157,10 @@ def _incremental_pages(
         whole.update(mmu.valid_sps_of_gfn(gfn))
         slot = mmu.memslots.lookup(gfn)
         if slot is not None:
-            near.update(dict.fromkeys(pool[p >> 9] for p in slot.rmap.get(gfn)))
+            near.update(dict.fromkeys(pool[sptep_page(p)] for p in slot.rmap.get(gfn)))
     found = whole | set(track.entries)
     for sp in found:
-        near.update(dict.fromkeys(pool[p >> 9] for p in sp.parent_ptes))
+        near.update(dict.fromkeys(pool[sptep_page(p)] for p in sp.parent_ptes))
         if sp.level > 1:
             near.update(dict.fromkeys(C.children(mmu, sp)))
     pages = sorted((sp for sp in found if sp in active), key=lambda sp: sp.index)
@@ -174,7 +175,7 @@ SCALAR_ENTRIES = 256  # above this many entries, an incremental run uses the vec
 
 def _run(mmu: KvmMmu, point: str, pages: list[ShadowPage], tree: list[ShadowPage],
          gfns: set[int] | None, synced: set[ShadowPage] | None = None,
-         skip_gfn: int | None = None, neighbours: list[ShadowPage] = (),
+         skip_gfn: int | None = None, neighbours: Sequence[ShadowPage] = (),
          entries: list[set[int] | None] | None = None,
          impl: type[PageArrays] | type[PageEntries] | None = None) -> list[str]:
     """The checks over `pages` (active-page checks; per-entry checks limited to `entries`)

@@ -36,7 +36,7 @@ import numpy as np
 
 from mmud.kvm.mmu import spte as S
 from mmud.kvm.mmu.mmu import KvmMmu
-from mmud.kvm.mmu.page import ShadowPage, sp_address
+from mmud.kvm.mmu.page import ShadowPage, sp_address, spte_index, sptep_page
 from mmud.x86.paging import (
     PAGE_SHIFT,
     PT_PAGE_SIZE_MASK,
@@ -124,8 +124,9 @@ SPTE_BITS_OK = (0, S.SPTE_HOST_WRITEABLE, S.SPTE_HOST_WRITEABLE | S.SPTE_MMU_WRI
 def rows_of(sps: list[ShadowPage], wanted: list[ShadowPage]) -> list[int] | None:
     """The row in `sps` of each page of `wanted` (None if one is not there)."""
     row_of = {sp: row for row, sp in enumerate(sps)}
-    rows = [row_of.get(sp) for sp in wanted]
-    return None if None in rows else rows
+    if any(sp not in row_of for sp in wanted):
+        return None
+    return [row_of[sp] for sp in wanted]
 
 
 def inspect_spte_has_rmap(mmu: KvmMmu, sp: ShadowPage, i: int, gfn: int, spte: int) -> list[str]:
@@ -190,7 +191,7 @@ def audit_write_protection(mmu: KvmMmu, sp: ShadowPage) -> list[str]:
     pages = mmu.pool.pages
     out = []
     for sptep in slot.rmap.get(sp.gfn):
-        if pages[sptep >> 9].spt[sptep & 0x1FF] & PT_WRITABLE_MASK:
+        if pages[sptep_page(sptep)].spt[spte_index(sptep)] & PT_WRITABLE_MASK:
             out.append(f"shadow page has writable mappings: gfn {sp.gfn:x} role {sp.role:x}\n")
     return out
 
@@ -264,7 +265,7 @@ def reaches(mmu: KvmMmu, sp: ShadowPage, root: ShadowPage) -> bool:
             return True
         if page not in seen:
             seen.add(page)
-            todo.extend(pages[p >> 9] for p in page.parent_ptes)
+            todo.extend(pages[sptep_page(p)] for p in page.parent_ptes)
     return False
 
 
@@ -290,7 +291,7 @@ def check_parent_links(mmu: KvmMmu, sps: Iterable[ShadowPage]) -> list[str]:
                 f"but {sp.unsync_child_bitmap.bit_count()} bits\n"
             )
         for sptep in sp.parent_ptes:
-            parent, i = pages[sptep >> 9], sptep & 0x1FF
+            parent, i = pages[sptep_page(sptep)], spte_index(sptep)
             spte = parent.spt[i]
             if not spte & S.SPTE_MMU_PRESENT or S.spte_child_index(spte) != sp.index:
                 out.append(
@@ -329,9 +330,8 @@ def spte_values(mmu: KvmMmu, sptep: np.ndarray) -> np.ndarray:
     """The sptes at `sptep` (pool index << 9 | entry)."""
     if len(sptep) < 64:
         pages = mmu.pool.pages
-        return np.fromiter(
-            (pages[p >> 9].spt[p & 511] for p in sptep.tolist()), dtype=np.uint64, count=len(sptep)
-        )
+        return np.fromiter((pages[sptep_page(p)].spt[spte_index(p)] for p in sptep.tolist()),
+                           dtype=np.uint64, count=len(sptep))
     return mmu.pool.spt_array().reshape(-1)[sptep]
 
 
@@ -357,7 +357,7 @@ def check_dirty_log(mmu: KvmMmu, gfns: set[int] | None) -> list[str]:
         for k in gfn_order(gfn, bad):
             out.append(
                 f"dirty log: gfn {int(gfn[k]):x} of slot {slot.id} is clean but spte "
-                f"{mmu.pool.pages[int(sptep[k]) >> 9].spt[int(sptep[k]) & 511]:x} is writable\n"
+                f"{mmu.sptep_to_sp(int(sptep[k])).spt[spte_index(int(sptep[k]))]:x} is writable\n"
             )
     return out
 

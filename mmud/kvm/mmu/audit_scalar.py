@@ -14,21 +14,11 @@ import numpy as np
 from mmud.kvm.mmu import audit_checks as C
 from mmud.kvm.mmu import spte as S
 from mmud.kvm.mmu.mmu import KvmMmu
-from mmud.kvm.mmu.page import ROLE_CR0_WP, ROLE_NXE, ShadowPage
+from mmud.kvm.mmu.page import ROLE_CR0_WP, ROLE_NXE, ShadowPage, spte_index, sptep_page
 from mmud.x86 import paging as pg
 
 _PRESENT = S.SPTE_MMU_PRESENT
 _PRESENT_NP = np.uint64(S.SPTE_MMU_PRESENT)
-
-
-def _gpte_access(gpte: int, nxe: bool) -> int:
-    access = gpte & (pg.PT_WRITABLE_MASK | pg.PT_USER_MASK)
-    return access | (0 if nxe and gpte & pg.PT64_NX_MASK else pg.ACC_EXEC_MASK)
-
-
-def _spte_access(spte: int) -> int:
-    access = spte & (pg.PT_WRITABLE_MASK | pg.PT_USER_MASK)
-    return access | (0 if spte & pg.PT64_NX_MASK else pg.ACC_EXEC_MASK)
 
 
 def _gpte_reserved(level: int, gpte: int, nxe: bool) -> bool:
@@ -54,7 +44,7 @@ def _upper_translation(mmu: KvmMmu, sp: ShadowPage, rows: list[int], gptes: np.n
     for i in rows:
         gpte = int(gptes[i])
         child = mmu.child_of(spt[i])
-        access = _gpte_access(gpte, nxe) & sp.access
+        access = pg.gpte_access(gpte, nxe) & sp.access
         if _gpte_reserved(sp.level, gpte, nxe):
             ok = False
         elif gpte & pg.PT_PAGE_SIZE_MASK:
@@ -98,7 +88,7 @@ class PageEntries:
             self.present.append(present)
             for i in present:
                 spte = spt[i]
-                if sp.level == 1 or spte & pg.PT_PAGE_SIZE_MASK:
+                if S.is_last_spte(spte, sp.level):
                     self.leaves.append((row, i, sp.gfn_of(i), spte))
         self.size = sum(map(len, self.present))
 
@@ -127,12 +117,12 @@ class PageEntries:
         pages = mmu.pool.pages
         active = mmu.active_mmu_pages
         for gfn, sptep in self._rmap_entries(self.rmap_gfns):
-            sp, i = pages[sptep >> 9], sptep & 0x1FF
+            sp, i = pages[sptep_page(sptep)], spte_index(sptep)
             spte = sp.spt[i]
             live = (
                 sp in active
                 and spte & _PRESENT
-                and (sp.level == 1 or spte & pg.PT_PAGE_SIZE_MASK)
+                and S.is_last_spte(spte, sp.level)
                 and sp.gfn_of(i) == gfn
             )
             if not live:
@@ -165,13 +155,13 @@ class PageEntries:
             spt = sp.spt
             for i in self.present[row]:
                 spte, gpte = spt[i], int(gptes[i])
-                access = _gpte_access(gpte, nxe) & sp.access
+                access = pg.gpte_access(gpte, nxe) & sp.access
                 allowed = access if gpte & pg.PT_DIRTY_MASK else access & ~pg.ACC_WRITE_MASK
                 if (
                     _gpte_reserved(1, gpte, nxe)
                     or not gpte & pg.PT_ACCESSED_MASK
                     or (gpte & pg.PT64_BASE_ADDR_MASK) >> pg.PAGE_SHIFT != sp.gfns[i]
-                    or _excess(_spte_access(spte), allowed, wp0)
+                    or _excess(S.spte_access(spte), allowed, wp0)
                 ):
                     out.append(C.msg_leaf_translation(sp, i, spte, gpte))
         return out

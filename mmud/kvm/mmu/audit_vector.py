@@ -18,7 +18,7 @@ import numpy as np
 from mmud.kvm.mmu import audit_checks as C
 from mmud.kvm.mmu import spte as S
 from mmud.kvm.mmu.mmu import KvmMmu
-from mmud.kvm.mmu.page import ROLE_CR0_WP, ROLE_NXE, ShadowPage
+from mmud.kvm.mmu.page import ROLE_CR0_WP, ROLE_NXE, ShadowPage, spte_index, sptep_page
 from mmud.x86 import paging as pg
 
 _U = np.uint64
@@ -54,7 +54,7 @@ def live_leaf_gfns(mmu: KvmMmu, sptep: np.ndarray) -> np.ndarray:
     level = np.fromiter((sp.level for sp in pool.pages), dtype=np.int64, count=n)
     direct = np.fromiter((sp.direct for sp in pool.pages), dtype=bool, count=n)
     base = np.fromiter((sp.gfn for sp in pool.pages), dtype=np.int64, count=n)
-    idx, i = sptep >> 9, sptep & 0x1FF
+    idx, i = sptep_page(sptep), spte_index(sptep)
     spte = C.spte_values(mmu, sptep)
     mapped = pool.gfn_array().reshape(-1)[sptep].astype(np.int64)
     level, direct = level[idx], direct[idx]
@@ -183,7 +183,7 @@ class PageArrays:
             mapped = live_leaf_gfns(mmu, r_sptep)
         for k in C.gfn_order(r_gfn, mapped != r_gfn):
             sptep = int(r_sptep[k])
-            out.append(C.msg_rmap_stale(int(r_gfn[k]), pages[sptep >> 9], sptep & 0x1FF))
+            out.append(C.msg_rmap_stale(int(r_gfn[k]), pages[sptep_page(sptep)], spte_index(sptep)))
         return out
 
     def translation(self, skip_gfn: int | None) -> list[str]:

@@ -17,19 +17,19 @@ import numpy as np
 
 from mmud.kvm.memslot import Memslot
 from mmud.kvm.mmu.mmu import KvmMmu
-from mmud.kvm.mmu.page import CHUNK_PAGES
-from mmud.x86.paging import PT64_ENT_PER_PAGE, PT_WRITABLE_MASK
+from mmud.kvm.mmu.page import CHUNK_PAGES, spte_index, sptep_page
+from mmud.x86.paging import PT_WRITABLE_MASK
 
 _W = np.uint64(PT_WRITABLE_MASK)
 _NOT_W = np.uint64(~PT_WRITABLE_MASK & ((1 << 64) - 1))
 
 
 def _clear_w(mmu: KvmMmu, sptes: np.ndarray) -> bool:
-    """Clear W in the sptes named by sptep (pool index << 9 | entry); True if any had it."""
+    """Clear W in the sptes named by sptep (page.sptep_of); True if any had it."""
     if not len(sptes):
         return False
-    index = sptes >> 9
-    entry = sptes & (PT64_ENT_PER_PAGE - 1)
+    index = sptep_page(sptes)
+    entry = spte_index(sptes)
     chunk = index // CHUNK_PAGES
     row = index % CHUNK_PAGES
     flush = False

@@ -81,6 +81,7 @@ def handle_mmio_page_fault(mmu: KvmMmu, vmmu: VcpuMmu, gva: int) -> int:
     spte: run the normal fault, which re-resolves the gfn) or RETRY (zapped meanwhile)."""
     if vmmu.match_mmio_gva(gva):
         return RET_PF_EMULATE
+    assert vmmu.root is not None, "the faulting access walked the root"
     sptes = [(spte, sp.level) for sp, _, spte in mmu.shadow_walk(vmmu.root, gva)]
     spte, _ = sptes[-1]
     if S.is_shadow_present_pte(spte) and spte & SPTE_RSVD_MASK:

@@ -26,6 +26,9 @@ from mmud.kvm.mmu.page import (
     ShadowPagePool,
     hash_64,
     make_role,
+    spte_index,
+    sptep_of,
+    sptep_page,
 )
 from mmud.x86.paging import ACC_WRITE_MASK, PT_WRITABLE_MASK, pt_index
 
@@ -48,15 +51,6 @@ RET_PF_INVALID = 2
 # set_spte() result bits.
 SET_SPTE_WRITE_PROTECTED_PT = 1 << 0
 SET_SPTE_NEED_REMOTE_TLB_FLUSH = 1 << 1
-
-_SPTEP_SHIFT = 9
-_SPTEP_MASK = (1 << _SPTEP_SHIFT) - 1
-
-
-def sptep_of(sp: ShadowPage, i: int) -> int:
-    """A pointer to entry i of sp, as an int (the kernel's `u64 *sptep`)."""
-    return sp.index << _SPTEP_SHIFT | i
-
 
 class KvmMmu:
     """MMU state of one VM. Only the simulation loop touches it (no locks inside)."""
@@ -100,8 +94,8 @@ class KvmMmu:
 
     # --- helpers ---------------------------------------------------------------------------
 
-    def sp_of_sptep(self, sptep: int) -> ShadowPage:
-        return self.pool.pages[sptep >> _SPTEP_SHIFT]
+    def sptep_to_sp(self, sptep: int) -> ShadowPage:
+        return self.pool.pages[sptep_page(sptep)]
 
     def child_of(self, spte: int) -> ShadowPage:
         return self.pool.pages[S.spte_child_index(spte)]
@@ -114,7 +108,7 @@ class KvmMmu:
             i = pt_index(addr, sp.level)
             spte = sp.spt[i]
             yield sp, i, spte
-            if not spte & S.SPTE_MMU_PRESENT or sp.level == 1 or spte & S.PT_PAGE_SIZE_MASK:
+            if not spte & S.SPTE_MMU_PRESENT or S.is_last_spte(spte, sp.level):
                 return
             sp = self.child_of(spte)
 
@@ -186,8 +180,8 @@ class KvmMmu:
         pages = self.pool.pages
         clear = ~(PT_WRITABLE_MASK | S.SPTE_MMU_WRITEABLE)
         for sptep in slot.rmap.get(gfn):
-            spt = pages[sptep >> _SPTEP_SHIFT].spt
-            i = sptep & _SPTEP_MASK
+            spt = pages[sptep_page(sptep)].spt
+            i = spte_index(sptep)
             old = spt[i]
             if old & (PT_WRITABLE_MASK | S.SPTE_MMU_WRITEABLE):
                 spt[i] = old & clear
@@ -206,7 +200,7 @@ class KvmMmu:
         if not rmap:
             return False
         for sptep in list(rmap):
-            self.drop_spte(self.sp_of_sptep(sptep), sptep & _SPTEP_MASK)
+            self.drop_spte(self.sptep_to_sp(sptep), spte_index(sptep))
         return True
 
     # --- page tracking (KVM_PAGE_TRACK_WRITE) ------------------------------------------------
@@ -338,7 +332,7 @@ class KvmMmu:
     def mark_parents_unsync(self, sp: ShadowPage) -> None:
         pages = self.pool.pages
         for sptep in list(sp.parent_ptes):
-            self.mark_unsync(pages[sptep >> _SPTEP_SHIFT], sptep & _SPTEP_MASK)
+            self.mark_unsync(pages[sptep_page(sptep)], spte_index(sptep))
 
     def clear_unsync_child_bit(self, sp: ShadowPage, i: int) -> None:
         if self.obs: self.obs.unsync_children_changed(sp)  # observer
@@ -448,7 +442,7 @@ class KvmMmu:
         was_rmapped = False
         flush = False
         if old & S.SPTE_MMU_PRESENT:
-            if sp.level > 1 and not S.is_large_pte(old):
+            if not S.is_last_spte(old, sp.level):
                 self.drop_parent_pte(self.child_of(old), sp, i)
                 flush = True
             elif pfn != S.spte_to_pfn(old):
@@ -472,6 +466,7 @@ class KvmMmu:
             if not sp.direct:
                 sp.gfns[i] = gfn
             slot = self.memslots.lookup(gfn)
+            assert slot is not None, "the fault found a pfn for gfn, so a memslot holds it"
             if self.bug == "rmap_add_skipped":
                 return ret
             self.stat["pages_4k"] += 1

@@ -8,11 +8,14 @@ ints. Indirect pages also record the gfn of each spte (`gfns`, the kernel's `sp-
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import numpy as np
 
 from mmud.x86.paging import PT64_ENT_PER_PAGE, PT64_LEVEL_BITS
 
 CHUNK_PAGES = 256
+T = TypeVar("T", int, np.ndarray)
 
 # union kvm_mmu_page_role (≈v5.6), LSB first. Keep in step with the kernel's layout so that
 # printed role words (the audit prints them) read like the kernel's.
@@ -57,6 +60,27 @@ def sp_address(sp: ShadowPage) -> str:
     return f"{SP_ADDRESS_BASE + sp.index * 0x100:016x}"
 
 
+# A `u64 *sptep` is pool index << SPTEP_SHIFT | entry; these two helpers (and sptep_of) are
+# the only code that knows it. They work on ints and on numpy arrays of sptep alike.
+SPTEP_SHIFT = 9  # PT64_ENT_PER_PAGE entries per page
+SPTEP_INDEX_MASK = (1 << SPTEP_SHIFT) - 1
+
+
+def sptep_of(sp: ShadowPage, i: int) -> int:
+    """A pointer to entry i of sp, as an int (the kernel's `u64 *sptep`)."""
+    return sp.index << SPTEP_SHIFT | i
+
+
+def sptep_page(sptep: T) -> T:
+    """The pool index of the shadow page sptep points into (sptep_to_sp() without the pool)."""
+    return sptep >> SPTEP_SHIFT
+
+
+def spte_index(sptep: T) -> T:
+    """Which entry of its page sptep points at (`sptep - sp->spt`)."""
+    return sptep & SPTEP_INDEX_MASK
+
+
 class ShadowPage:
     """One shadow page. Identity is (gfn, role); `index` is its row in the pool."""
 
@@ -69,24 +93,13 @@ class ShadowPage:
     def __init__(self, index: int, sptes: np.ndarray, gfns: np.ndarray) -> None:
         self.index = index
         self.sptes = sptes  # numpy row view, for vectorised work on one page
-        self.spt = memoryview(sptes)  # Python-int access on the hot path
+        self.spt = sptes.data  # a memoryview: Python-int access on the hot path
         self._gfns_np = gfns
-        self.gfns = memoryview(gfns)
-        self.gfn = 0
-        self.role = 0
-        self.level = 0
-        self.direct = False
-        self.access = 0
-        self.unsync = False
-        self.unsync_children = 0
-        self.unsync_child_bitmap = 0  # Python int, bit i = entry i
-        self.parent_ptes: list[int] = []  # sptep = parent.index << 9 | entry
-        self.root_count = 0
-        self.mmu_valid_gen = 0
-        self.write_flooding_count = 0
-        self.invalid = False
+        self.gfns = gfns.data
+        self.init(0, 0, 0)
 
     def init(self, gfn: int, role: int, gen: int) -> None:
+        """kvm_mmu_alloc_page(): a page from the pool starts as new for (gfn, role)."""
         self.gfn = gfn
         self.role = role
         self.level = role & ROLE_LEVEL_MASK
@@ -94,8 +107,8 @@ class ShadowPage:
         self.access = (role & ROLE_ACCESS_MASK) >> ROLE_ACCESS_SHIFT
         self.unsync = False
         self.unsync_children = 0
-        self.unsync_child_bitmap = 0
-        self.parent_ptes = []
+        self.unsync_child_bitmap = 0  # Python int, bit i = entry i
+        self.parent_ptes: list[int] = []  # sptep_of(parent, entry) of every parent entry
         self.root_count = 0
         self.mmu_valid_gen = gen
         self.write_flooding_count = 0
@@ -143,9 +156,6 @@ class ShadowPagePool:
 
     def release(self, sp: ShadowPage) -> None:
         self.free.append(sp.index)
-
-    def page(self, index: int) -> ShadowPage:
-        return self.pages[index]
 
     def spt_array(self) -> np.ndarray:
         """Every page's sptes as one (pages, 512) array, indexed by pool index (a copy when

@@ -34,11 +34,17 @@ from mmud.x86.paging import (
     PT_DIRTY_MASK,
     PT_PAGE_SIZE_MASK,
     PT_PRESENT_MASK,
+    PT_USER_MASK,
+    PT_WRITABLE_MASK,
     pt_index,
 )
 
 if TYPE_CHECKING:
     from mmud.kvm.mmu.vcpu_mmu import VcpuMmu
+
+
+# A gpte's W and U bits are its rights' W and U bits (ACC_WRITE_MASK, ACC_USER_MASK).
+_GPTE_WU = PT_WRITABLE_MASK | PT_USER_MASK
 
 
 class GuestWalker:
@@ -94,7 +100,7 @@ def walk_addr(mmu: KvmMmu, vmmu: VcpuMmu, addr: int, error_code: int) -> GuestWa
         w.pte_gpa[k] = pte_gpa
         w.ptes[k] = gpte
         w.pt_access[k] = pt_access
-        pte_access &= (gpte & 6) | (0 if nxe and gpte >> 63 else ACC_EXEC_MASK)
+        pte_access &= (gpte & _GPTE_WU) | (0 if nxe and gpte >> 63 else ACC_EXEC_MASK)
         if level == 1 or large:
             break
         table = gpte & PT64_BASE_ADDR_MASK

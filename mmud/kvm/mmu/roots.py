@@ -65,31 +65,29 @@ def kvm_mmu_unload(mmu: KvmMmu, vmmu: VcpuMmu) -> None:
     kvm_mmu_free_roots(mmu, vmmu, current=True, previous=True)
 
 
-def _is_root_usable(sp: ShadowPage | None, root_cr3: int, new_cr3: int, role: int) -> bool:
-    return sp is not None and root_cr3 == new_cr3 and sp.role == role
-
-
-def cached_root_available(vmmu: VcpuMmu, new_cr3: int, new_role: int) -> bool:
-    """Swap the current root into the cache, looking for one usable for new_cr3 (LRU order)."""
+def cached_root_available(vmmu: VcpuMmu, new_cr3: int, new_role: int) -> ShadowPage | None:
+    """Swap the current root into the cache, looking for one usable for new_cr3 (LRU order);
+    the root found, now current, or None."""
     root = (vmmu.root_cr3, vmmu.root)
     for k in range(KVM_MMU_NUM_PREV_ROOTS):
         root, vmmu.prev_roots[k] = vmmu.prev_roots[k], root
-        if _is_root_usable(root[1], root[0], new_cr3, new_role):
-            vmmu.root_cr3, vmmu.root = new_cr3, root[1]
-            return True
+        cr3, sp = root
+        if sp is not None and cr3 == new_cr3 and sp.role == new_role:
+            vmmu.root_cr3, vmmu.root = new_cr3, sp
+            return sp
     # Not found: the evicted oldest entry becomes "current" and is freed by the caller.
     vmmu.root_cr3, vmmu.root = new_cr3, root[1]
-    return False
+    return None
 
 
 def kvm_mmu_new_cr3(mmu: KvmMmu, vmmu: VcpuMmu, new_cr3: int) -> None:
     """MOV CR3 to a new value: reuse a cached root (fast switch) or drop the current one."""
     new_role = vmmu.root_role()
     if mmu.memslots.lookup((new_cr3 & CR3_ADDR_MASK) >> PAGE_SHIFT) is not None and (
-        cached_root_available(vmmu, new_cr3, new_role)
+        root := cached_root_available(vmmu, new_cr3, new_role)
     ):
         vmmu.vcpu.request_mmu_sync()
         vmmu.vcpu.request_tlb_flush()
-        vmmu.root.write_flooding_count = 0
+        root.write_flooding_count = 0
         return
     kvm_mmu_free_roots(mmu, vmmu, current=True, previous=False)

@@ -160,7 +160,7 @@ def invlpg_root(mmu: KvmMmu, vmmu: VcpuMmu, gva: int, root: ShadowPage) -> None:
     while True:
         i = pt_index(gva, level)
         spte = sp.spt[i]
-        if level == 1 or spte & S.PT_PAGE_SIZE_MASK:
+        if S.is_last_spte(spte, level):
             if not sp.unsync:
                 return
             if zap.mmu_page_zap_pte(mmu, sp, i):

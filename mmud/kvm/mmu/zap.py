@@ -18,7 +18,7 @@ from mmud.kvm.mmu.mmu import (
     KVM_REFILL_PAGES,
     KvmMmu,
 )
-from mmud.kvm.mmu.page import ShadowPage
+from mmud.kvm.mmu.page import ShadowPage, spte_index, sptep_page
 
 if TYPE_CHECKING:
     from mmud.kvm.mmu.vcpu_mmu import VcpuMmu
@@ -30,7 +30,7 @@ def mmu_page_zap_pte(mmu: KvmMmu, sp: ShadowPage, i: int) -> bool:
     """Clear entry i of sp: unlink a child or drop a leaf. True if it was present."""
     spte = sp.spt[i]
     if spte & S.SPTE_MMU_PRESENT:
-        if sp.level == 1 or spte & S.PT_PAGE_SIZE_MASK:
+        if S.is_last_spte(spte, sp.level):
             mmu.drop_spte(sp, i)
         else:
             mmu.drop_parent_pte(mmu.child_of(spte), sp, i)
@@ -51,7 +51,7 @@ def _unlink_children(mmu: KvmMmu, sp: ShadowPage) -> None:
 def _unlink_parents(mmu: KvmMmu, sp: ShadowPage) -> None:
     pages = mmu.pool.pages
     for sptep in list(sp.parent_ptes):
-        mmu.drop_parent_pte(sp, pages[sptep >> 9], sptep & 0x1FF)
+        mmu.drop_parent_pte(sp, pages[sptep_page(sptep)], spte_index(sptep))
 
 
 def prepare_zap_page(mmu: KvmMmu, sp: ShadowPage, invalid_list: list[ShadowPage]) -> int:
