@@ -19,6 +19,7 @@ from mmud.kvm.mmu import paging_tmpl, pte_write, roots, sync, zap
 from mmud.kvm.mmu import spte as S
 from mmud.kvm.mmu.mmu import RET_PF_EMULATE
 from mmud.kvm.mmu.page import ShadowPage
+from mmud.kvm.mmu.page_fault import kvm_mmu_page_fault
 from mmud.kvm.mmu.vcpu_mmu import VcpuMmu, allowed_kinds
 from mmud.uapi import stats
 from mmud.x86.paging import (
@@ -294,7 +295,7 @@ class Vcpu:
             self.stat["exits"] += 1
             mmu = self.mmu
             mmu.fixed = None
-            r = mmu.kvm_mmu_page_fault(gva, result)
+            r = kvm_mmu_page_fault(mmu, gva, result)
             if self.injected is not None:
                 error_code, self.injected = self.injected, None
                 raise PageFault(gva, error_code)

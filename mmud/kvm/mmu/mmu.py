@@ -25,7 +25,6 @@ from mmud.kvm.mmu.page import (
     ShadowPage,
     ShadowPagePool,
     hash_64,
-    make_role,
     spte_index,
     sptep_of,
     sptep_page,
@@ -252,54 +251,6 @@ class KvmMmu:
         if self.obs: self.obs.free_page(sp)  # observer
         self.page_hash[hash_64(sp.gfn)].remove(sp)
         self.pool.release(sp)
-
-    def get_page(self, vmmu: VcpuMmu, gfn: int, level: int, direct: bool, access: int) -> ShadowPage:
-        """kvm_mmu_get_page(): find the sp for (gfn, role) or build it."""
-        if self.obs: self.obs.hash_lookup(gfn)  # observer
-        from mmud.kvm.mmu import sync, zap
-
-        role = make_role(vmmu.base_role, level, direct, access)
-        collisions = 0
-        need_sync = False
-        invalid_list: list[ShadowPage] = []
-        found = None
-        bucket = self.page_hash.get(hash_64(gfn))
-        if bucket:
-            for sp in reversed(list(bucket)):
-                if sp.invalid or sp.mmu_valid_gen != self.mmu_valid_gen:
-                    continue
-                if sp.gfn != gfn:
-                    collisions += 1
-                    continue
-                if not need_sync and sp.unsync:
-                    need_sync = True
-                if sp.role != role:
-                    continue
-                if sp.unsync:
-                    if not sync.resync_page(self, vmmu, sp, invalid_list):
-                        break
-                    self.kvm_flush_remote_tlbs()
-                if sp.unsync_children:
-                    vmmu.vcpu.request_mmu_sync()
-                sp.write_flooding_count = 0
-                found = sp
-                break
-        if found is None:
-            self.stat["mmu_cache_miss"] += 1
-            found = self.alloc_page(gfn, role)
-            flush = False
-            if not direct:
-                self.account_shadowed(found)
-                if level == 1 and self.bug != "write_protect_skipped" and self.rmap_write_protect(gfn):
-                    self.kvm_flush_remote_tlbs()
-                if level > 1 and need_sync:
-                    flush = sync.kvm_sync_pages(self, vmmu, gfn, invalid_list)
-            zap.kvm_mmu_flush_or_zap(self, vmmu, invalid_list, False, flush)
-        elif invalid_list:
-            zap.commit_zap_page(self, invalid_list)
-        if collisions > self.stat["max_mmu_page_hash_collisions"]:
-            self.stat["max_mmu_page_hash_collisions"] = collisions
-        return found
 
     # --- linking ------------------------------------------------------------------------------
 

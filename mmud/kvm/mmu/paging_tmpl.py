@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from mmud.kvm.mmu.get_page import kvm_mmu_get_page
 from mmud.kvm.mmu import mmio, zap
 from mmud.kvm.mmu import spte as S
 from mmud.kvm.mmu.audit import AUDIT_POST_PAGE_FAULT, AUDIT_PRE_PAGE_FAULT, kvm_mmu_audit
@@ -205,7 +206,7 @@ def fetch(mmu: KvmMmu, vmmu: VcpuMmu, addr: int, w: GuestWalker, write_fault: bo
             child = pages[((spte & S.SPTE_BASE_ADDR_MASK) >> PAGE_SHIFT) - S.SPT_PFN_BASE]
         else:
             k = level - 2
-            child = mmu.get_page(vmmu, w.table_gfn[k], level - 1, False, w.pt_access[k])
+            child = kvm_mmu_get_page(mmu, vmmu, w.table_gfn[k], level - 1, False, w.pt_access[k])
             mmu.link_shadow_page(sp, i, child)
         sp = child
         level -= 1
@@ -223,7 +224,7 @@ def fetch(mmu: KvmMmu, vmmu: VcpuMmu, addr: int, w: GuestWalker, write_fault: bo
                 spte = 0
         if not spte & S.SPTE_MMU_PRESENT:
             base_gfn = w.gfn & ~((1 << (9 * (level - 1))) - 1)
-            child = mmu.get_page(vmmu, base_gfn, level - 1, True, direct_access)
+            child = kvm_mmu_get_page(mmu, vmmu, base_gfn, level - 1, True, direct_access)
             mmu.link_shadow_page(sp, i, child)
         sp = child
         level -= 1

@@ -9,15 +9,16 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from mmud.kvm.mmu.get_page import kvm_mmu_get_page
 from mmud.kvm.mmu import sync, zap
 from mmud.kvm.mmu.mmu import KvmMmu
 from mmud.kvm.mmu.page import ShadowPage
+from mmud.kvm.mmu.vcpu_mmu import KVM_MMU_NUM_PREV_ROOTS
 from mmud.x86.paging import ACC_ALL, CR3_ADDR_MASK, PAGE_SHIFT, PT64_ROOT_4LEVEL
 
 if TYPE_CHECKING:
     from mmud.kvm.mmu.vcpu_mmu import VcpuMmu
 
-KVM_MMU_NUM_PREV_ROOTS = 3
 
 
 class TripleFault(Exception):
@@ -29,7 +30,7 @@ def mmu_alloc_roots(mmu: KvmMmu, vmmu: VcpuMmu) -> None:
     if mmu.memslots.lookup(root_gfn) is None:
         raise TripleFault(f"CR3 {vmmu.vcpu.cr3:#x} is not in guest RAM")
     zap.make_mmu_pages_available(mmu)
-    sp = mmu.get_page(vmmu, root_gfn, PT64_ROOT_4LEVEL, False, ACC_ALL)
+    sp = kvm_mmu_get_page(mmu, vmmu, root_gfn, PT64_ROOT_4LEVEL, False, ACC_ALL)
     sp.root_count += 1
     vmmu.root = sp
     vmmu.root_cr3 = vmmu.vcpu.cr3

@@ -8,8 +8,10 @@ vCPU; what belongs to one vCPU lives here, as in the kernel:
   EFER.NXE), the permission table `update_permission_bitmask()` computes from it, and the
   guest's reserved-bit masks (`guest_rsvd_check`);
 - the MMIO info cache (`vcpu->arch.mmio_gva/access/gfn/generation`, kept in `vcpu->arch`
-  by the kernel, used only by the MMU);
-- `kvm_mmu_page_fault()`, the entry from a #PF VM exit.
+  by the kernel, used only by the MMU).
+
+The entry from a #PF VM exit, kvm_mmu_page_fault(), is page_fault.py's: it sits above every
+path it dispatches to, while this object sits below them all.
 
 The MMU never reaches into the vCPU's registers or TLB: what it needs of the CPU side is the
 `VcpuOps` protocol (requests, TLB flushes, dirty marking, #PF injection), which
@@ -21,9 +23,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Protocol
 
 from mmud.kvm.memslot import KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS
-from mmud.kvm.mmu import fast_pf, mmio, paging_tmpl, roots
 from mmud.kvm.mmu import spte as S
-from mmud.kvm.mmu.mmu import RET_PF_INVALID, RET_PF_RETRY
 from mmud.kvm.mmu.page import (
     ROLE_CR0_WP,
     ROLE_GPTE_IS_8_BYTES,
@@ -40,7 +40,6 @@ from mmud.x86.paging import (
     CR4_SMEP,
     EFER_NXE,
     PAGE_MASK,
-    PFERR_RSVD_MASK,
     PT64_ROOT_4LEVEL,
     X86_EFLAGS_AC,
     permission_table,
@@ -49,6 +48,8 @@ from mmud.x86.paging import (
 
 if TYPE_CHECKING:
     from mmud.kvm.mmu.mmu import KvmMmu
+
+KVM_MMU_NUM_PREV_ROOTS = 3  # cached (cr3, root) pairs for fast CR3 switches (roots.py)
 
 _allowed_cache: dict[tuple[tuple[int, ...], int], int] = {}
 
@@ -109,7 +110,7 @@ class VcpuMmu:
         self.mmio_caching = mmio_caching  # the module's mmio_caching parameter (0444)
         self.root: ShadowPage | None = None
         self.root_cr3 = 0
-        self.prev_roots: list[tuple[int, ShadowPage | None]] = [(0, None)] * roots.KVM_MMU_NUM_PREV_ROOTS
+        self.prev_roots: list[tuple[int, ShadowPage | None]] = [(0, None)] * KVM_MMU_NUM_PREV_ROOTS
         self.fixed: tuple[ShadowPage, int] | None = None  # the leaf the last fault installed
         self.fast_pf_gfn: int | None = None  # between a fast page fault's cmpxchg and mark_page_dirty
         # vcpu->arch.mmio_gva / mmio_access / mmio_gfn / mmio_generation
@@ -188,19 +189,3 @@ class VcpuMmu:
             and self.mmio_gen == self.kvm_mmu.memslots.generation
             and self.mmio_gva == gva & PAGE_MASK
         )
-
-    # --- the #PF VM exit -------------------------------------------------------------------------
-
-    def kvm_mmu_page_fault(self, gva: int, error_code: int) -> int:
-        """A #PF exit: the lockless fast path, else MMIO (RSVD) or the shadow fault path."""
-        mmu = self.kvm_mmu
-        if mmu.obs: mmu.obs.page_fault(self.vcpu.index)  # observer
-        if fast_pf.page_fault_can_be_fast(error_code) and fast_pf.fast_page_fault(self, gva, error_code):
-            return RET_PF_RETRY
-        self.vcpu.lock_mmu()
-        r = RET_PF_INVALID
-        if error_code & PFERR_RSVD_MASK:
-            r = mmio.handle_mmio_page_fault(mmu, self, gva)
-        if r == RET_PF_INVALID:
-            r = paging_tmpl.page_fault(mmu, self, gva, error_code)
-        return r

@@ -1,0 +1,30 @@
+"""kvm_mmu_page_fault(): a #PF VM exit enters the shadow MMU here.
+
+The lockless fast path first (a write fault on an spte write-protected only for dirty
+logging: fast_pf.py), then under the MMU lock either the MMIO path for a reserved-bit fault
+(mmio.py) or the shadow page fault (paging_tmpl.py). This module is the top of the
+package: it dispatches to the paths and nothing below imports it.
+"""
+
+from __future__ import annotations
+
+from mmud.kvm.mmu import fast_pf, mmio, paging_tmpl
+from mmud.kvm.mmu.mmu import RET_PF_INVALID, RET_PF_RETRY
+from mmud.kvm.mmu.vcpu_mmu import VcpuMmu
+from mmud.x86.paging import PFERR_RSVD_MASK
+
+
+def kvm_mmu_page_fault(vmmu: VcpuMmu, gva: int, error_code: int) -> int:
+    """A #PF exit: RET_PF_RETRY (fixed, retry the access), RET_PF_EMULATE, or the #PF
+    injected into the guest (the vCPU's `injected`)."""
+    mmu = vmmu.kvm_mmu
+    if mmu.obs: mmu.obs.page_fault(vmmu.vcpu.index)  # observer
+    if fast_pf.page_fault_can_be_fast(error_code) and fast_pf.fast_page_fault(vmmu, gva, error_code):
+        return RET_PF_RETRY
+    vmmu.vcpu.lock_mmu()
+    r = RET_PF_INVALID
+    if error_code & PFERR_RSVD_MASK:
+        r = mmio.handle_mmio_page_fault(mmu, vmmu, gva)
+    if r == RET_PF_INVALID:
+        r = paging_tmpl.page_fault(mmu, vmmu, gva, error_code)
+    return r
