@@ -11,6 +11,7 @@ in that iteration, and every reported page must hold a value written in it. The 
 
 from __future__ import annotations
 
+import errno
 import random
 from dataclasses import dataclass, field
 
@@ -143,3 +144,29 @@ def test_each_ordering_bug_loses_pages(bug, mode):
     losing = [o for o in outcomes if o.lost]
     assert losing, f"{bug} ({mode}): no lost page in {BUG_SEEDS} seeds"
     assert all(o.audit for o in losing)  # the audit's dirty-log check saw it too
+
+
+def test_manual_protect_through_the_vm_api():
+    """vm.enable_manual_dirty_log_protect() + vm.get_dirty_log() + vm.clear_dirty_log():
+    GET copies the bitmap and protects nothing; CLEAR clears the bits and write-protects
+    their pages, so the next write is logged again; a misaligned first page is EINVAL."""
+    vm = mmud.VM(mem_mb=4)
+    vm.enable_manual_dirty_log_protect()
+    vm.set_memslot(SLOT, SLOT_GPA, PAGES * 4096, log_dirty=True)
+    gt = GuestTables(vm)
+    gt.map(TEST_VA, SLOT_GPA, flags=P | W | U)
+    vcpu = vm.vcpus[0]
+    vcpu.cr3 = gt.pml4
+    vcpu.write_u64(TEST_VA, 1)
+    first = vm.get_dirty_log(SLOT)
+    assert _pages(first) == {0} and vm.get_dirty_log(SLOT) == first  # GET does not clear
+    exits = vm.stats["exits"]
+    vcpu.write_u64(TEST_VA, 2)
+    assert vm.stats["exits"] == exits  # still writable: GET protected nothing
+    vm.clear_dirty_log(SLOT, 0, first)
+    assert _pages(vm.get_dirty_log(SLOT)) == set()
+    vcpu.write_u64(TEST_VA, 3)
+    assert vm.stats["exits"] > exits and _pages(vm.get_dirty_log(SLOT)) == {0}  # protected, logged
+    with pytest.raises(mmud.KvmError) as e:
+        vm.clear_dirty_log(SLOT, 1, first)
+    assert e.value.errno == errno.EINVAL
