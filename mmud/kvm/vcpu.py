@@ -406,7 +406,7 @@ class Vcpu:
 
     def clear_page(self, gva: int) -> None:
         """Supervisor `rep stosq` of the 4 KiB page at gva."""
-        gva &= ~0xFFF
+        gva &= PAGE_MASK
         entry = self._string_target(gva, 1)
         if entry is not None:
             entry[3][entry[1]:entry[1] + 512] = 0
