@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import subprocess
 import time
 
 import pytest
@@ -13,11 +14,12 @@ from mmud.daemon.mountpoint import is_mounted
 from tests.fusemount import Daemon, assert_refused, echo, shell_write, wait_for
 
 ENTRY = "KVM isolation: page fault #"
+ON = ("--param", "address_space_isolation=1")  # explicit: the default may change
 
 
 @pytest.fixture(scope="module")
 def iso(workdir):
-    d = Daemon(workdir / "iso", "--state-dir", str(workdir / "state"), "--seed", "3").start()
+    d = Daemon(workdir / "iso", *ON, "--state-dir", str(workdir / "state"), "--seed", "3").start()
     yield d
     if d.proc.poll() is None:
         assert d.stop() == 0, d.log()
@@ -42,9 +44,39 @@ def test_modes(iso):
     def mode(rel: str) -> int:
         return stat.S_IMODE(os.stat(iso.path(rel)).st_mode)
 
-    assert (mode("kvm/fault_log"), mode("kvm/isolation/map"),
-            mode("kvm/isolation/mappings")) == (0o444, 0o200, 0o444)
+    assert (mode("kvm/fault_log"), mode("kvm/isolation/map"), mode("kvm/isolation/mappings"),
+            mode("kvm/isolation/faults")) == (0o444, 0o200, 0o444, 0o444)
     assert int(iso.read("kvm/isolation_faults")) > 0
+
+
+def faults_table(d: Daemon) -> list[list[str]]:
+    header, *rows = d.read("kvm/isolation/faults").splitlines()
+    assert header.split() == ["entry", "ip", "address", "object", "count"]
+    return [row.split() for row in rows]
+
+
+def test_cat_faults_shows_the_table_of_logged_faults(iso):
+    wait_for(lambda: entry_lines(iso) and faults_table(iso), 5, "a faults row")
+    log = entry_lines(iso)
+    wait_for(lambda: len(faults_table(iso)) >= len(log), 5, "the table to catch up")
+    rows = faults_table(iso)
+    for line, (n, ip, address, obj, count) in zip(log, rows, strict=False):
+        kernel = line.split("] ", 1)[1]
+        assert kernel.startswith(f"KVM isolation: page fault #{n} (")
+        assert f" at {ip} [kvm] on {address} (0x{address.lstrip('0')})" in kernel  # %pS: bare
+        assert "+0x" in obj and int(count) >= 1
+    before = {row[0]: int(row[4]) for row in rows}
+
+    def grown() -> bool:
+        return any(int(row[4]) > before.get(row[0], 1 << 62) for row in faults_table(iso))
+
+    wait_for(grown, 5, "a count to grow as its IP faults again")
+
+
+def test_faults_refuses_a_write_with_eacces(iso):
+    done = subprocess.run(["sh", "-c", 'echo x > "$0"', str(iso.path("kvm/isolation/faults"))],
+                          capture_output=True, text=True, check=False)
+    assert done.returncode != 0 and "Permission denied" in done.stderr, done
 
 
 def test_map_a_symbol_then_mappings_show_it(iso):
@@ -76,7 +108,7 @@ def test_restart_clears_the_log_and_the_history_keeps_it(iso, workdir):
 
 
 def test_page_fault_stack_off(workdir):
-    d = Daemon(workdir / "nostack", "--param", "page_fault_stack=N").start()
+    d = Daemon(workdir / "nostack", *ON, "--param", "page_fault_stack=N").start()
     try:
         wait_for(lambda: entry_lines(d), 5, "entries")
         assert "Call Trace:" not in d.read("kvm/fault_log")

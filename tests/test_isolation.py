@@ -10,21 +10,34 @@ import sys
 import pytest
 
 import mmud
+from mmud.daemon.faultlog import FaultLogPublisher
 from mmud.kvm.isolation import arm_switch_fault, isolation_map
+from mmud.kvm.isolation import layout as L
 from mmud.kvm.isolation.faultlog import KVM_LAST_FAULT_COUNT
+from mmud.kvm.mmu.mmu import KvmMmu
+from mmud.kvm.mmu.page import hash_64
 from mmud.kvm.module import kernel_text
 from mmud.uapi.isolation import parse_map
 
 ENTRY = re.compile(
     r"\[ *\d+\.\d{6}\] KVM isolation: page fault #(\d+) \((0|2)\) at (\S+\+0x[0-9a-f]+/0x[0-9a-f]+)"
-    r" \[kvm\] on ([0-9a-f]{16}) \((\w+\+0x[0-9a-f]+/0x[0-9a-f]+)\)$")
+    r" \[kvm\] on ([0-9a-f]{16}) \((0x[0-9a-f]+|\S+\+0x[0-9a-f]+/0x[0-9a-f]+(?: \[\w+\])?)\)$")
 FRAME = re.compile(r"\[ *\d+\.\d{6}\]  \S+\+0x[0-9a-f]+/0x[0-9a-f]+ \[\w+\]$")
+ON = {"address_space_isolation": "1"}  # explicit: the default may change
 
 
 def run(steps: int = 3000, seed: int = 1, **load: str) -> tuple[mmud.VM, list[str]]:
-    vm = mmud.VM(seed=seed, workload="kernel", params=mmud.Params(load))
+    vm = mmud.VM(seed=seed, workload="kernel", params=mmud.Params(ON | load))
     vm.step(steps)
     return vm, list(vm.module.isolation.log.lines)
+
+
+def table(vm: mmud.VM) -> list[dict[str, str]]:
+    """kvm/isolation/faults as rows of named columns (the header names them)."""
+    header, *rows = vm.module.isolation.log.table_lines()
+    names = header.split()
+    assert names == ["entry", "ip", "address", "object", "count"]
+    return [dict(zip(names, row.split(), strict=True)) for row in rows]
 
 
 def entries(lines: list[str]) -> list[re.Match]:
@@ -63,14 +76,14 @@ def test_isolation_off_costs_nothing_and_logs_nothing():
 
 def test_mapping_a_symbol_stops_its_faults():
     vm, lines = run()
-    symbols = {m[5].split("+")[0] for m in entries(lines)}
+    symbols = {row["object"].split("+")[0] for row in table(vm)}
     assert "mmu_page_hash" in symbols
     for name in symbols:
         isolation_map(vm.module.isolation, parse_map(name.encode() + b"\n"))
     vm2 = mmud.VM(seed=1, workload="kernel", module=vm.module)  # a new VM clears the log
-    assert not vm.module.isolation.log.lines
+    assert not vm.module.isolation.log.lines and table(vm2) == []
     vm2.step(3000)
-    later = {m[5].split("+")[0] for m in entries(list(vm.module.isolation.log.lines))}
+    later = {row["object"].split("+")[0] for row in table(vm2)}
     assert not later & symbols
     mapped = vm.module.isolation.mm.lines()
     assert any(line.endswith(" mmu_page_hash") for line in mapped)
@@ -85,7 +98,7 @@ def test_map_refuses_bad_input(text):
 
 
 def test_map_refuses_unknown_symbol_and_maps_ranges():
-    vm = mmud.VM(params=mmud.Params())
+    vm = mmud.VM(params=mmud.Params(ON))
     with pytest.raises(OSError) as e:
         isolation_map(vm.module.isolation, parse_map(b"nosuchsym"))
     assert e.value.errno == errno.EINVAL
@@ -119,7 +132,7 @@ def test_the_129th_ip_fills_the_table(tmp_path, monkeypatch):
     probe = importlib.import_module("asi_probe")
     try:
         kernel_text().insmod("asi_probe", "asi_probe")
-        vm = mmud.VM(params=mmud.Params())
+        vm = mmud.VM(params=mmud.Params(ON))
         for i in range(PROBES):
             vm.isolation.enter()
             getattr(probe, f"probe_{i}")(vm.mmu, 5)
@@ -132,3 +145,96 @@ def test_the_129th_ip_fills_the_table(tmp_path, monkeypatch):
     assert lines[KVM_LAST_FAULT_COUNT + 1].startswith("KVM isolation: page fault #128 (0) at probe_128+")
     assert len(lines) == KVM_LAST_FAULT_COUNT + 2 and log.dropped == 1
     assert vm.stats["isolation_faults"] == PROBES
+    rows = table(vm)  # the logged ones: the 128 tracked and the one after the warning
+    assert [int(r["entry"]) for r in rows] == list(range(KVM_LAST_FAULT_COUNT + 1))
+    assert rows[-1]["ip"].startswith("probe_128+0x") and rows[-1]["count"] == "1"
+    assert {r["object"] for r in rows} == {f"mmu_page_hash+{hash_64(5) * 8:#x}"}
+
+
+# -- %pS of the faulting address, and kvm/isolation/faults ------------------------------------
+
+
+def test_allocated_objects_print_as_the_bare_address():
+    """Heap, vmalloc and direct-map objects are unknown to kallsyms: `(%pS)` is `0x` + %px."""
+    vm, lines = run()
+    found = entries(lines)
+    assert found
+    for m in found:
+        assert m[5] == "0x" + m[4].lstrip("0"), m[0]
+    objects = {row["object"].split("+")[0] for row in table(vm)}
+    # struct kvm (its mmu_page_hash), a vmalloc array, direct-map shadow page tables
+    assert {"mmu_page_hash", "slot0_gfn_track", "mmu_shadow_page"} <= objects
+
+
+def test_percent_ps_names_image_and_module_symbols_only():
+    vm, _ = run(steps=300)  # shadow pages exist
+    symbols = vm.isolation.symbols()
+    ps = symbols.sprint_symbol
+    # kernel image: text, and data with CONFIG_KALLSYMS_ALL
+    assert ps(L.INIT_MM + 0x50) == "init_mm+0x50/0x3c0"
+    assert ps(L.INIT_MM) == "init_mm+0x0/0x3c0"
+    assert ps(L.KERNEL_TEXT + 0x1234) == "_stext+0x1234/0xe00000"
+    # a function of the kvm module's text
+    sym = kernel_text().symbol(KvmMmu.alloc_page.__code__)
+    assert sym is not None and sym.name == "kvm_mmu_alloc_page"
+    assert ps(sym.address + 6) == f"kvm_mmu_alloc_page+0x6/{sym.size:#x} [kvm]"
+    # everything allocated: kmalloc/slab, vmalloc, per-CPU, cpu_entry_area, direct map
+    for name, offset in [("kvm", 0x10), ("mmu_page_hash", 0x30E0), ("vcpu0", 0x2A0),
+                         ("vcpu0_task", 8), ("vcpu0_stack", 0x3F00), ("cpu0_per_cpu", 0x100),
+                         ("cpu_entry_area", 0x1000), ("slot0_rmap", 0x40),
+                         ("slot0_gfn_track", 0xE), ("mmu_page_header", 0x730),
+                         ("mmu_shadow_page", 0x3008), ("kvm_memslots", 0x208)]:
+        region = symbols.lookup(name)
+        assert region is not None and region.kind == L.ALLOC, name
+        address = region.start + offset
+        assert ps(address) == f"0x{address:x}", name
+        assert symbols.describe(address) == f"{name}+{offset:#x}"
+    assert [symbols.lookup(n).kind for n in ("_stext", "init_mm", "kvm_text")] == \
+        [L.IMAGE, L.IMAGE, L.MODULE]
+    assert ps(0xFFFFFFFF00000000) == "0xffffffff00000000"  # no region at all
+
+
+def test_faults_table_lists_each_logged_fault_with_its_object():
+    vm, lines = run()
+    found, rows = entries(lines), table(vm)
+    assert len(rows) == len(found)
+    symbols = vm.isolation.symbols()
+    for m, row in zip(found, rows, strict=True):
+        assert row["entry"] == m[1] and row["ip"] == m[3] and row["address"] == m[4]
+        assert row["object"] == symbols.describe(int(m[4], 16))
+        assert int(row["count"]) >= 1
+    by_function = {row["ip"].split("+")[0]: row["object"] for row in rows}
+    assert by_function["kvm_mmu_get_page"].startswith("mmu_page_hash+0x")  # its hash bucket
+    assert by_function["set_spte"].startswith("mmu_shadow_page+0x")  # sp->spt[i]
+    # every isolation fault of this VM is a fault of a logged IP (no table overflow here)
+    assert sum(int(row["count"]) for row in rows) == vm.stats["isolation_faults"]
+
+
+def test_faults_table_count_grows_as_an_ip_faults_again():
+    vm, _ = run(steps=1000)
+    log = vm.module.isolation.log
+    before = {row["ip"]: int(row["count"]) for row in table(vm)}
+    version, table_version = log.version, log.table_version
+    vm.step(1000)
+    after = {row["ip"]: int(row["count"]) for row in table(vm)}
+    grown = [ip for ip in before if after[ip] > before[ip]]
+    assert grown and all(after[ip] >= before[ip] for ip in before)
+    assert log.table_version > table_version
+    assert sum(after.values()) == vm.stats["isolation_faults"]
+    if after.keys() == before.keys():  # no new entry: the log itself did not change
+        assert log.version == version
+
+
+def test_the_publisher_republishes_the_table_only_when_it_changed():
+    vm, _ = run(steps=500)
+    publisher = FaultLogPublisher(vm.module.isolation, None)
+    first = publisher.logs({})
+    assert first["isolation/faults"] == vm.module.isolation.log.table_lines()
+    assert first["isolation/faults"][0].split() == ["entry", "ip", "address", "object", "count"]
+    again = publisher.logs({})
+    assert again["isolation/faults"] is first["isolation/faults"]  # unchanged: not rebuilt
+    assert again["fault_log"] is first["fault_log"]
+    vm.step(500)
+    later = publisher.logs({})
+    assert later["isolation/faults"] != first["isolation/faults"]
+    assert later["isolation/faults"] == vm.module.isolation.log.table_lines()

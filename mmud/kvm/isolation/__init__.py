@@ -8,7 +8,7 @@ The log (`kvm/fault_log`) tells the developer what to add to the KVM address spa
 
 Modules, one job each:
 - symbols: kallsyms for KVM code — frames of the simulated KVM as `symbol+off/size`;
-- layout: the addresses and symbol names of the data KVM uses;
+- layout: the addresses and names of the data KVM uses, and what `%pS` prints for them;
 - addrspace: kvm_mm — the mapping set, map requests, page-table dumps;
 - faultlog: the tracking table and message format of kvm_log_page_fault();
 - context: the switches, the touch points and the fault handler.

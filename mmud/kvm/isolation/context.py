@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from mmud.kvm.mmu.page import ShadowPage
     from mmud.kvm.vm import Kvm
 
-# Offsets of the fields the touch points read or write (x86-64, ≈v5.6).
+# Offsets of the fields the touch points read or write (x86-64, the kernel of the 2019 isolation RFC series).
 VCPU_ARCH_MMU = 0x2A0  # vcpu->arch.mmu
 KVM_MEMSLOTS_LRU_SLOT = 0x208  # slots->lru_slot
 SP_PARENT_PTES = 0x30  # sp->parent_ptes
@@ -80,7 +80,7 @@ class VmIsolation(MmuObserver):
         self.on_kvm_mm = False  # running on the KVM address space (attached to the MMU)
 
     def symbols(self) -> L.SymbolTable:
-        return L.SymbolTable(L.vm_regions(self.kvm, self.module.text.end))
+        return L.SymbolTable(L.vm_regions(self.kvm, self.module.text.end), self.module.text)
 
     # --- switches ---------------------------------------------------------------------------
 
@@ -201,8 +201,9 @@ class VmIsolation(MmuObserver):
         chain = text.call_chain(frame)
         trace = [s.format(o) for s, o in chain[1:]] if self.module.stack else None
         error_code = PFERR_WRITE_MASK if write else 0
-        self.log.entry(self.mmu.clock_ns(), n, error_code, sym.format(offset), address,
-                       self.symbols().format(address), trace)
+        symbols = self.symbols()
+        self.log.entry(self.mmu.clock_ns(), n, error_code, sym, offset, address,
+                       symbols.sprint_symbol(address), symbols.describe(address), trace)
 
     def _switch_fault(self, frame: FrameType) -> None:
         """A fault while switching mm: dump both page tables, then the series' report."""
@@ -216,7 +217,7 @@ class VmIsolation(MmuObserver):
             mm.dump_pagetable(address, kernel=False),
             mm.dump_pagetable(address, kernel=True),
             f"KVM isolation: page fault 0 at {sym.format(offset)} on {address:x} "
-            f"({self.symbols().format(address)}) while switching mm",
+            f"({self.symbols().sprint_symbol(address)}) while switching mm",
             f"  cr3={mm.PGD - L.PAGE_OFFSET:x}",
             f"  kvm_mm={kvm_mm:016x} pgd={mm.PGD:016x}",
             f"  active_mm={active_mm:016x} pgd={mm.KERNEL_PGD:016x}",

@@ -7,19 +7,41 @@
   untracked IP, which buries the log; mmud prints the warning and that one entry once, and
   only counts the faults after it (`dropped`).
 - An entry is `KVM isolation: page fault #<n> (<error code>) at <ip %pS> on <address %px>
-  (<address %pS>)`, then, with page_fault_stack=Y, a `Call Trace:` of the callers.
+  (<address %pS>)`, then, with page_fault_stack=Y, a `Call Trace:` of the callers.  `%pS`
+  of the address names a kernel-image or module symbol and is a bare `0x…` for anything
+  allocated (layout.SymbolTable.sprint_symbol), exactly as the kernel prints it.
 
 Every line carries a printk stamp `[seconds.micros]` of the VM's simulated clock (time since
 the VM was created), so a run's log is the same for the same seed.  New entries also wait in
 `pending` until the owner of the process (the daemon) persists and logs them.
+
+Beside the kernel's log, mmud keeps a table of its own (`kvm/isolation/faults`, not a kernel
+file): one row per logged entry — entry number, IP, address, the object hit in mmud's naming
+(`mmu_page_hash+0x30e0`) and how often that IP has faulted so far.  The count changes on
+every repeated fault, so the table has a version of its own (`table_version`): the log's
+`version`, and the copy of the log a publisher makes, stay put.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from mmud.kvm.isolation.symbols import Symbol
 
 KVM_LAST_FAULT_COUNT = 128
 LOG_LINES = 8192  # the ring keeps the newest lines, as the printk buffer does
+IP_WIDTH, OBJECT_WIDTH = 40, 28  # columns of the table (wider values push the next one right)
+
+
+def table_row(n: int | str, ip: str, address: int | str, obj: str) -> str:
+    """The table's columns before the count: `entry ip address object `."""
+    where = address if isinstance(address, str) else f"{address:016x}"
+    return f"{n:>5} {ip:<{IP_WIDTH}} {where:<16} {obj:<{OBJECT_WIDTH}} "
+
+
+TABLE_HEADER = table_row("entry", "ip", "address", "object") + "count"
 
 
 def stamp(ns: int) -> str:
@@ -32,18 +54,25 @@ class FaultLog:
         self.lines: deque[str] = deque(maxlen=LOG_LINES)
         self.pending: list[tuple[str, ...]] = []  # entries not yet handed to the daemon
         self.version = 0  # bumped on every change, so a publisher can skip unchanged logs
+        self.table_version = 0  # the same for the table (bumped by every fault of a logged IP)
         self.clear()
 
     def clear(self) -> None:
-        """kvm_clear_page_fault(): forget every IP and empty the log."""
+        """kvm_clear_page_fault(): forget every IP and empty the log (and the table)."""
         self.ips: dict[int, int] = {}
         self.full = False
         self.dropped = 0
         self.lines.clear()
         self.version += 1
+        self.rows: dict[int, str] = {}  # logged IP -> its table row up to the count
+        self.counts: dict[int, int] = {}  # logged IP -> faults of it so far
+        self.table_version += 1
 
     def track(self, ip: int) -> int | None:
         """The entry number of a new IP, or None if it is not to be logged."""
+        if ip in self.counts:
+            self.counts[ip] += 1
+            self.table_version += 1
         if ip in self.ips:
             return None
         n = len(self.ips)
@@ -56,17 +85,31 @@ class FaultLog:
         self.ips[ip] = n
         return n
 
-    def entry(self, ns: int, n: int, error_code: int, ip: str, address: int, where: str,
-              trace: list[str] | None) -> tuple[str, ...]:
-        """Append one fault's lines (and the full warning before the first untracked one)."""
+    def entry(self, ns: int, n: int, error_code: int, ip: Symbol, offset: int, address: int,
+              where: str, obj: str, trace: list[str] | None) -> tuple[str, ...]:
+        """Append one fault's lines (and the full warning before the first untracked one),
+        and its row to the table.
+
+        `ip` and `offset` are the faulting instruction, `where` is `%pS` of the address and
+        `obj` mmud's name of the object there.
+        """
         out = []
         if n >= KVM_LAST_FAULT_COUNT:
             out.append(f"KVM isolation: fault tracking buffer is full [{KVM_LAST_FAULT_COUNT}]")
-        out.append(f"KVM isolation: page fault #{n} ({error_code}) at {ip} "
+        out.append(f"KVM isolation: page fault #{n} ({error_code}) at {ip.format(offset)} "
                    f"on {address:016x} ({where})")
         if trace is not None:
             out += ["Call Trace:", *(f" {frame}" for frame in trace)]
+        key = ip.address + offset
+        self.rows[key] = table_row(n, ip.format(offset, with_module=False), address, obj)
+        self.counts[key] = 1
+        self.table_version += 1
         return self.append(ns, out)
+
+    def table_lines(self) -> tuple[str, ...]:
+        """kvm/isolation/faults: the header, then one row per logged entry, in entry order."""
+        counts = self.counts
+        return (TABLE_HEADER, *(f"{row}{counts[ip]}" for ip, row in self.rows.items()))
 
     def append(self, ns: int, lines: list[str]) -> tuple[str, ...]:
         prefix = stamp(ns)

@@ -10,28 +10,48 @@ VM (the kernel reuses freed memory the same way), which keeps the log of a resta
 identical to the first one's.  The kmem_cache of `struct kvm_mmu_page` starts at
 page.SP_ADDRESS_BASE, the address the audit prints for a shadow page.
 
-Names are what `%pS` shows after the faulting address and what `kvm/isolation/map` takes.
+Region names are mmud's own: what `kvm/isolation/map` takes, what `kvm/isolation/mappings`
+and the object column of `kvm/isolation/faults` show.  Only a few of them are kernel
+symbols, and only those are what `%pS` prints: a region says which kind it is.
+
+- IMAGE: a symbol of the kernel image — text (`_stext`) and, with CONFIG_KALLSYMS_ALL,
+  data and bss (`init_mm`).  `%pS` prints `name+0xoff/0xsize`.
+- MODULE: the text of a loaded module (`kvm_text`), whose symbols are the functions of
+  symbols.KernelText.  `%pS` prints `function+0xoff/0xsize [kvm]`.  No kvm data or bss
+  symbol is modelled: no touch point reads the module's globals.
+- ALLOC: everything allocated at run time — kmalloc/slab (`struct kvm`, which embeds
+  `arch.mmu_page_hash`; `struct kvm_vcpu`; task_structs; the `kvm_mmu_page` headers),
+  vmalloc (rmap and gfn_track arrays, vmapped stacks), per-CPU areas, the cpu_entry_area,
+  the direct-map pages of the shadow page tables.  kallsyms knows none of it: `%pS`
+  prints the bare address, `0x` and lower-case hex without leading zeros.
 """
 
 from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final, Literal
 
 from mmud.kvm.isolation.symbols import KVM_TEXT_BASE
 from mmud.kvm.mmu.page import SP_ADDRESS_BASE
 from mmud.x86.paging import PAGE_SIZE
 
 if TYPE_CHECKING:
+    from mmud.kvm.isolation.symbols import KernelText
     from mmud.kvm.vm import Kvm
+
+IMAGE: Final = "image"
+MODULE: Final = "module"
+ALLOC: Final = "alloc"
+Kind = Literal["image", "module", "alloc"]
 
 PAGE_OFFSET = 0xFFFF888000000000
 VMALLOC_START = 0xFFFFC90000000000
 CPU_ENTRY_AREA = 0xFFFFFE0000000000
 KERNEL_TEXT = 0xFFFFFFFF81000000
 
-# Sizes of the structures (x86-64, VMX, ≈v5.6 with the usual config); page-rounded below.
+# Sizes of the structures (x86-64, VMX, the kernel of the 2019 isolation RFC series with the
+# usual config); page-rounded below.
 SIZEOF_KVM_VMX = 0x9E00
 SIZEOF_KVM_MEMSLOTS = 0x9F48  # 509 user slots + 3 private ones of `struct kvm_memory_slot`
 SIZEOF_VCPU_VMX = 0x3200
@@ -66,11 +86,12 @@ GFN_TRACK_ADDR, GFN_TRACK_STRIDE = PAGE_OFFSET + 0x180000000, 0x400000
 
 @dataclass(frozen=True)
 class Region:
-    """One object (or array of objects) under one symbol name."""
+    """One object (or array of objects) under one name; `kind` says whether kallsyms knows it."""
 
     name: str
     start: int
     size: int
+    kind: Kind = ALLOC
 
     @property
     def end(self) -> int:
@@ -87,9 +108,9 @@ def vm_regions(kvm: Kvm, text_end: int) -> list[Region]:
         Region("mmu_page_header", SP_ADDRESS_BASE, len(pool.pages) * SIZEOF_KVM_MMU_PAGE),
         Region("mmu_shadow_page", SPT_ADDR, len(pool.pages) * PAGE_SIZE),
         Region("cpu_entry_area", CPU_ENTRY_AREA, CPU_ENTRY_AREA_SIZE),
-        Region("_stext", KERNEL_TEXT, KERNEL_TEXT_SIZE),
-        Region("init_mm", INIT_MM, SIZEOF_MM_STRUCT),
-        Region("kvm_text", KVM_TEXT_BASE, text_end - KVM_TEXT_BASE),
+        Region("_stext", KERNEL_TEXT, KERNEL_TEXT_SIZE, IMAGE),
+        Region("init_mm", INIT_MM, SIZEOF_MM_STRUCT, IMAGE),
+        Region("kvm_text", KVM_TEXT_BASE, text_end - KVM_TEXT_BASE, MODULE),
     ]
     for v in kvm.vcpus:
         i = v.index
@@ -108,10 +129,11 @@ def vm_regions(kvm: Kvm, text_end: int) -> list[Region]:
 
 
 class SymbolTable:
-    """Address -> `name+0xoff/0xsize`, and name -> region, over a list of regions."""
+    """Address -> region, `%pS` and mmud's object name; name -> region."""
 
-    def __init__(self, regions: list[Region]) -> None:
+    def __init__(self, regions: list[Region], text: KernelText | None = None) -> None:
         self.regions = regions
+        self.text = text  # the functions of MODULE regions
         self._starts = [r.start for r in regions]
         self._by_name = {r.name: r for r in regions}
 
@@ -124,10 +146,25 @@ class SymbolTable:
     def lookup(self, name: str) -> Region | None:
         return self._by_name.get(name)
 
-    def format(self, address: int) -> str:
-        """%pS of a data address: `name+0xoff/0xsize`, or the bare hex address."""
+    def sprint_symbol(self, address: int) -> str:
+        """What `%pS` prints for an address (kernel/kallsyms.c __sprint_symbol).
+
+        `name+%#lx/%#lx` (offset, size) for a kernel-image symbol, the same plus ` [kvm]`
+        for a module's function, and `0x%lx` — the bare address — for anything kallsyms
+        does not know.  kallsyms sizes a symbol up to the next one, so the offset it prints
+        is always below the size; mmud knows only the symbols it models, and an address
+        between them (nothing touches one) prints bare as well.
+        """
         r = self.find(address)
-        if r is None:
-            return f"{address:#x}"
-        return f"{r.name}+{address - r.start:#x}/{r.size:#x}"
+        if r is not None and r.kind == IMAGE:
+            return f"{r.name}+{address - r.start:#x}/{r.size:#x}"
+        if r is not None and r.kind == MODULE and self.text is not None:
+            if (found := self.text.find(address)) is not None:
+                return found[0].format(found[1])
+        return f"{address:#x}"
+
+    def describe(self, address: int) -> str:
+        """mmud's name of the object at an address: `name+0xoff` (`-` if none is known)."""
+        r = self.find(address)
+        return f"{r.name}+{address - r.start:#x}" if r is not None else "-"
 

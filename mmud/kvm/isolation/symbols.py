@@ -15,6 +15,7 @@ frame that is not kernel code: below it is the guest.
 
 from __future__ import annotations
 
+import bisect
 import importlib
 import pkgutil
 import types
@@ -74,9 +75,10 @@ class Symbol:
     def __init__(self, name: str, address: int, size: int, module: str) -> None:
         self.name, self.address, self.size, self.module = name, address, size, module
 
-    def format(self, offset: int) -> str:
-        """%pS: `name+0xoff/0xsize [module]`."""
-        return f"{self.name}+{offset:#x}/{self.size:#x} [{self.module}]"
+    def format(self, offset: int, with_module: bool = True) -> str:
+        """%pS: `name+0xoff/0xsize [module]` (`with_module=False`: without ` [module]`)."""
+        text = f"{self.name}+{offset:#x}/{self.size:#x}"
+        return f"{text} [{self.module}]" if with_module else text
 
 
 def _codes(obj: object, seen: set[int]) -> Iterator[types.CodeType]:
@@ -106,6 +108,8 @@ class KernelText:
 
     def __init__(self) -> None:
         self._by_code: dict[types.CodeType, Symbol | None] = {}
+        self._placed: list[Symbol] = []  # in address order (each is placed after the last)
+        self._addresses: list[int] = []
         self._next = KVM_TEXT_BASE
         self.insmod(_PACKAGE, "kvm")
 
@@ -135,12 +139,26 @@ class KernelText:
             return
         size = len(code.co_code)
         name = KERNEL_NAMES.get(key, code.co_name)
-        self._by_code[code] = Symbol(name, self._next, size, module_name)
+        sym = self._by_code[code] = Symbol(name, self._next, size, module_name)
+        self._placed.append(sym)
+        self._addresses.append(sym.address)
         self._next += -(-size // _ALIGN) * _ALIGN
 
     def symbol(self, code: types.CodeType) -> Symbol | None:
         """The kernel function of a code object; None if it is not kernel code."""
         return self._by_code.get(code)
+
+    def find(self, address: int) -> tuple[Symbol, int] | None:
+        """(function, offset) of a text address; None outside every function.
+
+        kallsyms would give the alignment padding after a function to that function (its
+        size runs to the next symbol); here a function's size is its bytecode length and
+        the padding is no function's — nothing executes or reads it.
+        """
+        k = bisect.bisect_right(self._addresses, address) - 1
+        if k >= 0 and address < (sym := self._placed[k]).address + sym.size:
+            return sym, address - sym.address
+        return None
 
     def call_chain(self, frame: types.FrameType | None) -> list[tuple[Symbol, int]]:
         """(function, offset) of each kernel frame from `frame` outward: [0] is the IP."""
