@@ -8,7 +8,7 @@ import time
 import pytest
 
 from mmud.uapi.stats import STATS, Kind
-from tests.fusemount import assert_refused, echo, shell_write, wait_for
+from tests.fusemount import assert_refused, cat, echo, shell_write, wait_for
 
 
 def test_every_stat_has_a_file_with_the_kernel_mode(daemon):
@@ -24,6 +24,21 @@ def test_per_vm_directory_is_named_pid_fd(daemon):
     pid, fd = map(int, daemon.per_vm_dir().split("-"))
     assert pid != daemon.proc.pid  # the simulation process, not the FUSE one
     assert os.path.exists(f"/proc/{pid}/fd/{fd}")
+
+
+def test_huge_page_gauges_read_0(daemon):
+    """v5.16's page-size gauges: mmud's host backing has no huge pages, so no huge sptes."""
+    vm_dir = daemon.per_vm_dir()
+    for name in ("pages_2m", "pages_1g", "nx_lpage_splits"):
+        assert cat(daemon.path(f"kvm/{name}")) == "0\n"
+        assert cat(daemon.path(f"kvm/{vm_dir}/{name}")) == "0\n"
+    assert "mmu_pte_updated" not in os.listdir(daemon.path("kvm"))
+
+
+def test_status_shows_the_pid_of_the_per_vm_directory(daemon):
+    pid, _ = daemon.per_vm_dir().split("-")
+    fields = dict(line.split(":", 1) for line in daemon.read("vm0/status").splitlines())
+    assert fields["pid"].strip() == pid
 
 
 def test_stats_move_while_the_vm_runs(daemon):

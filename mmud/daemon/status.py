@@ -31,10 +31,15 @@ class RateMeter:
         return self._rates
 
 
-def render_status(vm: Any, state: str, rates: dict[str, float], failure: str | None) -> str:
-    """One `key: value` line each, like /proc/meminfo, so both people and scripts can read it."""
+def render_status(vm: Any, state: str, rates: dict[str, float], failure: str | None, *, pid: int) -> str:
+    """One `key: value` line each, like /proc/meminfo, so both people and scripts can read it.
+
+    `pid` is the process that holds the VM (the simulation's): the `<pid>` of its
+    `kvm/<pid>-<fd>/` directory, what `kvm_stat -p` takes.
+    """
     lines = [
         ("state", state),
+        ("pid", str(pid)),
         ("memory", f"{vm.mem_mb} MiB"),
         ("vcpus", str(len(vm.vcpus))),
         ("workload", vm.workload_name or "none"),

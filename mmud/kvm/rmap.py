@@ -30,7 +30,9 @@ class Rmap:
         self.desc: dict[int, list[int]] = {}  # page of the slot -> spteps (2 or more)
 
     def add(self, gfn: int, sptep: int) -> int:
-        """pte_list_add(): returns how many entries the head held before."""
+        """pte_list_add(): returns how many entries the head held before ("the number of
+        pointers in the rmap chain, not counting the new one"), which the caller compares
+        with RMAP_RECYCLE_THRESHOLD and records in the max_mmu_rmap_size peak."""
         rel = gfn - self.base_gfn
         head = self._head
         h = head[rel]

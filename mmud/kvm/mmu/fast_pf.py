@@ -49,7 +49,8 @@ def fast_page_fault(vmmu: VcpuMmu, gva: int, error_code: int) -> bool:
     """Fix a dirty-logging write fault locklessly; True if the access may be retried.
 
     The fault is only dirty logging's if adding W lets the faulting access through the spte
-    (it is not a U/S or NX fault as well).
+    (it is not a U/S or NX fault as well). pf_fast counts what the fast path answers, fixed
+    (RET_PF_FIXED) or spurious (RET_PF_SPURIOUS, also pf_spurious), as v5.19 counts them.
     """
     found = walk_shadow_page_lockless(vmmu, gva)
     if found is None:
@@ -57,7 +58,13 @@ def fast_page_fault(vmmu: VcpuMmu, gva: int, error_code: int) -> bool:
     sp, i = found
     old = sp.spt[i]
     if old & PT_WRITABLE_MASK:
-        return vmmu.hw_allows(old, error_code)  # another vCPU fixed it first: spurious
+        if not vmmu.hw_allows(old, error_code):
+            return False
+        # RET_PF_SPURIOUS: another vCPU fixed it first (or the TLB was flushed lazily); the
+        # access would now go through. v5.19 counts it as fast and as spurious.
+        vmmu.stat["pf_fast"] += 1
+        vmmu.stat["pf_spurious"] += 1
+        return True
     if not S.is_mmu_writable_spte(old) or not vmmu.hw_allows(old | PT_WRITABLE_MASK, error_code):
         return False
     # cmpxchg64(sptep, old, old | W): nothing runs between the read and this store (the
