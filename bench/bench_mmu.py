@@ -67,7 +67,7 @@ class FaultBench:
 
     def faults(self) -> float:
         """Seconds per access that takes a shadow fault (every leaf spte zapped first)."""
-        self.vm.zap_all(fast=False)
+        self.vm.zap_all("slow")
         self.vcpu.read_u64(USER_BASE, user=True)  # reload the root outside the timing
         read = self.vcpu.read_u64
         t0 = time.perf_counter()

@@ -67,9 +67,12 @@ class VM(Kvm):
         self.steps += done
 
     def run_lock_breaks(self, run: ZapRun) -> None:
-        """A fast zap of a running VM is a host task: each of its scheduler steps holds the
-        MMU lock for one batch, and the vCPUs' steps run in the breaks between batches."""
+        """A zap of every shadow page in a running VM is a host task: each of its scheduler
+        steps is one page's work with the MMU lock held, the vCPUs' steps run beside them,
+        and a vCPU that needs the lock waits for the zap's next lock break (if it takes one).
+        need_resched counts the zap's steps while another task is there to run."""
         if not len(self.scheduler):
             super().run_lock_breaks(run)
             return
-        self.scheduler.add("kvm_zap_obsolete_pages", run.task())
+        scheduler = self.scheduler
+        self.scheduler.add(run.task_name, run.task(lambda: len(scheduler) > 1))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import stat
+import subprocess
 
 import pytest
 
@@ -86,13 +87,13 @@ def test_overlap_or_existing_slot_fails_with_eexist(daemon, line):
     assert daemon.read("vm0/memslots") == before
 
 
-def test_zap_all_fast_and_slow_zap_every_page(daemon):
+def test_zap_all_fast_slow_and_legacy_zap_every_page(daemon):
     path = daemon.path("vm0/zap_all")
     assert stat.S_IMODE(path.stat().st_mode) == 0o644
-    assert daemon.read("vm0/zap_all") == "fast slow\n"
+    assert daemon.read("vm0/zap_all") == "fast slow legacy\n"
     wait_for(lambda: int(status_field(daemon, "shadow pages").split()[0]) > 8, 10, "pages")
     assert echo(daemon.path("vm0/state"), "pause").returncode == 0
-    for kind in ("fast", "slow"):
+    for kind in ("fast", "slow", "legacy"):
         used = int(status_field(daemon, "shadow pages").split()[0])
         zapped = int(daemon.read("kvm/mmu_shadow_zapped"))
         assert echo(path, kind).returncode == 0
@@ -104,11 +105,32 @@ def test_zap_all_fast_and_slow_zap_every_page(daemon):
                  "the VM to rebuild its shadow pages")
         assert echo(daemon.path("vm0/state"), "pause").returncode == 0
     assert echo(daemon.path("vm0/state"), "run").returncode == 0
-    assert echo(path, "fast").returncode == 0  # running: freed in the lock breaks
-    wait_for(lambda: int(status_field(daemon, "steps")) > 0, 10, "steps")
+    for kind in ("fast", "legacy"):  # running: a task beside the vCPUs
+        steps = int(status_field(daemon, "steps"))
+        assert echo(path, kind).returncode == 0
+        wait_for(lambda before=steps: int(status_field(daemon, "steps")) > before, 10, "steps")
     assert daemon.read("vm0/state") == "running\n"
 
 
-@pytest.mark.parametrize("word", ["Fast", "fast\n\n"])  # the whole matrix: tests/test_fs_tree.py
+def test_echo_legacy_zaps_every_page_of_a_paused_vm(daemon):
+    wait_for(lambda: int(status_field(daemon, "shadow pages").split()[0]) > 8, 10, "pages")
+    assert echo(daemon.path("vm0/state"), "pause").returncode == 0
+    zapped = int(daemon.read("kvm/mmu_shadow_zapped"))
+    done = echo(daemon.path("vm0/zap_all"), "legacy")
+    assert done.returncode == 0 and done.stderr == ""
+    assert int(status_field(daemon, "shadow pages").split()[0]) <= 4
+    assert int(daemon.read("kvm/mmu_shadow_zapped")) > zapped
+    assert echo(daemon.path("vm0/state"), "run").returncode == 0
+
+
+# The whole matrix of refused words: tests/test_fs_tree.py.
+@pytest.mark.parametrize("word", ["Fast", "fast\n\n", "Legacy", "legacy slow"])
 def test_zap_all_refuses_other_words(daemon, word):
     assert_refused(shell_write(daemon.path("vm0/zap_all"), word))
+
+
+def test_echo_of_a_bad_zap_word_is_a_write_error_of_einval(daemon):
+    done = subprocess.run(["bash", "-c", 'echo all > "$0"', str(daemon.path("vm0/zap_all"))],
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 1
+    assert "echo: write error: Invalid argument" in done.stderr, done.stderr

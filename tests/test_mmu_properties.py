@@ -47,7 +47,7 @@ ops = st.one_of(
     st.tuples(st.just("invlpg"), st.integers(0, len(VAS) - 1)),
     st.tuples(st.just("cr3"), st.integers(0, 1)),
     st.tuples(st.just("mode"), st.sampled_from(["wp", "nxe", "smep", "smap", "ac"])),
-    st.tuples(st.just("zap"), st.booleans()),
+    st.tuples(st.just("zap"), st.sampled_from(("fast", "slow", "legacy"))),
     st.tuples(st.just("vcpu"), st.integers(0, 1)),
 )
 
@@ -130,7 +130,7 @@ class World:
             }[op[1]]
             setattr(vcpu, bit[0], getattr(vcpu, bit[0]) ^ bit[1])
         elif kind == "zap":
-            vm.zap_all(fast=op[1])
+            vm.zap_all(op[1])
         elif kind == "vcpu":
             self.vcpu = vm.vcpus[op[1]]
 

@@ -49,8 +49,10 @@ def set_memslot(vm: Kvm, action: str, slot: int, gpa: int | None, size: int | No
 
 
 def zap_all(vm: Kvm, kind: str, running: bool) -> None:
-    """vm<N>/zap_all: a fast zap frees obsolete pages in the lock breaks of a running VM;
-    in a paused VM nothing runs in the breaks, so it is driven to its end now."""
-    vm.zap_all(fast=kind == "fast")
+    """vm<N>/zap_all: `fast`, `slow` or `legacy` (Kvm.zap_all; any other word is EINVAL).
+
+    In a running VM the zap is a task beside the vCPUs, which wait for its lock breaks; in a
+    paused VM nothing would run beside it, so it is driven to its end now."""
+    vm.zap_all(kind)
     if not running:
         vm.finish_zap()

@@ -23,7 +23,9 @@ MEMSLOT_ACTIONS: dict[str, tuple[int, dict[str, bool], bool]] = {
     "flags": (1, {"log_dirty=0": False, "log_dirty=1": True}, True),
     "delete": (1, {}, False),
 }
-ZAP_KINDS = ("fast", "slow")
+# vm<N>/zap_all: the 2013 fast zap as in v5.16, kvm_mmu_zap_all as since v5.1, and as before 2013
+# (mmud.kvm.mmu.zap.ZAP_KINDS; the FUSE process does not import the simulation).
+ZAP_KINDS = ("fast", "slow", "legacy")
 
 
 def _number(word: str) -> int:
@@ -71,12 +73,13 @@ def memslots_file(backend: Backend, vm: str) -> RequestFile:
 
 
 def zap_all_file(backend: Backend, vm: str) -> RequestFile:
-    """vm<N>/zap_all (0644): write `fast` or `slow` to zap every shadow page of the VM.
+    """vm<N>/zap_all (0644): write `fast`, `slow` or `legacy` to zap every shadow page of
+    the VM (docs/memslots-mmio.md); any other word fails with EINVAL here.
 
     Readable, unlike a debugfs trigger (0200), because it is one of the simulator's choice
-    files: like vm<N>/state and vm<N>/inject, `cat` lists the words it takes ("fast slow"),
-    so a shell user finds them without the docs.  It keeps no state to read back; what a
-    zap did shows in kvm/mmu_shadow_zapped.
+    files: like vm<N>/state and vm<N>/inject, `cat` lists the words it takes ("fast slow
+    legacy"), so a shell user finds them without the docs.  It keeps no state to read back;
+    what a zap did shows in kvm/mmu_shadow_zapped.
     """
     return choice_file(backend, lambda snap: f"{' '.join(ZAP_KINDS)}\n".encode(), "zap_all",
                        "kind", ZAP_KINDS, {"vm": vm})

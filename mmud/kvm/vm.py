@@ -177,12 +177,32 @@ class Kvm:
         Kvm driven by hand) nothing happens; mmud.machine.VM runs other tasks here."""
 
     def wait_mmu_lock(self) -> None:
-        """Wait for kvm->mmu_lock, held by a harvest across its preemption points."""
-        for _ in range(_MAX_LOCK_WAITS):
-            if not self.mmu.mmu_lock_held:
-                return
-            self.preempt()
-        raise RuntimeError("kvm->mmu_lock is never released")
+        """Wait for kvm->mmu_lock, held across preemption points by a dirty-log harvest or
+        a zap of every shadow page.
+
+        While a zap holds it, the waiter queues on the lock — the zap sees spin_needbreak()
+        at its next cond_resched_lock() — and spins while the zap's CPU goes on to its next
+        lock break (ZapRun.run_to_break); a harvest's holder is another task, so the other
+        tasks run meanwhile.
+        """
+        run: zap.ZapRun | None = None
+        token = 0
+        try:
+            for _ in range(_MAX_LOCK_WAITS):
+                if not self.mmu.mmu_lock_held:
+                    return
+                if self.last_zap is not None and self.last_zap.lock_held:
+                    if run is not self.last_zap:
+                        if run is not None:
+                            run.waiter_leaves(token)
+                        run, token = self.last_zap, self.last_zap.waiter_arrives()
+                    run.run_to_break()
+                else:
+                    self.preempt()
+            raise RuntimeError("kvm->mmu_lock is never released")
+        finally:
+            if run is not None:
+                run.waiter_leaves(token)
 
     # --- emulated devices (userspace's side of an MMIO exit) -----------------------------------
 
@@ -215,7 +235,7 @@ class Kvm:
 
     @property
     def zap_in_progress(self) -> bool:
-        """A fast zap is still freeing obsolete pages in its lock breaks."""
+        """A zap of every shadow page has not reached its end yet."""
         return self.last_zap is not None and not self.last_zap.done
 
     def finish_zap(self) -> None:
@@ -223,21 +243,30 @@ class Kvm:
         if self.last_zap is not None:
             self.last_zap.finish()
 
-    def zap_all(self, fast: bool = True) -> zap.ZapRun:
-        """Zap every shadow page: fast (by generation, with lock breaks) or slow (one walk)."""
-        if not fast:
+    def zap_all(self, kind: str = "fast") -> zap.ZapRun:
+        """Zap every shadow page (docs/memslots-mmio.md): `fast` (kvm_mmu_zap_all_fast, the
+        2013 series as in v5.16: by generation, a lock break after ten pages when someone
+        waits), `slow` (kvm_mmu_zap_all, v5.1+: one walk, a lock break after any page when
+        someone waits) or `legacy` (kvm_mmu_zap_all before 2013: no lock break).
+
+        The zap is then driven by run_lock_breaks: to its end here, as a scheduler task in a
+        VM that runs vCPUs.
+        """
+        if kind not in zap.ZAP_KINDS:
+            raise KvmError(errno.EINVAL, f"zap kind {kind!r} (known: {', '.join(zap.ZAP_KINDS)})")
+        if kind == "fast":
+            run = self.kvm_mmu_zap_all_fast()
+        else:
             self.finish_zap()
-            self.last_zap = zap.kvm_mmu_zap_all(self.mmu)
-            self.last_zap.finish()
-            return self.last_zap
-        run = self.kvm_mmu_zap_all_fast()
+            start = zap.kvm_mmu_zap_all if kind == "slow" else zap.kvm_mmu_zap_all_legacy
+            run = self.last_zap = start(self.mmu)
         self.run_lock_breaks(run)
         return run
 
     def run_lock_breaks(self, run: zap.ZapRun) -> None:
         """Drive a zap started by zap_all(); here nothing else runs, so straight to the end.
 
-        A VM that runs vCPUs (mmud.machine.VM) lets them run in the breaks instead.
+        A VM that runs vCPUs (mmud.machine.VM) makes it a task and lets them run beside it.
         """
         self.finish_zap()
 

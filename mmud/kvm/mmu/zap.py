@@ -1,15 +1,19 @@
 """Zapping shadow pages: one page, the oldest pages for the budget, and all of them.
 
 `prepare_zap_page` + `commit_zap_page` follow __kvm_mmu_prepare_zap_page and
-kvm_mmu_commit_zap_page (≈v5.6): a zapped sp loses its children links, its parent sptes and
-its write protection; if a vCPU still uses it as a root it stays on the active list, marked
-invalid, until the last root reference is dropped.
+kvm_mmu_commit_zap_page: a zapped sp loses its children links, its parent sptes and its
+write protection; if a vCPU still uses it as a root it stays on the active list, marked
+invalid, until the last root reference is dropped (v5.4–v5.12; from v5.13 such a root leaves
+the list at once).
+
+The three zaps of every shadow page (ZAP_KINDS: fast, slow, legacy) and the lock breaks they
+take are described in docs/memslots-mmio.md.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from typing import TYPE_CHECKING
 
 from mmud.kvm.mmu import spte as S
@@ -159,105 +163,297 @@ def kvm_mmu_unprotect_page(mmu: KvmMmu, gfn: int) -> bool:
     return found
 
 
-class ZapRun:
-    """One zap of every shadow page, as the MMU lock saw it.
+# --- zapping every shadow page ---------------------------------------------------------------
 
-    `hold()` runs the zap up to its next lock break (cond_resched_lock), where whoever
-    drives the zap lets the vCPUs run. The figures are the simulating thread's CPU time with
-    the lock held, so that other processes taking the host's CPUs do not show as stalls:
-    `max_hold_ns` is the longest stretch without a break, i.e. the longest any vCPU waiting
-    for the MMU lock stalls.
+# The three whole-VM zaps, by the kernel each comes from (docs/memslots-mmio.md):
+# fast   kvm_mmu_zap_all_fast + kvm_zap_obsolete_pages: the 2013 series, as in v5.16;
+# slow   kvm_mmu_zap_all as since v5.1: a lock break after any page when needed;
+# legacy kvm_mmu_zap_all before 2013 (≤v3.10): the lock held from the first page to the last.
+ZAP_KINDS = ("fast", "slow", "legacy")
+_TASK_NAMES = {"fast": "kvm_zap_obsolete_pages", "slow": "kvm_mmu_zap_all",
+               "legacy": "kvm_mmu_zap_all_legacy"}
+
+# need_resched(), the other half of __cond_resched_lock(): the scheduler tick sets it once the
+# running task has used up its time slice while another task waits for the CPU. mmud's tick:
+# the zap's task has run NEED_RESCHED_STEPS scheduler steps of its own since it last gave up
+# the CPU (its start, or a lock break taken for need_resched), and the scheduler has another
+# task. 200 steps are 4 ms at mmud.machine.STEP_NS (20 µs): one tick at HZ=250. The count
+# depends only on the seeded interleaving, so runs stay deterministic; a zap driven to its
+# end outside the scheduler (`finish`) has no other task and never sees it.
+NEED_RESCHED_STEPS = 200
+
+
+class ZapRun:
+    """One zap of every shadow page, and kvm->mmu_lock as it saw it.
+
+    The walk is a generator. It takes the lock at its first step and holds it to its end,
+    except in its lock breaks; each step in between is one shadow page's work. Between two
+    steps other tasks run — the vCPUs on their own CPUs — and one that needs the lock finds
+    it held (`KvmMmu.mmu_lock_held`): it queues on it (`waiter_arrives`, from
+    Kvm.wait_mmu_lock) and spins while the zap's CPU goes on (`run_to_break`). The zap sees
+    the waiter as spin_needbreak() at its next cond_resched_lock() and, where the kernel
+    calls it, drops the lock; the waiter takes it, and the zap takes it back at its next
+    step. `task()` runs the zap as a scheduler task; `finish()` runs it to its end here.
+
+    The figures are the simulating thread's CPU time in the zap's own steps, so that neither
+    the vCPU steps interleaved with it nor other processes on the host count:
+    `cpu_ns` from start to end, `hold_ns` with the lock held, `max_hold_ns` the longest hold,
+    and `max_stall_ns` the longest time a task queued on the lock waited for it.
     """
 
-    def __init__(self, fast: bool, walk: Callable[[ZapRun], Iterator[None]]) -> None:
-        self.fast = fast
-        self.pages = 0  # pages freed
-        self.breaks = 0
-        self.hold_ns = 0  # total time the lock was held
+    def __init__(self, kind: str, mmu: KvmMmu, walk: Callable[[ZapRun], Iterator[None]]) -> None:
+        self.kind = kind
+        self.task_name = _TASK_NAMES[kind]
+        self.mmu = mmu
+        self.pages = 0  # pages freed (the walk's nr_zapped, summed)
+        self.breaks = 0  # lock breaks: cond_resched_lock() returned 1
+        self.restarts = 0  # walks restarted from the list's end (`goto restart`)
+        self.batches: list[int] = []  # pages freed in each lock hold, in order
+        self.handoffs = 0  # waiters that took the lock in a break
+        self.cpu_ns = 0
+        self.hold_ns = 0
         self.max_hold_ns = 0
+        self.max_stall_ns = 0
         self.done = False
-        self._holds = walk(self)
+        self.lock_held = False
+        self._batch = 0  # pages freed in this hold
+        self._this_hold_ns = 0
+        self._hold_ended = False
+        self._holder_before = False  # mmu_lock_held when taken (only finish() takes it so)
+        self._waiters: dict[int, int] = {}  # queued tasks: token -> hold_ns when they came
+        self._tokens = 0
+        self._slice_steps = 0  # own steps since the zap's task last gave up its CPU
+        self._others_runnable: Callable[[], bool] = lambda: False
+        self._finishing = False
+        self._walk = walk(self)
 
-    def hold(self) -> bool:
-        """Run up to the next lock break; False once the zap is complete."""
+    # --- the lock -----------------------------------------------------------------------
+
+    def lock(self) -> Iterator[None]:
+        """spin_lock(&kvm->mmu_lock): spin, a step at a time, while another task (a dirty-log
+        harvest) holds it. `finish()` cannot wait for a task: it takes the lock as it is."""
+        while self.mmu.mmu_lock_held and not self._finishing:
+            yield
+        self._holder_before = self.mmu.mmu_lock_held
+        self.mmu.mmu_lock_held = True
+        self.lock_held = True
+
+    def unlock(self) -> None:
+        self.mmu.mmu_lock_held = self._holder_before
+        self.lock_held = False
+        self._hold_ended = True
+        self.batches.append(self._batch)
+        self._batch = 0
+
+    def need_resched(self) -> bool:
+        """The tick's verdict (NEED_RESCHED_STEPS): the zap has had the CPU for a slice."""
+        return (not self._finishing and self._slice_steps >= NEED_RESCHED_STEPS
+                and self._others_runnable())
+
+    def cond_resched_lock(self) -> Generator[None, None, bool]:
+        """__cond_resched_lock(&kvm->mmu_lock): if a task waits for the lock (spin_needbreak)
+        or the zap is due to give up its CPU (need_resched), drop the lock, let the others
+        run, take it again; True if it did. (v5.16 calls cond_resched_rwlock_write: mmu_lock
+        is an rwlock since v5.12, with the same rule. spin_needbreak() is the contention
+        only in a CONFIG_PREEMPTION kernel, which mmud models; without it only need_resched
+        breaks.)"""
+        resched = self.need_resched()
+        if not (self._waiters or resched):
+            return False
+        self.breaks += 1
+        self.unlock()
+        if resched:
+            self._slice_steps = 0  # preempt_schedule_common(): the task leaves its CPU
+        yield  # the lock is free: the waiters take it, the vCPUs run
+        yield from self.lock()
+        return True
+
+    def page_work(self) -> Iterator[None]:
+        """The step boundary before a page is zapped: the page's work is the next step, the
+        lock held, while the other CPUs run. A task that comes for the lock here waits for
+        at least this page — as one that comes at any moment of a page's work does."""
+        yield
+
+    def zapped(self, nr_zapped: int) -> None:
+        self.pages += nr_zapped
+        self._batch += nr_zapped
+
+    # --- the tasks queued on the lock ---------------------------------------------------
+
+    def waiter_arrives(self) -> int:
+        """A task queues on the lock while the zap holds it; a token for waiter_leaves."""
+        self._tokens += 1
+        self._waiters[self._tokens] = self.hold_ns
+        return self._tokens
+
+    def waiter_leaves(self, token: int) -> None:
+        """The task got the lock (or gave up): its stall is the zap's hold time meanwhile."""
+        came = self._waiters.pop(token)
+        self.max_stall_ns = max(self.max_stall_ns, self.hold_ns - came)
+        self.handoffs += not self.done and not self.lock_held
+
+    def run_to_break(self) -> None:
+        """A queued task spins: the zap's CPU goes on to its next lock break or its end."""
+        while self.lock_held and self._step():
+            pass
+
+    # --- driving the walk ----------------------------------------------------------------
+
+    def _step(self) -> bool:
+        """One step of the walk; False once the zap is complete."""
         if self.done:
             return False
+        held = self.lock_held
+        self._hold_ended = False
+        self._slice_steps += 1
         t0 = time.thread_time_ns()
         try:
-            next(self._holds)
+            next(self._walk)
         except StopIteration:
             self.done = True
-        held = time.thread_time_ns() - t0
-        self.hold_ns += held
-        self.max_hold_ns = max(self.max_hold_ns, held)
-        self.breaks += not self.done
+        dt = time.thread_time_ns() - t0
+        self.cpu_ns += dt
+        if held or self.lock_held or self._hold_ended:
+            self.hold_ns += dt
+            self._this_hold_ns += dt
+        if self._hold_ended:
+            self.max_hold_ns = max(self.max_hold_ns, self._this_hold_ns)
+            self._this_hold_ns = 0
         return not self.done
 
     def finish(self) -> None:
-        """Run to the end; the breaks are taken but nothing else runs in them."""
-        while self.hold():
+        """Run to the end here: nothing else runs, so nobody queues and need_resched never
+        comes (a break is still taken for a task already queued)."""
+        self._finishing = True
+        while self._step():
             pass
 
-    def task(self) -> Iterator[None]:
-        """The zap as a scheduler task: each step holds the lock up to the next break."""
-        while self.hold():
+    def task(self, others_runnable: Callable[[], bool] = lambda: True) -> Iterator[None]:
+        """The zap as a scheduler task, one step of the walk per scheduler step;
+        `others_runnable` tells need_resched whether another task wants the CPU."""
+        self._others_runnable = others_runnable
+        return self._task()
+
+    def _task(self) -> Iterator[None]:
+        while self._step():
             yield
 
 
-def _zap_all_walk(mmu: KvmMmu, run: ZapRun) -> Iterator[None]:
-    """kvm_mmu_zap_all as before ≈v3.11: one walk, newest first, without a lock break.
+def _prepare_zap(mmu: KvmMmu, sp: ShadowPage, invalid_list: list[ShadowPage]) -> tuple[bool, int]:
+    """__kvm_mmu_prepare_zap_page() with its two answers: list_unstable (unsync children were
+    zapped with sp) and nr_zapped (those children, and sp unless it is still a root)."""
+    pinned = sp.root_count > 0
+    nr_zapped = prepare_zap_page(mmu, sp, invalid_list)
+    return nr_zapped > (0 if pinned else 1), nr_zapped
 
-    Invalid pages still pinned as roots are skipped: they go when their vCPUs drop them.
-    (≈v5.6 added cond_resched_lock() to this walk; mmud keeps the old form as the
-    comparison the fast zap was introduced against.)
+
+def _zap_all_walk(mmu: KvmMmu, run: ZapRun, legacy: bool) -> Iterator[None]:
+    """kvm_mmu_zap_all(): every page, newest first, the walk restarting from the head.
+
+    Since v5.1 (`legacy` False) it restarts after a page whose zap took unsync children
+    along, and after a lock break (cond_resched_lock, tried after every page) — pages built
+    in the break are zapped too. Invalid pages still pinned as roots are skipped: they go
+    when their vCPUs drop them (v5.4–v5.12; from v5.13 a zapped root leaves the list and the
+    test is WARN_ON(invalid)).
+
+    Before the 2013 series (`legacy`, ≤v3.10) there was no lock break at all:
+
+        restart:
+            list_for_each_entry_safe(sp, node, &kvm->arch.active_mmu_pages, link)
+                if (kvm_mmu_prepare_zap_page(kvm, sp, &invalid_list))
+                    goto restart;
+
+    kvm_mmu_prepare_zap_page() then returned the pages it zapped, sp included, so the walk
+    restarted after every page freed; nothing skipped an invalid root, so a root still
+    pinned (moved to the head) was prepared again at each restart, and counted in
+    mmu_shadow_zapped each time.
     """
+    yield from run.lock()
     invalid_list: list[ShadowPage] = []
-    for sp in reversed(list(mmu.active_mmu_pages)):
-        if sp in mmu.active_mmu_pages and not (sp.invalid and sp.root_count):
-            run.pages += prepare_zap_page(mmu, sp, invalid_list)
+    active = mmu.active_mmu_pages
+    restart = True
+    while restart:
+        restart = False
+        for sp in reversed(list(active)):  # list_for_each_entry_safe: from the head
+            if sp not in active or (not legacy and sp.invalid and sp.root_count):
+                continue
+            yield from run.page_work()  # legacy: the lock held all along, a waiter waits
+            if sp not in active:  # taken meanwhile by a host call that does not lock
+                continue
+            unstable, nr_zapped = _prepare_zap(mmu, sp, invalid_list)
+            run.zapped(nr_zapped)
+            if legacy:
+                restart = nr_zapped > 0
+            else:
+                restart = unstable or (yield from run.cond_resched_lock())
+            if restart:
+                break
+        run.restarts += restart
     commit_zap_page(mmu, invalid_list)
-    yield from ()  # no lock break
+    run.unlock()
 
 
 def kvm_mmu_zap_all(mmu: KvmMmu) -> ZapRun:
-    """The slow whole-VM zap: every page one by one with the lock held throughout."""
-    return ZapRun(False, lambda run: _zap_all_walk(mmu, run))
+    """The slow whole-VM zap (v5.1+): page by page, breaking the lock when contended."""
+    return ZapRun("slow", mmu, lambda run: _zap_all_walk(mmu, run, legacy=False))
+
+
+def kvm_mmu_zap_all_legacy(mmu: KvmMmu) -> ZapRun:
+    """The whole-VM zap before 2013: page by page with the lock held throughout."""
+    return ZapRun("legacy", mmu, lambda run: _zap_all_walk(mmu, run, legacy=True))
 
 
 def kvm_zap_obsolete_pages(mmu: KvmMmu, run: ZapRun) -> Iterator[None]:
-    """Zap obsolete pages oldest first, BATCH_ZAP_PAGES per lock hold.
+    """Zap the obsolete pages oldest first (v5.16), with a lock break where one is due.
 
     The walk starts at the tail and stops at the first valid page: active_mmu_pages is a
     FIFO, so everything newer than a valid page is valid too (pages the vCPUs build during
-    a lock break are new). Invalid pages pinned as roots are skipped; they are freed when
-    their vCPUs drop them. After a break the walk restarts from the tail. No TLB flush per
-    page: every vCPU has been asked to load a new root, and the zapped pages are committed,
-    with one remote flush, at the end.
+    a lock break are new). Invalid pages pinned as roots are skipped (v5.4–v5.12; from
+    v5.13 they are off the list); they are freed when their vCPUs drop them. Before each
+    page, `if (batch >= BATCH_ZAP_PAGES && cond_resched_lock(&kvm->mmu_lock))`: once ten
+    pages are zapped, a break if a task waits for the lock or a reschedule is due, and
+    the walk restarts from the tail; with neither, no break at all. A page whose zap took
+    unsync children along restarts the walk too. No TLB flush per page: every vCPU has been
+    asked to load a new root, and the zapped pages are committed, with one remote flush, at
+    the end.
+
+    `batch` counts every page zapped, as since the 2022 fix "KVM: x86/mmu: Update number
+    of zapped pages even if page list is stable" (Cc: stable). v5.16 itself added to batch
+    only when unsync children went along, so a guest without unsync pages never reached
+    ten and the zap never yielded — the soft lockup that fix is about.
     """
+    yield from run.lock()
     invalid_list: list[ShadowPage] = []
     active = mmu.active_mmu_pages
-    while True:
-        batch = 0
-        lock_break = False
-        for sp in list(active):  # a copy: zapping reorders and shrinks the list
+    batch = 0
+    restart = True
+    while restart:
+        restart = False
+        for sp in list(active):  # list_for_each_entry_safe_reverse: from the tail
             if not mmu.is_obsolete_sp(sp):
                 break
             if sp not in active or (sp.invalid and sp.root_count):
                 continue
-            if batch >= BATCH_ZAP_PAGES:
-                lock_break = True
+            if batch >= BATCH_ZAP_PAGES and (yield from run.cond_resched_lock()):
+                batch = 0
+                restart = True
                 break
-            nr_zapped = prepare_zap_page(mmu, sp, invalid_list)
+            yield from run.page_work()
+            if sp not in active:  # taken meanwhile by a host call that does not lock
+                continue
+            unstable, nr_zapped = _prepare_zap(mmu, sp, invalid_list)
             batch += nr_zapped
-            run.pages += nr_zapped
-        if not lock_break:
-            break
-        yield  # cond_resched_lock(&kvm->mmu_lock): vCPUs run, then the walk restarts
+            run.zapped(nr_zapped)
+            if unstable:
+                restart = True
+                break
+        run.restarts += restart
     commit_zap_page(mmu, invalid_list)
+    run.unlock()
 
 
 def kvm_mmu_zap_all_fast(mmu: KvmMmu) -> ZapRun:
-    """Invalidate every shadow page at once by toggling mmu_valid_gen (≈v5.4).
+    """Invalidate every shadow page at once by toggling mmu_valid_gen (the 2013 series; v5.16).
 
     The toggle and the reload request happen now, under the lock, so no vCPU can miss
     them: lookups skip obsolete pages from here on, and every vCPU drops its roots at its
@@ -267,4 +463,4 @@ def kvm_mmu_zap_all_fast(mmu: KvmMmu) -> ZapRun:
     """
     mmu.mmu_valid_gen ^= 1
     mmu.kvm_reload_remote_mmus()
-    return ZapRun(True, lambda run: kvm_zap_obsolete_pages(mmu, run))
+    return ZapRun("fast", mmu, lambda run: kvm_zap_obsolete_pages(mmu, run))
