@@ -26,11 +26,12 @@ BASELINE = Path(__file__).with_name("data") / "fingerprints.json"
 
 # name -> (VM arguments, load-time parameters, steps)
 RUNS: dict[str, tuple[dict[str, object], dict[str, str], int]] = {
-    "kernel-2cpu": (dict(vcpus=2, seed=11, workload="kernel"), {}, 15000),
+    "kernel-2cpu": (dict(vcpus=2, seed=11, workload="kernel"), {"address_space_isolation": "1"}, 15000),
     "kernel-3cpu-noiso": (dict(vcpus=3, seed=5, workload="kernel"),
                           {"address_space_isolation": "0"}, 15000),
     "stream-2cpu": (dict(vcpus=2, seed=3, workload="stream"), {}, 15000),
-    "churn-2cpu": (dict(vcpus=2, seed=9, workload="memslot_churn"), {}, 15000),
+    "churn-2cpu": (dict(vcpus=2, seed=9, workload="memslot_churn"), {"address_space_isolation": "1"},
+                   15000),
     "kernel-audit-incremental": (dict(vcpus=2, seed=4, workload="kernel"),
                                  {"mmu_audit": "1", "mmu_audit_ratelimit_ms": "0",
                                   "mmu_audit_scope": "incremental"}, 5000),

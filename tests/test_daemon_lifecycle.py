@@ -104,3 +104,14 @@ def test_systemd_unit_verifies():
     done = subprocess.run([analyze, "verify", str(REPO / "systemd/mmud.service")],
                           capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_make_run_and_the_systemd_unit_load_isolation_on():
+    """address_space_isolation defaults to N (0444, as in the RFC); the two ways the project
+    starts the service pass =1, so kvm/fault_log has faults to show out of the box."""
+    makefile = (REPO / "Makefile").read_text()
+    run = makefile.split("\nrun:", 1)[1].split("\n\n", 1)[0]
+    assert "--param address_space_isolation=1" in run
+    unit = (REPO / "systemd" / "mmud.service").read_text()
+    (exec_start,) = [line for line in unit.splitlines() if line.startswith("ExecStart=")]
+    assert "--param address_space_isolation=1" in exec_start

@@ -170,3 +170,16 @@ def test_manual_protect_through_the_vm_api():
     with pytest.raises(mmud.KvmError) as e:
         vm.clear_dirty_log(SLOT, 1, first)
     assert e.value.errno == errno.EINVAL
+
+
+@pytest.mark.parametrize(("slot_id", "err"), [(-1, errno.EINVAL), (509, errno.EINVAL), (7, errno.ENOENT),
+                                              (0, errno.ENOENT)])
+def test_dirty_log_ioctl_errnos(slot_id, err):
+    """kvm_get_dirty_log_protect/kvm_clear_dirty_log_protect (v5.16): an id out of range is
+    EINVAL; an id in range without a slot, or a slot that does not log, is ENOENT."""
+    vm = mmud.VM(mem_mb=4)
+    vm.enable_manual_dirty_log_protect()
+    for call in (lambda: vm.get_dirty_log(slot_id), lambda: vm.clear_dirty_log(slot_id, 0, bytes(8), 64)):
+        with pytest.raises(mmud.KvmError) as e:
+            call()
+        assert e.value.errno == err

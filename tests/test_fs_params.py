@@ -22,7 +22,7 @@ def audit_off(daemon):
 def test_defaults_and_modes(daemon):
     expect = {"mmu_audit": ("N\n", 0o644), "mmu_audit_ratelimit_ms": ("5000\n", 0o644),
               "mmu_audit_ratelimit_burst": ("10\n", 0o644), "mmu_audit_scope": ("full\n", 0o644),
-              "page_fault_stack": ("Y\n", 0o444), "address_space_isolation": ("Y\n", 0o444),
+              "page_fault_stack": ("Y\n", 0o444), "address_space_isolation": ("N\n", 0o444),
               "mmio_caching": ("Y\n", 0o444)}
     assert sorted(os.listdir(daemon.path("parameters"))) == sorted(expect)
     for name, (content, mode) in expect.items():
@@ -89,17 +89,18 @@ def test_scope(daemon):
     assert daemon.read("parameters/mmu_audit_scope") == "incremental\n"
 
 
-@pytest.mark.parametrize("name", ["page_fault_stack", "address_space_isolation", "mmio_caching"])
-def test_read_only_parameter_refuses_root(daemon, name):
+@pytest.mark.parametrize(("name", "default"), [
+    ("page_fault_stack", "Y\n"), ("address_space_isolation", "N\n"), ("mmio_caching", "Y\n")])
+def test_read_only_parameter_refuses_root(daemon, name, default):
     path = daemon.path(f"parameters/{name}")
-    done = echo(path, "0")
+    done = echo(path, "1" if default == "N\n" else "0")
     assert done.returncode != 0 and "Permission denied" in done.stderr
     for flags in (os.O_WRONLY, os.O_RDWR):
         with pytest.raises(PermissionError):
             os.open(path, flags)
     with pytest.raises(PermissionError):
         os.truncate(path, 0)
-    assert cat(path) == "Y\n"
+    assert cat(path) == default
 
 
 def test_write_semantics(daemon):

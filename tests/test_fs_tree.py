@@ -22,7 +22,8 @@ from mmud.uapi.stats import STATS, Kind
 from tests.fakebackend import FakeBackend, snapshot, vm_snapshot
 
 VM0_DIR, VM1_DIR = "4242-7", "4242-9"
-GAUGES = {"mmu_unsync", "pages_4k"}  # the instant stats: 0444, no setter
+# The instant stats (STATS_DESC_ICOUNTER in v5.16's x86.c): 0444, no setter.
+GAUGES = {"mmu_unsync", "pages_4k", "pages_2m", "pages_1g", "nx_lpage_splits", "guest_mode"}
 VM_FILES = {"memory", "dirty_log", "migrate", "state", "inject", "status", "memslots", "zap_all"}
 
 
@@ -108,8 +109,8 @@ def test_vm_directory_holds_the_simulator_controls(tree, vm):
     assert set(children(tree, f"/{vm}")) == VM_FILES
 
 
-def test_isolation_directory_holds_map_and_mappings(tree):
-    assert children(tree, "/kvm/isolation") == ["map", "mappings"]
+def test_isolation_directory_holds_map_mappings_and_faults(tree):
+    assert children(tree, "/kvm/isolation") == ["map", "mappings", "faults"]
 
 
 def test_dirty_log_directory_lists_the_slots_with_logging_on(tree):
@@ -147,6 +148,7 @@ def test_dirty_log_slots_follow_the_snapshot(tree):
 
 @pytest.mark.parametrize("path", [
     "/nope", "/parameters/nope", "/kvm/nope", "/kvm/1-2/exits", "/vm2", "/vm2/state", "/vm0/nope",
+    "/kvm/mmu_pte_updated", f"/kvm/{VM0_DIR}/mmu_pte_updated", "/kvm/largepages", "/kvm/blocking",
     "/vm0/dirty_log/1", "/kvm/isolation/nope", "/parameters/mmu_audit/x", "/vm0/status/x",
 ])
 def test_missing_paths_are_enoent(tree, path):
@@ -249,6 +251,37 @@ def test_top_level_stats_read_0_without_vms(tree):
     assert read(tree, "/kvm/exits", snapshot()) == b"0\n"
 
 
+@pytest.mark.parametrize(("name", "mode", "writable"), [
+    ("pages_2m", 0o444, False), ("pages_1g", 0o444, False), ("nx_lpage_splits", 0o444, False),
+    ("guest_mode", 0o444, False), ("max_mmu_rmap_size", 0o644, True),
+    ("remote_tlb_flush_requests", 0o644, True), ("halt_poll_success_ns", 0o644, True),
+    # kvm_stats_debugfs_mode(): a histogram is neither instant nor cumulative nor peak -> 0644
+    ("halt_poll_success_hist", 0o644, True), ("halt_wait_hist", 0o644, True),
+    ("pf_taken", 0o644, True), ("pf_spurious", 0o644, True), ("req_event", 0o644, True),
+])
+@pytest.mark.parametrize("where", ["kvm", f"kvm/{VM0_DIR}"])
+def test_v5_16_stats_have_the_kernel_debugfs_mode(tree, name, mode, writable, where):
+    node = lookup(tree, f"/{where}/{name}")
+    assert isinstance(node, File)
+    assert (node.mode, node.writable) == (mode, writable)
+    assert read(tree, f"/{where}/{name}") == b"0\n"
+
+
+def test_new_peak_and_requests_stats_clear_on_zero(tree):
+    store(tree, "/kvm/max_mmu_rmap_size", b"0\n")
+    store(tree, f"/kvm/{VM1_DIR}/remote_tlb_flush_requests", b"0")
+    store(tree, "/kvm/halt_wait_hist", b"0")
+    assert fake(tree).requests == [
+        ("clear_stat", {"name": "max_mmu_rmap_size", "vm": None}),
+        ("clear_stat", {"name": "remote_tlb_flush_requests", "vm": "vm1"}),
+        ("clear_stat", {"name": "halt_wait_hist", "vm": None})]
+
+
+def test_a_new_gauge_refuses_a_clear_with_eacces(tree):
+    for path in ("/kvm/pages_2m", f"/kvm/{VM0_DIR}/pages_1g", "/kvm/guest_mode"):
+        assert refused(tree, path, b"0\n") == errno.EACCES
+
+
 def test_inject_shows_the_injectable_bugs_with_the_armed_one_in_brackets(tree):
     snap = snapshot(vm_snapshot("vm0", VM0_DIR, inject=render_choices("wrong_pfn", INJECTABLE_BUGS)))
     text = read(tree, "/vm0/inject", snap)
@@ -278,11 +311,30 @@ def test_log_files_show_one_line_per_entry(tree, path, log):
 
 
 def test_zap_all_reads_the_words_it_takes(tree):
-    assert read(tree, "/vm0/zap_all") == b"fast slow\n"
+    assert read(tree, "/vm0/zap_all") == b"fast slow legacy\n"
+
+
+@pytest.mark.parametrize("kind", ["fast", "slow", "legacy"])
+def test_zap_all_sends_one_request_per_word(tree, kind):
+    store(tree, "/vm1/zap_all", kind.encode() + b"\n")
+    store(tree, "/vm0/zap_all", kind.encode())
+    assert fake(tree).requests == [("zap_all", {"vm": "vm1", "kind": kind}),
+                                   ("zap_all", {"vm": "vm0", "kind": kind})]
 
 
 def test_isolation_map_reads_empty(tree):
     assert read(tree, "/kvm/isolation/map") == b""
+
+
+def test_isolation_faults_is_a_0444_file_showing_the_published_table(tree):
+    node = lookup(tree, "/kvm/isolation/faults")
+    assert type(node) is File and (node.mode, node.writable) == (0o444, False)
+    rows = ("entry ip address object count",
+            "    0 kvm_mmu_get_page+0x40/0x424 ffff8881033030e0 mmu_page_hash+0x30e0 12")
+    assert read(tree, "/kvm/isolation/faults", snapshot(logs={"isolation/faults": rows})) == \
+        "".join(f"{row}\n" for row in rows).encode()
+    assert read(tree, "/kvm/isolation/faults", snapshot()) == b""
+    assert refused(tree, "/kvm/isolation/faults", b"x\n") == errno.EACCES
 
 
 def test_files_of_a_vm_that_is_gone_read_empty(tree):
@@ -381,7 +433,7 @@ def test_a_stat_write_ends_at_the_first_nul(tree):
 
 @pytest.mark.parametrize(("path", "data"), [
     *[("/vm0/zap_all", w) for w in (b"\n", b"", b"Fast", b"fast\n\n", b" slow", b"fast slow",
-                                    b"all", b"1")],
+                                    b"all", b"1", b"Legacy", b"legacy ", b"fast slow legacy")],
     *[("/vm0/state", w) for w in (b"stop", b"Run", b"run\n\n", b"run ", b"running")],
     *[("/vm0/inject", w) for w in (b"no_such_bug\n", b"", b"[none]", b"wrong_pfn wrong_pfn")],
     *[("/vm0/migrate", w) for w in (b"stop", b"start now", b"Start")],

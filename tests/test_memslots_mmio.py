@@ -1,8 +1,9 @@
-"""Memslot changes and MMIO sptes, in the spirit of the KVM memslot selftests (kvm-mmu.md §10-§11)."""
+"""Memslot changes and MMIO sptes, in the spirit of the KVM memslot selftests (docs/memslots-mmio.md)."""
 
 from __future__ import annotations
 
 import errno
+import os
 
 import pytest
 from structlog.testing import capture_logs
@@ -199,8 +200,8 @@ def test_generation_wraparound_zaps_everything():
     vm.memslots.generation = (1 << 19) - 2  # the next step wraps the bits MMIO sptes keep
     with capture_logs() as logs:
         vm.set_memslot(2, 0x2000_0000, SLOT_SIZE)
-    assert any(e.get("message") == "kvm: zapping shadow pages for mmio generation wraparound"
-               for e in logs)
+    wrap = f"kvm [{os.getpid()}]: kvm: zapping shadow pages for mmio generation wraparound"
+    assert any(e.get("message") == wrap for e in logs)
     assert vm.mmu.mmu_valid_gen != gen_before
     assert all(vm.mmu.is_obsolete_sp(sp) for sp in vm.mmu.active_mmu_pages)
     assert vcpu.read_u64(VA, user=True) == 3

@@ -1,5 +1,5 @@
 """Guest-visible x86 paging through the shadow MMU: permissions, error codes, A/D bits,
-2 MiB pages, and mode changes (x86-paging.md §5-§12)."""
+2 MiB pages, and mode changes (docs/x86-paging.md §5-§11)."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def setup(
     return vm, gt, vcpu, pa
 
 
-# x86-paging.md §12 worked examples, plus the other rows of the permission table.
+# docs/x86-paging.md §11 worked examples, plus the other rows of the permission table.
 CASES = [
     ("user read, PTE not present", dict(pte=0), dict(user=True), 0x04),
     ("supervisor write, PDE read-only", dict(pde=P | U), dict(write=True), 0x03),

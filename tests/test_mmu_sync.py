@@ -1,10 +1,11 @@
 """Guest page-table edits through the MMU: write protection, emulation, unsync and sync,
-INVLPG and CR3 reloads (x86-paging.md §10-§11.4, kvm-mmu.md §4, §6, §7)."""
+INVLPG and CR3 reloads (docs/x86-paging.md §9-§10, docs/mmu.md)."""
 
 from __future__ import annotations
 
 import pytest
 
+from mmud.kvm.mmu import spte as S
 from tests.guest_tables import A, ADDR, D, P, U, W, check_access, new_vm
 
 VA = 0x0000_0000_0040_0000
@@ -132,9 +133,41 @@ def test_remote_tlb_flush_reaches_every_vcpu():
     other.write_u64(VA, 1, user=True)
     assert other.tlb
     before = vm.stats["remote_tlb_flush"]
-    vm.zap_all(fast=False)
+    vm.zap_all("slow")
     assert vm.stats["remote_tlb_flush"] > before
     flushes = vm.stats["tlb_flush"]
     assert other.read_u64(VA, user=True) == 1  # the vCPU serviced KVM_REQ_TLB_FLUSH first
     assert vm.stats["tlb_flush"] > flushes and len(other.tlb) == 1
+    assert vm.audit() == []
+
+
+def test_an_emulated_write_to_a_leaf_table_zaps_the_spte_without_rebuilding_it():
+    """kvm_mmu_pte_write (v5.16): the written spte of every valid shadow page of the table is
+    zapped, and the next access builds it again; v5.11 and older rebuilt a level-1 spte at
+    once (mmu_pte_updated). A table that is also shadowed as an upper-level table is
+    write-tracked, so the guest's store to it is emulated rather than unsyncing the page."""
+    vm, gt, vcpu = new_vm()
+    table = gt.table_for(VA, 1)
+    for j in range(4):
+        gt.map(VA + j * 0x1000, flags=P | W | U | A | D)
+        vcpu.read_u64(VA + j * 0x1000, user=True)
+    # The same table as a page directory elsewhere: entry 0 is a present PTE, which as a PDE
+    # maps a 2 MiB page (bit 7, the PTE's PAT bit, is PS at level 2).
+    va2 = 0x0000_0080_0000_0000
+    gt.guest_write_entry(vcpu, gt.table_for(VA, 1), vm.read_u64(table) | 0x80)
+    pdpt = gt.table_for(va2, 3)
+    vm.write_u64(pdpt + 8 * ((va2 >> 30) & 511), table | P | W | U)
+    vcpu.cr3 = vcpu.cr3
+    vcpu.read_u64(va2, user=True)
+    sps = [sp for sp in vm.mmu.active_mmu_pages if sp.gfn == table >> 12 and not sp.direct]
+    assert sorted(sp.level for sp in sps) == [1, 2]
+    [leaf] = [sp for sp in sps if sp.level == 1]
+    assert leaf.spt[2] & S.SPTE_MMU_PRESENT and not leaf.unsync
+    pde_zapped, writes = vm.stats["mmu_pde_zapped"], vm.stats["mmu_pte_write"]
+    gt.guest_write_entry(vcpu, table + 8 * 2, gt.alloc_data() | P | W | U | A | D)
+    assert vm.stats["mmu_pte_write"] == writes + 1
+    assert leaf.spt[2] == 0 and not leaf.unsync  # zapped, not rebuilt, and the page stays synced
+    assert vm.stats["mmu_pde_zapped"] == pde_zapped + 1  # the level-2 page's entry
+    assert "mmu_pte_updated" not in vm.stats
+    assert vcpu.read_u64(VA + 2 * 0x1000, user=True) == 0 and leaf.spt[2] & S.SPTE_MMU_PRESENT
     assert vm.audit() == []

@@ -1,7 +1,7 @@
 """The simulation process: the one owner of VM and MMU state.
 
 It runs apart from the FUSE process because a pure-Python loop in the same process holds the
-GIL and makes every control-file access wait for the 5 ms switch interval (DESIGN.md §3).
+GIL and makes every control-file access wait for the 5 ms switch interval (docs/daemon.md).
 The loop steps each running VM in batches of about `BATCH_SECONDS`, and between batches —
 never inside one, so that the same seed and the same writes at the same steps give the same
 run — it drains the request pipe, applies each request, publishes a fresh snapshot and
@@ -203,7 +203,8 @@ class Simulation:
 
     def _vm_snapshot(self, s: _Slot) -> VmSnapshot:
         stats = s.vm.stats
-        status = render_status(s.vm, s.state, s.rates.update(s.vm.steps, stats), s.failure)
+        status = render_status(s.vm, s.state, s.rates.update(s.vm.steps, stats), s.failure,
+                               pid=os.getpid())
         return VmSnapshot(s.name, s.debugfs_dir, s.state.value, s.vm.steps, stats, status,
                           s.vm.render_inject(), vmio.dirty_log_slots(s.vm), s.migrate_text(),
                           memslots=vmctl.render_memslots(s.vm.memslots))

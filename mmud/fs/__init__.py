@@ -1,2 +1,2 @@
-"""The control filesystem: typed nodes with kernel I/O semantics, the tree of DESIGN.md §4,
+"""The control filesystem: typed nodes with kernel I/O semantics, the tree of docs/control-files.md §10,
 and the one adapter to the FUSE binding."""

@@ -1,6 +1,6 @@
 """The one adapter to the FUSE binding (mfusepy, with the fusepy API).
 
-Kernel semantics it adds on top of the node types (reference/fuse-systemd.md §2-§3):
+Kernel semantics it adds on top of the node types (docs/control-files.md §11):
 - every open gets direct I/O and a private rendering of the file, taken at open, so `cat`
   sees the whole current content whatever size was last reported (st_size is 0, procfs style);
 - a write open or truncate of a file without a store fails with EACCES even for root, which

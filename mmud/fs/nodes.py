@@ -175,7 +175,8 @@ def log_file(name: str) -> File:
 
 
 def isolation_dir(backend: Backend) -> Dir:
-    """kvm/isolation/: `map` (0200) extends the KVM address space, `mappings` (0444) lists it.
+    """kvm/isolation/: `map` (0200) extends the KVM address space, `mappings` (0444) lists it,
+    `faults` (0444) is mmud's table of the logged faults (not a kernel file; docs/isolation.md).
 
     `map` is write-only, as debugfs makes a file without a read method: what it did is read
     back from `mappings`.  Syntax is checked here; whether a symbol exists, by the simulation.
@@ -185,7 +186,8 @@ def isolation_dir(backend: Backend) -> Dir:
         return {"text": data}
 
     return Dir({"map": action_file(backend, "isolation_map", parse),
-                "mappings": log_file("isolation/mappings")})
+                "mappings": log_file("isolation/mappings"),
+                "faults": log_file("isolation/faults")})
 
 
 def _refuse(e: ParamError) -> OSError:

@@ -1,4 +1,4 @@
-"""The layout of the control filesystem (DESIGN.md §4) and path lookup in it.
+"""The layout of the control filesystem (docs/control-files.md §10) and path lookup in it.
 
     parameters/<param>          like /sys/module/kvm/parameters
     kvm/mmu-debug, kvm/<stat>   like /sys/kernel/debug/kvm (stats summed over VMs)

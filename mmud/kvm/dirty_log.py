@@ -1,8 +1,8 @@
 """KVM_GET_DIRTY_LOG, KVM_CLEAR_DIRTY_LOG and KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2.
 
 Follows kvm_get_dirty_log_protect / kvm_clear_dirty_log_protect of virt/kvm/kvm_main.c
-(≈v5.7). The order is what keeps a dirty page from being lost (kvm-mmu.md §12, the 2010
-fix): for each word of the bitmap, first take the word and zero it (the snapshot), then
+(v5.16). The order is what keeps a dirty page from being lost (docs/dirty-logging.md, the
+2010 fix): for each word of the bitmap, first take the word and zero it (the snapshot), then
 write-protect the pages whose bits were set, and flush TLBs once at the end. A write that
 makes a page writable again after the snapshot sets the page's bit in the bitmap, which
 the next harvest reports; a write through a stale TLB entry before the flush hits a page
@@ -60,10 +60,13 @@ def enable_manual_protect(kvm: Kvm, flags: int) -> None:
 
 
 def logged_slot(kvm: Kvm, slot_id: int) -> Memslot:
-    """The slot of a dirty-log ioctl: EINVAL for a bad slot, ENOENT if it does not log."""
-    slot = kvm.memslots.slots.get(slot_id) if 0 <= slot_id < KVM_USER_MEM_SLOTS else None
+    """The slot of a dirty-log ioctl (kvm_get_dirty_log_protect, v5.16): EINVAL for an id
+    out of range, ENOENT for an id without a slot or a slot that does not log."""
+    if not 0 <= slot_id < KVM_USER_MEM_SLOTS:
+        raise KvmError(errno.EINVAL, f"memslot id {slot_id} out of range")
+    slot = kvm.memslots.slots.get(slot_id)
     if slot is None:
-        raise KvmError(errno.EINVAL, f"no memslot {slot_id}")
+        raise KvmError(errno.ENOENT, f"no memslot {slot_id}")
     if slot.dirty_bitmap is None:
         raise KvmError(errno.ENOENT, f"memslot {slot_id} does not log dirty pages")
     return slot
@@ -124,7 +127,8 @@ def _harvest(
     snapshot: np.ndarray | None, words_per_step: int,
 ) -> Ioctl[None]:
     """For each chunk of words: take-and-zero (only the bits of `mask`, if given), then
-    write-protect the pages whose bits were taken; one flush at the end."""
+    write-protect the pages whose bits were taken; one flush at the end if any bit was taken
+    (v5.16 flushes when a bitmap word was non-zero, whatever the protection found)."""
     mmu = kvm.mmu
     bitmap = dirty_bitmap(slot)
     n = len(mask) if mask is not None else len(bitmap)
@@ -140,7 +144,7 @@ def _harvest(
             if mmu.bug == "dirty_wp_before_snapshot":
                 # Protect what is dirty now, and only then take the bits: a page made
                 # writable in between is taken too, and stays writable with its bit clear.
-                flush |= _protect(kvm, slot, first_word + a, _select(bitmap[words], want))
+                _protect(kvm, slot, first_word + a, _select(bitmap[words], want))
                 if words_per_step:
                     yield
                 taken = _take(bitmap, words, want)
@@ -149,7 +153,8 @@ def _harvest(
                 if words_per_step:
                     yield
                 if mmu.bug != "dirty_wp_skipped":
-                    flush |= _protect(kvm, slot, first_word + a, taken)
+                    _protect(kvm, slot, first_word + a, taken)
+            flush |= bool(taken.any())
             if mmu.obs: mmu.obs.dirty_log_protect(slot, first_word + a, taken)  # observer
             if snapshot is not None:
                 snapshot[a:b] = taken
@@ -172,7 +177,7 @@ def _take(bitmap: np.ndarray, words: slice, want: np.ndarray | None) -> np.ndarr
     return taken
 
 
-def _protect(kvm: Kvm, slot: Memslot, first_word: int, words: np.ndarray) -> bool:
-    if not words.any():
-        return False
-    return kvm_mmu_write_protect_pt_masked(kvm.mmu, slot, bitmap_pages(first_word, words))
+def _protect(kvm: Kvm, slot: Memslot, first_word: int, words: np.ndarray) -> None:
+    """kvm_arch_mmu_enable_log_dirty_pt_masked(): its answer is not used for the flush."""
+    if words.any():
+        kvm_mmu_write_protect_pt_masked(kvm.mmu, slot, bitmap_pages(first_word, words))

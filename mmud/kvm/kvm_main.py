@@ -1,7 +1,7 @@
 """KVM_SET_USER_MEMORY_REGION: creating, moving, re-flagging and deleting memslots.
 
 Follows __kvm_set_memory_region / kvm_set_memslot / install_new_memslots of
-virt/kvm/kvm_main.c (≈v5.6) and the x86 hooks they call:
+virt/kvm/kvm_main.c (v5.16) and the x86 hooks they call:
 
 - every change publishes a new memslot set with the generation's update-in-progress bit
   (63) set, then clears it and adds KVM_ADDRESS_SPACE_NUM (2 on x86) — so everything

@@ -30,6 +30,9 @@ BITS_PER_LONG = 64  # a dirty bitmap is an array of unsigned longs
 
 BACKING_PFN_SHIFT = 20  # 4 GiB of pages per backing buffer
 MAX_SLOT_PAGES = 1 << BACKING_PFN_SHIFT
+# Backing ids are reused lowest first, so host frames stay in the low half of the host's
+# 46-bit physical address space, below the shadow pages' frames (spte.SPT_PFN_BASE).
+MAX_BACKINGS = 1 << 13
 
 
 class Backing:
@@ -83,7 +86,6 @@ class Memslots:
         self._last: Memslot | None = None
         self.generation = 0
         self._backings: dict[int, Backing] = {}
-        self._next_backing = 1
 
     def __iter__(self):
         return iter(self._sorted)
@@ -100,9 +102,11 @@ class Memslots:
         return None
 
     def new_backing(self, npages: int) -> Backing:
-        backing = Backing(self._next_backing, npages)
+        """A fresh zeroed buffer under the lowest free id (a host frame range is reused only
+        after its slot was deleted, which zapped every spte mapping it)."""
+        backing_id = next(k for k in range(1, MAX_BACKINGS) if k not in self._backings)
+        backing = Backing(backing_id, npages)
         self._backings[backing.id] = backing
-        self._next_backing += 1
         return backing
 
     def backing_of_pfn(self, pfn: int) -> Backing:

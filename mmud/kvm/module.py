@@ -42,7 +42,8 @@ class KvmModule:
 
     def __init__(self, params: Params | Mapping[str, str | None] | None = None) -> None:
         self.params = params if isinstance(params, Params) else Params(load=params)
-        self.audit = ModuleAudit(Ratelimit("kvm_mmu_audit", int(self.params["mmu_audit_ratelimit_ms"]),
+        # __ratelimit() inside __kvm_mmu_audit() names its function in the suppressed line.
+        self.audit = ModuleAudit(Ratelimit("__kvm_mmu_audit", int(self.params["mmu_audit_ratelimit_ms"]),
                                            int(self.params["mmu_audit_ratelimit_burst"])))
         self.mmio_wrap_limit = Ratelimit("kvm_mmu_invalidate_mmio_sptes",
                                          DEFAULT_RATELIMIT_INTERVAL_MS, DEFAULT_RATELIMIT_BURST)

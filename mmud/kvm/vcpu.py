@@ -36,6 +36,8 @@ from mmud.x86.paging import (
     EFER_LME,
     EFER_NXE,
     PAGE_MASK,
+    PT_ACCESSED_MASK,
+    PT_DIRTY_MASK,
     PAGE_SHIFT,
     PFERR_FETCH_MASK,
     PFERR_PRESENT_MASK,
@@ -46,6 +48,7 @@ from mmud.x86.paging import (
     X86_EFLAGS_FIXED,
     is_canonical,
     pt_index,
+    rsvd_table,
 )
 
 if TYPE_CHECKING:
@@ -61,6 +64,13 @@ KVM_REQ_TLB_FLUSH = 1 << 2
 # kinds it allows, the buffer as a numpy array, the gfn). A translation is one of these, or
 # RET_PF_EMULATE where the access must be emulated.
 TlbEntry = tuple[memoryview, int, int, np.ndarray, int]
+
+# The host's reserved bits by level * 2 + PS (it runs with EFER.NX and the guest's MAXPHYADDR).
+_HOST_RSVD = rsvd_table(True)
+
+# The access kinds (write | user << 1 | fetch << 2) that write: a TLB entry's allowed mask
+# loses them while the spte is not dirty.
+_WRITE_KINDS = sum(1 << kind for kind in range(8) if kind & 1)
 
 # A fault that keeps coming back means KVM failed to make progress: a simulator bug.
 _MAX_FAULT_RETRIES = 64
@@ -233,6 +243,7 @@ class Vcpu:
     def inject_page_fault(self, gva: int, error_code: int) -> None:
         self.injected = error_code
         self.stat["pf_guest"] += 1
+        self.stat["req_event"] += 1  # the queued #PF: KVM_REQ_EVENT, serviced at the next entry
 
     def flush_tlb_current(self) -> None:
         self.tlb.clear()
@@ -241,35 +252,50 @@ class Vcpu:
         self.tlb.pop(gva >> PAGE_SHIFT, None)
 
     def _hw_walk(self, gva: int, kind: int) -> TlbEntry | int:
-        """The processor's walk of the shadow tables: a TLB entry, or a #PF error code."""
+        """The processor's walk of the shadow tables: a TLB entry, or a #PF error code.
+
+        A present entry with a reserved bit set faults with RSVD at any level: that is how
+        an MMIO spte (bit 51 set) reaches handle_mmio_page_fault, and how a corrupt spte
+        reaches its reserved-bit check."""
         err = (kind & 1) * PFERR_WRITE_MASK | (kind >> 1 & 1) * PFERR_USER_MASK
         if kind & 4:
             err |= PFERR_FETCH_MASK  # the host always runs with EFER.NX
         sp = self.mmu.root
         assert sp is not None, "enter_guest() loads a root before any access"
-        shift = 3 + 9 * sp.level
+        level = sp.level
         pages = self.mmu.kvm_mmu.pool.pages
         while True:
-            spte = sp.spt[(gva >> shift) & 511]
+            spte = sp.spt[(gva >> (3 + 9 * level)) & 511]
             if not spte & S.PT_PRESENT_MASK:
                 return err
-            if spte & S.SHADOW_MMIO_MASK == S.SHADOW_MMIO_VALUE:
+            if spte & _HOST_RSVD[level * 2 + (spte >> 7 & 1)]:
                 return err | PFERR_PRESENT_MASK | PFERR_RSVD_MASK
-            if shift == 12 or spte & S.PT_PAGE_SIZE_MASK:
+            if level == 1 or spte & S.PT_PAGE_SIZE_MASK:
                 break
             sp = pages[((spte & S.SPTE_BASE_ADDR_MASK) >> PAGE_SHIFT) - S.SPT_PFN_BASE]
-            shift -= 9
+            level -= 1
         entry = self._tlb_fill(gva, kind, sp, spte)
         return err | PFERR_PRESENT_MASK if entry is None else entry
 
     def _tlb_fill(self, gva: int, kind: int, sp: ShadowPage, spte: int) -> TlbEntry | None:
-        """Cache the translation of gva by the leaf spte of sp; None if it refuses `kind`."""
+        """Cache the translation of gva by the leaf spte of sp; None if it refuses `kind`.
+
+        As the processor does, the walk sets A in the spte, and D on a write; a translation
+        cached without D does not serve writes, so the first write walks again to set it.
+        """
         allowed = allowed_kinds(self.mmu.hw_permissions, S.spte_access(spte))
         if not allowed >> kind & 1:
             return None
+        i = pt_index(gva, 1)
+        set_bits = PT_ACCESSED_MASK | PT_DIRTY_MASK if kind & 1 else PT_ACCESSED_MASK
+        if ~spte & set_bits:
+            spte |= set_bits
+            sp.spt[i] = spte
+        if not spte & PT_DIRTY_MASK:
+            allowed &= ~_WRITE_KINDS
         pfn = S.spte_to_pfn(spte)
         backing = self.vm.memslots.backing_of_pfn(pfn)
-        gfn = sp.gfn_of(pt_index(gva, 1))
+        gfn = sp.gfn_of(i)
         entry = (backing.u64, (pfn - backing.base_pfn) << 9, allowed, backing.array, gfn)
         self.tlb[gva >> PAGE_SHIFT] = entry
         return entry
@@ -300,7 +326,6 @@ class Vcpu:
                 error_code, self.injected = self.injected, None
                 raise PageFault(gva, error_code)
             if r == RET_PF_EMULATE:
-                self.stat["pf_emulate"] += 1
                 return RET_PF_EMULATE
             if mmu.fixed is not None and not self.requests:
                 # The retried access would walk to the spte the fault just installed (nothing
@@ -327,6 +352,7 @@ class Vcpu:
         gpa = paging_tmpl.gva_to_gpa(mmu.kvm_mmu, mmu, gva, error_code)
         if gpa < 0:
             self.stat["pf_guest"] += 1
+            self.stat["req_event"] += 1
             raise PageFault(gva, ~gpa)
         return gpa
 

@@ -6,15 +6,15 @@ takes run-time stores the way one write(2) to the sysfs file does: the bytes are
 parameter's setter as written (a trailing newline from `echo` included, cut at the first NUL
 like the kernel's C string), a bad value fails with the setter's errno and changes nothing.
 
-Parsers follow lib/kstrtox.c and kernel/params.c (reference/control-files.md §3-§7):
+Parsers follow lib/kstrtox.c and kernel/params.c of Linux v5.16 (docs/control-files.md):
 
 - `mmu_audit` uses the custom setter of arch/x86/kvm/mmu/mmu_audit.c: kstrtoul base 10, only 0
   or 1, every failure EINVAL; it reads back bool style, "Y\\n"/"N\\n".
 - uint parameters use kstrtouint base 0 (hex `0x`, octal leading `0`), EINVAL or ERANGE.
-- bool parameters use kstrtobool as a kernel that still had the MMU audit (<= v5.17) did:
-  only the first character counts and only y/Y/1 and n/N/0 are accepted.  Later kernels also
-  take on/off, true/false and enable/disable; mmud models the audit-era kernel so that the
-  whole parameter block is one consistent kernel version.
+- bool parameters use v5.16's kstrtobool: the first character decides for y/Y/1 (true) and
+  n/N/0 (false), the first two for on/off (`o`/`O` then `n`/`N` or `f`/`F`); anything else is
+  EINVAL.  t/f and true/false arrived later (v5.19); mmud models v5.16 so that the whole
+  parameter block is one consistent kernel version.
 """
 
 from __future__ import annotations
@@ -80,12 +80,19 @@ def kstrtouint(s: str, base: int) -> int:
 
 
 def kstrtobool(s: str) -> bool:
-    """kstrtobool() of <= v5.17 (the first four rows of control-files.md §4)."""
+    """lib/kstrtox.c kstrtobool() of v5.16: `[yY1]…` true, `[nN0]…` false, `[oO][nN]…` true,
+    `[oO][fF]…` false; only those characters are looked at."""
     first = s[:1]
     if first in ("y", "Y", "1"):
         return True
     if first in ("n", "N", "0"):
         return False
+    if first in ("o", "O"):
+        second = s[1:2]
+        if second in ("n", "N"):
+            return True
+        if second in ("f", "F"):
+            return False
     raise ParamError(errno.EINVAL, "not a boolean")
 
 
@@ -142,14 +149,14 @@ def _bool(name: str, mode: int, default: bool) -> ParamDesc:
     return ParamDesc(name, mode, default, kstrtobool, _render_bool, noarg=True)
 
 
-# DESIGN.md §4, in the order `ls parameters/` shows them.
+# docs/control-files.md §10.1, in the order `ls parameters/` shows them.
 PARAMS: tuple[ParamDesc, ...] = (
     ParamDesc("mmu_audit", 0o644, False, _set_mmu_audit, _render_bool),
     ParamDesc("mmu_audit_ratelimit_ms", 0o644, 5000, _set_uint, _render_uint),
     ParamDesc("mmu_audit_ratelimit_burst", 0o644, 10, _set_uint, _render_uint),
     ParamDesc("mmu_audit_scope", 0o644, "full", _set_scope, _render_str),
     _bool("page_fault_stack", 0o444, True),
-    _bool("address_space_isolation", 0o444, True),
+    _bool("address_space_isolation", 0o444, False),  # off by default, as in the RFC series
     _bool("mmio_caching", 0o444, True),
 )
 PARAM_BY_NAME: dict[str, ParamDesc] = {p.name: p for p in PARAMS}

@@ -34,7 +34,7 @@ PT64_NX_MASK = 1 << 63
 PT64_BASE_ADDR_MASK = ((1 << MAXPHYADDR) - 1) & ~(PAGE_SIZE - 1)
 PT64_LVL2_LARGE_ADDR_MASK = ((1 << MAXPHYADDR) - 1) & ~((1 << 21) - 1)
 
-# Reserved bits of present entries (x86-paging.md §4). Bits 51:MAXPHYADDR everywhere;
+# Reserved bits of present entries (docs/x86-paging.md §4). Bits 51:MAXPHYADDR everywhere;
 # bit 63 too when EFER.NXE=0 (added by rsvd_bits()).
 _RSVD_ABOVE_MAXPHY = ((1 << 52) - 1) & ~((1 << MAXPHYADDR) - 1)
 RSVD_PML4E = _RSVD_ABOVE_MAXPHY | PT_PAGE_SIZE_MASK
@@ -59,7 +59,7 @@ X86_EFLAGS_FIXED = 1 << 1
 X86_EFLAGS_AC = 1 << 18
 CR3_ADDR_MASK = PT64_BASE_ADDR_MASK
 
-# Page-fault error code (x86-paging.md §6).
+# Page-fault error code (docs/x86-paging.md §6).
 PFERR_PRESENT_MASK = 1 << 0
 PFERR_WRITE_MASK = 1 << 1
 PFERR_USER_MASK = 1 << 2
@@ -139,7 +139,7 @@ def permission_fault(
     smap: bool,
     ac: bool,
 ) -> bool:
-    """Whether an access with these effective uwx rights faults (x86-paging.md §5).
+    """Whether an access with these effective uwx rights faults (docs/x86-paging.md §5).
 
     CR0.WP=0 relaxes supervisor writes only; SMEP forbids supervisor fetches from user
     addresses; SMAP forbids supervisor data accesses to user addresses unless RFLAGS.AC.

@@ -151,8 +151,11 @@ def gfn_order(gfn: np.ndarray, bad: np.ndarray) -> list[int]:
 
 
 def translated_page(mmu: KvmMmu, sp: ShadowPage, skip_gfn: int | None) -> np.ndarray | None:
-    """The guest table a synced indirect page mirrors now (None: nothing to compare)."""
-    if sp.direct or sp.unsync or sp.invalid or sp.gfn == skip_gfn:
+    """The guest table a synced indirect page mirrors now (None: nothing to compare).
+
+    Obsolete pages (a fast zap has not freed them yet) are skipped: no vCPU reaches them,
+    and kvm_mmu_pte_write(), which walks only valid pages, no longer follows their gptes."""
+    if sp.direct or sp.unsync or mmu.is_obsolete_sp(sp) or sp.gfn == skip_gfn:
         return None
     slot = mmu.memslots.lookup(sp.gfn)
     if slot is None:
@@ -337,7 +340,7 @@ def spte_values(mmu: KvmMmu, sptep: np.ndarray) -> np.ndarray:
 
 def check_dirty_log(mmu: KvmMmu, gfns: set[int] | None) -> list[str]:
     """Every page of a logged slot is dirty in the current bitmap or has no writable spte
-    (kvm-mmu.md §12). Audit points never fall inside a harvest (it holds the MMU lock); a
+    (docs/dirty-logging.md). Audit points never fall inside a harvest (it holds the MMU lock); a
     page a vCPU's fast page fault made writable but has not yet marked is in its window."""
     out = []
     in_flight = np.array([v.fast_pf_gfn for v in mmu.vcpus if v.fast_pf_gfn is not None], dtype=np.int64)

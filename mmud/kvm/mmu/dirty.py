@@ -44,19 +44,20 @@ def _clear_w(mmu: KvmMmu, sptes: np.ndarray) -> bool:
 
 
 def kvm_mmu_slot_remove_write_access(mmu: KvmMmu, slot: Memslot) -> None:
-    """Logging starts: clear W in every spte of the slot (≈v5.6), then flush."""
+    """Logging starts: clear W in every writable spte of the slot, and flush if there was
+    one (slot_rmap_write_protect, v5.16)."""
     if _clear_w(mmu, slot.rmap.entries()[0]):
         mmu.kvm_flush_remote_tlbs()
 
 
-def kvm_mmu_write_protect_pt_masked(mmu: KvmMmu, slot: Memslot, pages: np.ndarray) -> bool:
+def kvm_mmu_write_protect_pt_masked(mmu: KvmMmu, slot: Memslot, pages: np.ndarray) -> None:
     """kvm_arch_mmu_enable_log_dirty_pt_masked() for the shadow MMU: clear W in the 4 KiB
-    sptes of the slot-relative `pages`; True if a TLB flush is needed.
+    sptes of the slot-relative `pages`. The caller flushes (dirty_log.py decides when).
 
     Vectorised: the rmap heads of `pages` are read as one array.
     """
     if not len(pages):
-        return False
+        return
     wanted = np.zeros(slot.npages, dtype=bool)
     wanted[pages] = True
-    return _clear_w(mmu, slot.rmap.entries(wanted)[0])
+    _clear_w(mmu, slot.rmap.entries(wanted)[0])

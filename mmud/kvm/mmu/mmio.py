@@ -1,4 +1,4 @@
-"""MMIO sptes: caching "no memslot here" in the shadow tables (arch/x86/kvm/mmu/mmu.c ≈v5.6).
+"""MMIO sptes: caching "no memslot here" in the shadow tables (arch/x86/kvm/mmu/mmu.c, v5.16).
 
 A guest access to a gfn no memslot backs is emulated (the VMM's device answers it). The
 fault that found out installs an MMIO spte — reserved bit 51 set, so the next access faults
@@ -17,6 +17,7 @@ vCPU's.
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
 import structlog
@@ -26,13 +27,18 @@ from mmud.kvm.mmu import spte as S
 from mmud.kvm.mmu.mmu import RET_PF_EMULATE, RET_PF_INVALID, RET_PF_RETRY, KvmMmu
 from mmud.kvm.mmu.page import ShadowPage
 from mmud.kvm.ratelimit import Ratelimit
+from mmud.x86.paging import PT_PAGE_SIZE_MASK, rsvd_bits
 
 if TYPE_CHECKING:
     from mmud.kvm.mmu.vcpu_mmu import VcpuMmu
 
-# The host's reserved physical-address bit that MMIO sptes borrow (host MAXPHYADDR < 52).
-SPTE_RSVD_MASK = S.SHADOW_MMIO_VALUE & ~S.PT_PRESENT_MASK
 _WRAP_MESSAGE = "kvm: zapping shadow pages for mmio generation wraparound"
+
+
+def kvm_debug_ratelimited(message: str) -> str:
+    """The line kvm_debug_ratelimited() prints: pr_debug's `kvm [<pid>]: ` prefix, the pid
+    being the task that made the ioctl (the process running the VM)."""
+    return f"kvm [{os.getpid()}]: {message}"
 
 log = structlog.get_logger("mmud.kvm")
 
@@ -81,21 +87,39 @@ def handle_mmio_page_fault(mmu: KvmMmu, vmmu: VcpuMmu, gva: int) -> int:
     spte: run the normal fault, which re-resolves the gfn) or RETRY (zapped meanwhile)."""
     if vmmu.match_mmio_gva(gva):
         return RET_PF_EMULATE
-    assert vmmu.root is not None, "the faulting access walked the root"
-    sptes = [(spte, sp.level) for sp, _, spte in mmu.shadow_walk(vmmu.root, gva)]
-    spte, _ = sptes[-1]
-    if S.is_shadow_present_pte(spte) and spte & SPTE_RSVD_MASK:
-        head = f"handle_mmio_page_fault: detect reserved bits on spte, addr {gva:#x}, dump hierarchy:"
-        lines = [head]
-        lines += [f"------ spte {s:#x} level {lvl}." for s, lvl in sptes]
-        log.error("mmu_reserved_spte", message="\n".join(lines))
-        raise KvmInternalError(lines[0])
+    spte = get_mmio_spte(mmu, vmmu, gva)
     if not S.is_mmio_spte(spte):
         return RET_PF_RETRY
     if not check_mmio_spte(mmu, spte):
         return RET_PF_INVALID
     vmmu.cache_mmio_info(gva, S.get_mmio_spte_gfn(spte), S.get_mmio_spte_access(spte))
     return RET_PF_EMULATE
+
+
+def get_mmio_spte(mmu: KvmMmu, vmmu: VcpuMmu, gva: int) -> int:
+    """get_mmio_spte() (v5.16): the last spte of gva's shadow walk, after checking every
+    MMU-present spte on the way for reserved bits (is_rsvd_spte with the shadow zero check:
+    the host's reserved bits). A non-present terminal spte — an MMIO spte among them, whose
+    reserved bit is by design — is not checked. A reserved bit in a present spte is a KVM
+    bug: pr_err lines, then KVM_RUN fails with -EINVAL (KvmInternalError).
+
+    Deviation: the kernel's walk goes on through an spte with reserved bits (reading
+    whatever its address points at); mmud's ends there, so the hierarchy it prints stops at
+    the bad spte."""
+    assert vmmu.root is not None, "the faulting access walked the root"
+    masks: list[tuple[int, int, int]] = []
+    for sp, _, spte in mmu.shadow_walk(vmmu.root, gva):
+        mask = rsvd_bits(sp.level, bool(spte & PT_PAGE_SIZE_MASK) and sp.level == 2, True)
+        if S.is_shadow_present_pte(spte):
+            masks.append((spte, sp.level, mask))
+            if spte & mask:
+                break
+    if any(s & mask for s, _, mask in masks):
+        lines = [f"get_mmio_spte: reserved bits set on MMU-present spte, addr {gva:#x}, hierarchy:"]
+        lines += [f"------ spte = {s:#x} level = {level}, rsvd bits = {mask:#x}" for s, level, mask in masks]
+        log.error("mmu_reserved_spte", message="\n".join(lines))
+        raise KvmInternalError(lines[0])
+    return spte
 
 
 def mmio_generation_wrapped(gen: int, now_ns: int, limit: Ratelimit) -> bool:
@@ -110,5 +134,5 @@ def mmio_generation_wrapped(gen: int, now_ns: int, limit: Ratelimit) -> bool:
     if gen:
         return False
     if limit.allow(now_ns, []):
-        log.debug("mmio_generation_wraparound", message=_WRAP_MESSAGE)
+        log.debug("mmio_generation_wraparound", message=kvm_debug_ratelimited(_WRAP_MESSAGE))
     return True

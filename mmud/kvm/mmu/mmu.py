@@ -1,6 +1,6 @@
 """The shadow MMU of one VM (`kvm->arch` MMU state) and its core operations.
 
-Mirrors arch/x86/kvm/mmu/mmu.c of about v5.6: the shadow-page hash and active list, rmaps,
+Mirrors arch/x86/kvm/mmu/mmu.c of v5.16 (the legacy shadow MMU): the shadow-page hash and active list, rmaps,
 write protection through page_track, unsync marking, and installing sptes (set_spte /
 mmu_set_spte). Paths that use these live beside it: paging_tmpl.py (guest walk and page
 fault), sync.py, zap.py, pte_write.py, roots.py.
@@ -29,7 +29,7 @@ from mmud.kvm.mmu.page import (
     sptep_of,
     sptep_page,
 )
-from mmud.x86.paging import ACC_WRITE_MASK, PT_WRITABLE_MASK, pt_index
+from mmud.x86.paging import ACC_WRITE_MASK, PT_DIRTY_MASK, PT_WRITABLE_MASK, pt_index
 
 if TYPE_CHECKING:
     from mmud.kvm.mmu.audit import AuditTrack, ModuleAudit
@@ -42,7 +42,8 @@ KVM_REFILL_PAGES = 25
 RMAP_RECYCLE_THRESHOLD = 1000
 KVM_PAGE_ARRAY_NR = 16
 
-# Return values of the page-fault paths (v5.6 numbering, RET_PF_*).
+# Return values of the page-fault paths (RET_PF_*). v5.16 also has RET_PF_CONTINUE (an
+# internal step), RET_PF_FIXED and RET_PF_SPURIOUS; mmud's paths return RETRY for those two.
 RET_PF_RETRY = 0
 RET_PF_EMULATE = 1
 RET_PF_INVALID = 2
@@ -50,6 +51,7 @@ RET_PF_INVALID = 2
 # set_spte() result bits.
 SET_SPTE_WRITE_PROTECTED_PT = 1 << 0
 SET_SPTE_NEED_REMOTE_TLB_FLUSH = 1 << 1
+SET_SPTE_SPURIOUS = 1 << 2  # the new spte equals the old one: nothing written
 
 class KvmMmu:
     """MMU state of one VM. Only the simulation loop touches it (no locks inside)."""
@@ -132,10 +134,18 @@ class KvmMmu:
         The requester only posts it: emptying a TLB that caches every page the guest touched
         would make the MMU lock hold of a commit grow with guest memory (a 1 GiB guest's
         TLB took 15 ms), where a hardware flush costs the same at any size.
+
+        Every call is a request (remote_tlb_flush_requests); remote_tlb_flush counts those
+        that kicked a vCPU (kvm_make_all_cpus_request() returned true). mmud does not model
+        vcpu->mode: a vCPU with a root loaded counts as one in guest mode.
         """
+        self.stat["remote_tlb_flush_requests"] += 1
+        kicked = False
         for vmmu in self.vcpus:
             vmmu.vcpu.request_tlb_flush()
-        self.stat["remote_tlb_flush"] += 1
+            kicked = kicked or vmmu.root is not None
+        if kicked:
+            self.stat["remote_tlb_flush"] += 1
 
     def kvm_reload_remote_mmus(self) -> None:
         for vmmu in self.vcpus:
@@ -170,7 +180,11 @@ class KvmMmu:
         self.stat["pages_4k"] -= 1
 
     def rmap_write_protect(self, gfn: int) -> bool:
-        """Clear W and MMU-writable in every spte mapping gfn; True if any changed."""
+        """Clear W and MMU-writable in every spte mapping gfn; True if a flush is needed.
+
+        spte_write_protect(pt_protect=true) + mmu_spte_update() (v5.16): an spte that was
+        writable or could locklessly become writable (MMU-writable implies Host-writable)
+        loses that, which needs a flush; an spte that was neither is left alone."""
         if self.obs: self.obs.rmap_write_protect(gfn)  # observer
         slot = self.memslots.lookup(gfn)
         if slot is None:
@@ -184,7 +198,7 @@ class KvmMmu:
             old = spt[i]
             if old & (PT_WRITABLE_MASK | S.SPTE_MMU_WRITEABLE):
                 spt[i] = old & clear
-                flush = flush or bool(old & PT_WRITABLE_MASK)
+                flush = True
         return flush
 
     def drop_spte(self, sp: ShadowPage, i: int) -> None:
@@ -352,29 +366,49 @@ class KvmMmu:
         pfn: int,
         can_unsync: bool,
         host_writable: bool,
+        prefetch: bool,
     ) -> int:
+        """set_spte(): make_spte(), mark the page dirty if the spte is writable, then
+        mmu_spte_update() unless nothing changed; SET_SPTE_* bits (v5.15/v5.16)."""
         spt = sp.spt
         if self.obs: self.obs.set_spte(sp, i, gfn)  # observer
         old = spt[i]
-        spte = S.make_leaf_spte(pfn, pte_access, sp.level, host_writable)
+        spte, ret = self.make_spte(sp, pte_access, gfn, pfn, old, prefetch, can_unsync, host_writable)
+        if spte & PT_WRITABLE_MASK:
+            vmmu.vcpu.mark_page_dirty(gfn)
+        if spte == old:
+            return ret | SET_SPTE_SPURIOUS
+        spt[i] = spte
+        if S.spte_update_needs_flush(old, spte):
+            ret |= SET_SPTE_NEED_REMOTE_TLB_FLUSH
+        return ret
+
+    def make_spte(self, sp: ShadowPage, pte_access: int, gfn: int, pfn: int, old: int, prefetch: bool,
+                  can_unsync: bool, host_writable: bool) -> tuple[int, int]:
+        """make_spte() (spte.c, v5.15/v5.16): the leaf spte, and SET_SPTE_WRITE_PROTECTED_PT
+        when a guest table of gfn keeps it read-only.
+
+        A writable spte carries D (spte_shadow_dirty_mask) and a non-prefetched one A; a
+        prefetched one is made not-accessed (mark_spte_for_access_track). A sync of an
+        spte that is already writable keeps it writable without looking for shadowed tables
+        — write protection is kvm_mmu_get_page's and the sync's job — and, as the kernel's
+        `goto out` does, without D and without the prefetch's access tracking.
+        """
+        spte = S.make_leaf_spte(pfn, pte_access, sp.level, host_writable, accessed=not prefetch)
         if not host_writable:
             pte_access &= ~ACC_WRITE_MASK
         ret = 0
         if pte_access & ACC_WRITE_MASK:
             spte |= PT_WRITABLE_MASK | S.SPTE_MMU_WRITEABLE
-            # A sync keeps a writable spte writable: write protection is get_page's and
-            # kvm_sync_page's job (the kernel's "optimization" comment in set_spte).
-            if not (not can_unsync and old & PT_WRITABLE_MASK):
-                if self.mmu_need_write_protect(gfn, can_unsync):
-                    ret |= SET_SPTE_WRITE_PROTECTED_PT
-                    spte &= ~(PT_WRITABLE_MASK | S.SPTE_MMU_WRITEABLE)
-                if spte & PT_WRITABLE_MASK:
-                    vmmu.vcpu.mark_page_dirty(gfn)
-        spt[i] = spte
-        # mmu_spte_update(): losing W (or MMU-writable) on a present spte needs a flush.
-        if old & S.SPTE_MMU_PRESENT and old & ~spte & (PT_WRITABLE_MASK | S.SPTE_MMU_WRITEABLE):
-            ret |= SET_SPTE_NEED_REMOTE_TLB_FLUSH
-        return ret
+            if not can_unsync and old & PT_WRITABLE_MASK:
+                return spte, ret
+            if self.mmu_need_write_protect(gfn, can_unsync):
+                ret |= SET_SPTE_WRITE_PROTECTED_PT
+                pte_access &= ~ACC_WRITE_MASK
+                spte &= ~(PT_WRITABLE_MASK | S.SPTE_MMU_WRITEABLE)
+        if pte_access & ACC_WRITE_MASK:
+            spte |= PT_DIRTY_MASK
+        return spte, ret
 
     def mmu_set_spte(
         self,
@@ -386,8 +420,13 @@ class KvmMmu:
         gfn: int,
         pfn: int,
         host_writable: bool = True,
+        *,
+        prefetch: bool = False,
     ) -> int:
-        """Install a leaf spte for gfn→pfn; RET_PF_EMULATE if a write fault stays read-only."""
+        """Install a leaf spte for gfn→pfn; RET_PF_EMULATE if a write fault stays read-only.
+
+        `prefetch`: the spte is built ahead of an access (FNAME(prefetch_gpte)), not for the
+        faulting one."""
         spt = sp.spt
         old = spt[i]
         was_rmapped = False
@@ -406,7 +445,7 @@ class KvmMmu:
         ret = RET_PF_RETRY
         if self.bug == "wrong_pfn":
             pfn ^= 1
-        result = self.set_spte(vmmu, sp, i, pte_access, gfn, pfn, True, host_writable)
+        result = self.set_spte(vmmu, sp, i, pte_access, gfn, pfn, True, host_writable, prefetch)
         if result & SET_SPTE_WRITE_PROTECTED_PT:
             if write_fault:
                 ret = RET_PF_EMULATE
@@ -421,7 +460,10 @@ class KvmMmu:
             if self.bug == "rmap_add_skipped":
                 return ret
             self.stat["pages_4k"] += 1
-            if self.rmap_add(slot, gfn, sptep_of(sp, i)) > RMAP_RECYCLE_THRESHOLD:
+            rmap_count = self.rmap_add(slot, gfn, sptep_of(sp, i))
+            if rmap_count > self.stat["max_mmu_rmap_size"]:
+                self.stat["max_mmu_rmap_size"] = rmap_count
+            if rmap_count > RMAP_RECYCLE_THRESHOLD:
                 # rmap_recycle(): a hot gfn drops all its mappings (and this one) at once.
                 self.kvm_zap_rmapp(slot, gfn)
                 self.kvm_flush_remote_tlbs()

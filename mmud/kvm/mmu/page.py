@@ -17,7 +17,7 @@ from mmud.x86.paging import PT64_ENT_PER_PAGE, PT64_LEVEL_BITS
 CHUNK_PAGES = 256
 T = TypeVar("T", int, np.ndarray)
 
-# union kvm_mmu_page_role (≈v5.6), LSB first. Keep in step with the kernel's layout so that
+# union kvm_mmu_page_role (v5.16), LSB first. Keep in step with the kernel's layout so that
 # printed role words (the audit prints them) read like the kernel's.
 ROLE_LEVEL_MASK = 0xF
 ROLE_GPTE_IS_8_BYTES = 1 << 4

@@ -1,10 +1,10 @@
-"""Emulated guest writes to shadowed page tables: `kvm_mmu_pte_write` (≈v5.6).
+"""Emulated guest writes to shadowed page tables: `kvm_mmu_pte_write` (v5.16).
 
 Every write the emulator performs reaches here through page tracking. Each valid indirect
 sp of the written gfn either is zapped whole (misaligned write, or write flooding: three
 emulated writes to a non-leaf table with no access through it in between) or has the written
-spte zapped — and, for a level-1 sp of the current paging mode, rebuilt at once from the
-new gpte (mmu_pte_updated, as kernels up to v5.11 did).
+spte zapped; the next access faults and builds it from the new gpte. (Kernels up to v5.11
+also rebuilt a level-1 spte at once, counted as mmu_pte_updated; v5.12 dropped that.)
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from mmud.kvm.mmu import spte as S
-from mmud.kvm.mmu import sync, zap
+from mmud.kvm.mmu import zap
 from mmud.kvm.mmu.audit import AUDIT_POST_PTE_WRITE, AUDIT_PRE_PTE_WRITE, kvm_mmu_audit
 from mmud.kvm.mmu.mmu import KvmMmu
-from mmud.kvm.mmu.page import ROLE_BASE_MASK, ShadowPage
+from mmud.kvm.mmu.page import ShadowPage
 from mmud.x86.paging import PAGE_SHIFT, PAGE_SIZE
 
 if TYPE_CHECKING:
@@ -70,7 +70,6 @@ def kvm_mmu_pte_write(mmu: KvmMmu, vmmu: VcpuMmu, gpa: int, nbytes: int) -> None
     offset = gpa & (PAGE_SIZE - 1)
     invalid_list: list[ShadowPage] = []
     remote_flush = local_flush = False
-    base_role = vmmu.base_role
     for sp in mmu.indirect_valid_sps_of_gfn(gfn) if mmu.bug != "pte_write_ignored" else ():
         if sp.invalid:
             continue  # zapped earlier in this loop
@@ -82,12 +81,8 @@ def kvm_mmu_pte_write(mmu: KvmMmu, vmmu: VcpuMmu, gpa: int, nbytes: int) -> None
         local_flush = True
         old = sp.spt[i]
         zap.mmu_page_zap_pte(mmu, sp, i)
-        if gentry and not (sp.role ^ base_role) & ROLE_BASE_MASK:
-            if sp.level != 1:
-                mmu.stat["mmu_pde_zapped"] += 1
-            else:
-                mmu.stat["mmu_pte_updated"] += 1
-                sync.update_pte(mmu, vmmu, sp, i, gentry)
+        if gentry and sp.level != 1:
+            mmu.stat["mmu_pde_zapped"] += 1
         if need_remote_flush(old, sp.spt[i]):
             remote_flush = True
     zap.kvm_mmu_flush_or_zap(mmu, vmmu, invalid_list, remote_flush, local_flush)

@@ -2,7 +2,7 @@
 
 A root is the level-4 shadow page of the guest's CR3; `root_count` pins it so zapping only
 marks it invalid. Up to KVM_MMU_NUM_PREV_ROOTS previous (cr3, root) pairs are kept so that
-switching back to a recent address space reuses its shadow tree (fast_cr3_switch, ≈v5.6).
+switching back to a recent address space reuses its shadow tree (fast_pgd_switch, v5.16).
 """
 
 from __future__ import annotations

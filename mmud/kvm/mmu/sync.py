@@ -4,7 +4,7 @@ A level-1 guest table that is not write-tracked may go *unsync*: its sptes are m
 writable and the guest edits the table without trapping. The sptes are then stale until the
 guest flushes: a CR3 load (or KVM_REQ_MMU_SYNC) re-reads every unsync page reachable from the
 root (`mmu_sync_children`), and INVLPG rebuilds the one spte of the address (`invlpg`).
-Follows FNAME(sync_page), mmu_sync_children and FNAME(invlpg) of ≈v5.6.
+Follows FNAME(sync_page), mmu_sync_children and FNAME(invlpg) of v5.16.
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def sync_page(mmu: KvmMmu, vmmu: VcpuMmu, sp: ShadowPage) -> int:
             continue
         nr_present += 1
         host_writable = bool(old & S.SPTE_HOST_WRITEABLE)
-        ret = mmu.set_spte(vmmu, sp, i, pte_access, gfn, S.spte_to_pfn(old), False, host_writable)
+        ret = mmu.set_spte(vmmu, sp, i, pte_access, gfn, S.spte_to_pfn(old), False, host_writable, True)
         need_flush = need_flush or bool(ret & SET_SPTE_NEED_REMOTE_TLB_FLUSH)
     if need_flush:
         mmu.kvm_flush_remote_tlbs()
@@ -87,9 +87,9 @@ def resync_page(mmu: KvmMmu, vmmu: VcpuMmu, sp: ShadowPage, invalid_list: list[S
     """Bring sp's sptes up to date; if nothing of it survives it is zapped instead (False).
 
     The sp keeps its unsync state: only a caller that has write-protected the gfn may mark
-    it synced. This is what get_page() does with an unsync page it finds (≥v5.13; v5.6
-    marked the page synced there without write-protecting it, leaving a writable mapping
-    of a "synced" guest table — the audit's write-protection check reports exactly that).
+    it synced (mmu_sync_children, kvm_sync_pages). This is what kvm_mmu_get_page() does with
+    an unsync page it finds: the sync brings the mapping up to date, and the write
+    protection waits until the guest invalidates the TLB mapping.
     """
     if sync_page(mmu, vmmu, sp) == 0:
         zap.prepare_zap_page(mmu, sp, invalid_list)
@@ -185,7 +185,7 @@ def update_pte(mmu: KvmMmu, vmmu: VcpuMmu, sp: ShadowPage, i: int, gpte: int) ->
     if slot is None:
         return False
     pte_access = leaf_pte_access(sp.access, gpte, nxe)
-    mmu.mmu_set_spte(vmmu, sp, i, pte_access, False, gfn, slot.gfn_to_pfn(gfn))
+    mmu.mmu_set_spte(vmmu, sp, i, pte_access, False, gfn, slot.gfn_to_pfn(gfn), prefetch=True)
     return True
 
 
