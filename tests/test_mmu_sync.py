@@ -171,3 +171,26 @@ def test_an_emulated_write_to_a_leaf_table_zaps_the_spte_without_rebuilding_it()
     assert "mmu_pte_updated" not in vm.stats
     assert vcpu.read_u64(VA + 2 * 0x1000, user=True) == 0 and leaf.spt[2] & S.SPTE_MMU_PRESENT
     assert vm.audit() == []
+
+
+def test_get_page_syncs_an_unsync_page_it_finds_but_leaves_it_unsync():
+    """kvm_mmu_get_page (v5.16, as v5.6): an unsync page found for the same role is brought
+    up to date (__kvm_sync_page / sync_page) but not marked synced — kvm_unlink_unsync_page
+    belongs to the syncs that write-protect the gfn first."""
+    vm, gt, vcpu, pa, pte = mapped_and_used()
+    table = pte & ~0xFFF
+    gt.guest_write_entry(vcpu, pte + 8, gt.alloc_data() | P | W | U | A | D)  # the table goes unsync
+    [sp] = [sp for sp in vm.mmu.active_mmu_pages if sp.gfn == table >> 12 and sp.level == 1]
+    assert sp.unsync
+    # A second page directory entry pointing at the same page table: the fault through it
+    # looks the table up again and finds the unsync page.
+    va2 = VA + (2 << 20)
+    vm.write_u64(gt.entry_gpa(va2, 2), table | P | W | U | A)
+    vcpu.cr3 = vcpu.cr3  # (the host write above is not seen by the MMU: start clean)
+    gt.guest_write_entry(vcpu, pte + 8, gt.alloc_data() | P | W | U | A | D)
+    assert sp.unsync
+    misses = vm.stats["mmu_cache_miss"]
+    vcpu.read_u64(va2 + 0x1000, user=True)  # entry 1 of the same table, through the new PDE
+    assert vm.stats["mmu_cache_miss"] == misses  # the lookup found sp
+    assert sp.unsync and not sp.invalid
+    assert S.spte_to_pfn(sp.spt[1]) != 0 and vm.audit() == []
