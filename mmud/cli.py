@@ -18,7 +18,7 @@ import structlog
 from mmud.daemon import service
 from mmud.daemon.client import SimClient, SimError
 from mmud.daemon.mountpoint import MountPointError
-from mmud.daemon.sim import SimConfig, VmConfig
+from mmud.daemon.protocol import SimConfig, VmConfig
 from mmud.fs import fuse
 from mmud.fs.tree import Tree
 from mmud.uapi.params import ParamError, Params

@@ -12,7 +12,8 @@ import pytest
 
 from mmud.daemon.mountpoint import is_mounted
 from mmud.daemon.protocol import Reply
-from mmud.daemon.sim import SimConfig, Simulation, VmConfig
+from mmud.daemon.protocol import SimConfig, VmConfig
+from mmud.daemon.sim import Simulation
 from mmud.fs.nodes import dirty_log_dir
 from tests.fusemount import Daemon, echo, wait_for
 

@@ -22,7 +22,7 @@ import structlog
 
 from mmud.daemon import sim
 from mmud.daemon.notify import sd_notify, watchdog_interval
-from mmud.daemon.protocol import Reply, Request, Snapshot
+from mmud.daemon.protocol import Reply, Request, SimConfig, Snapshot
 
 # Importing numpy and building the VM takes a while on a cold cache.
 START_TIMEOUT_SECONDS = 60.0
@@ -51,7 +51,7 @@ class _Pending:
 class SimClient:
     """A running simulation process, seen from the FUSE process."""
 
-    def __init__(self, config: sim.SimConfig) -> None:
+    def __init__(self, config: SimConfig) -> None:
         self.config = config
         self.snapshot: Snapshot | None = None
         self.failure: str | None = None

@@ -15,6 +15,27 @@ from typing import Any
 
 
 @dataclass(frozen=True)
+class VmConfig:
+    """What builds one VM, and builds it again identically on a restart."""
+
+    name: str = "vm0"  # the simulator's handle: the vm<N>/ directory
+    mem_mb: int = 64
+    vcpus: int = 1
+    seed: int = 0
+    workload: str | None = "kernel"
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """What the simulation process starts with."""
+
+    vms: tuple[VmConfig, ...] = (VmConfig(),)
+    load: dict[str, str | None] = field(default_factory=dict)  # module parameters at load time
+    log_level: str = "info"
+    state_dir: str | None = None  # where persisted logs go (fault_log.jsonl)
+
+
+@dataclass(frozen=True)
 class VmSnapshot:
     """One VM as its files show it."""
 
@@ -28,6 +49,7 @@ class VmSnapshot:
     dirty_log_slots: tuple[int, ...] = ()  # slots with dirty logging on: vm<N>/dirty_log/<slot>
     migrate: str = ""  # the vm<N>/migrate text: rounds of the last migration and its result
     memslots: str = ""  # the vm<N>/memslots table
+    config: VmConfig | None = None  # what built the VM: a restart of the simulation rebuilds it
 
 
 @dataclass(frozen=True)

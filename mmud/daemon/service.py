@@ -17,7 +17,7 @@ import structlog
 from mmud.daemon.client import SimClient
 from mmud.daemon.mountpoint import prepare
 from mmud.daemon.notify import sd_notify
-from mmud.daemon.sim import SimConfig
+from mmud.daemon.protocol import SimConfig
 
 log = structlog.get_logger("mmud.daemon")
 

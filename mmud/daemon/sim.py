@@ -24,7 +24,7 @@ from typing import Any
 import structlog
 
 from mmud.daemon import vmctl, vmio
-from mmud.daemon.protocol import Reply, Request, Snapshot, VmSnapshot
+from mmud.daemon.protocol import Reply, Request, SimConfig, Snapshot, VmConfig, VmSnapshot
 from mmud.daemon.faultlog import FaultLogPublisher
 from mmud.daemon.status import RateMeter, render_status
 from mmud.kvm.isolation import isolation_map
@@ -51,24 +51,6 @@ class VmState(StrEnum):
     CRASHED = "crashed"  # the guest or the simulated KVM raised; only `restart` clears it
 
 log = structlog.get_logger("mmud.sim")
-
-
-@dataclass(frozen=True)
-class VmConfig:
-    """What `restart` needs to build an identical fresh VM."""
-
-    mem_mb: int = 64
-    vcpus: int = 1
-    seed: int = 0
-    workload: str | None = "kernel"
-
-
-@dataclass(frozen=True)
-class SimConfig:
-    vms: tuple[VmConfig, ...] = (VmConfig(),)
-    load: dict[str, str | None] = field(default_factory=dict)  # module parameters at load time
-    log_level: str = "info"
-    state_dir: str | None = None  # where persisted logs go (fault_log.jsonl)
 
 
 @dataclass
@@ -103,7 +85,7 @@ class Simulation:
         self.module = KvmModule(config.load)  # one kvm module, shared by every VM
         self.params = self.module.params
         self.requests, self.out = requests, out
-        self.slots = [self._create(f"vm{i}", c) for i, c in enumerate(config.vms)]
+        self.slots = [self._create(c.name, c) for c in config.vms]
         self.handlers: dict[str, Callable[..., Any]] = {
             "param": self.set_param,
             "clear_stat": self.clear_stat,
@@ -207,7 +189,7 @@ class Simulation:
                                pid=os.getpid())
         return VmSnapshot(s.name, s.debugfs_dir, s.state.value, s.vm.steps, stats, status,
                           s.vm.render_inject(), vmio.dirty_log_slots(s.vm), s.migrate_text(),
-                          memslots=vmctl.render_memslots(s.vm.memslots))
+                          memslots=vmctl.render_memslots(s.vm.memslots), config=s.config)
 
     # -- request handlers ---------------------------------------------------------------
 
@@ -247,7 +229,7 @@ class Simulation:
             raise OSError(errno.EBUSY, f"{vm} is migrating or not running")
         migration = Migration.to_new_vm(s.vm)
         name = f"vm{len(self.slots)}"
-        config = VmConfig(s.config.mem_mb, s.config.vcpus, s.config.seed, workload=None)
+        config = VmConfig(name, s.config.mem_mb, s.config.vcpus, s.config.seed, workload=None)
         dest = _Slot(name, config, migration.dest, os.memfd_create(f"kvm-{name}", os.MFD_CLOEXEC),
                      running=False)
         self.slots.append(dest)
