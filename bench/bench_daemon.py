@@ -27,8 +27,8 @@ START_TIMEOUT_SECONDS = 60.0
 
 
 @contextlib.contextmanager
-def running_daemon() -> Iterator[tuple[Path, Path]]:
-    """A `python -m mmud run` on a scratch mount point; yields (mount point, its log)."""
+def running_daemon() -> Iterator[tuple[Path, Path, int]]:
+    """A `python -m mmud run` on a scratch mount point; yields (mount point, its log, its pid)."""
     with tempfile.TemporaryDirectory(prefix="mmud-bench-") as tmp:
         mnt, log = Path(tmp, "mnt"), Path(tmp, "daemon.log")
         with open(log, "wb") as out:
@@ -40,7 +40,7 @@ def running_daemon() -> Iterator[tuple[Path, Path]]:
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"mmud did not mount:\n{log.read_text()}")
                 time.sleep(0.05)
-            yield mnt, log
+            yield mnt, log, proc.pid
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(10)
@@ -87,7 +87,7 @@ def _toggle_delays(mnt: Path, log: Path, n: int) -> list[float]:
 
 def run(quick: bool = False) -> None:
     rounds, per_round, toggles = (2, 50, 10) if quick else (10, 300, 200)
-    with running_daemon() as (mnt, log):
+    with running_daemon() as (mnt, log, _):
         pooled = interleaved({"idle": lambda: _read_latencies(mnt, b"pause", per_round),
                               "running": lambda: _read_latencies(mnt, b"run", per_round)},
                              rounds)

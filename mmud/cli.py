@@ -2,13 +2,16 @@
 
 A user error (bad argument, bad parameter, unusable mount point, a VM configuration the
 simulation refuses) prints one `mmud: …` line and exits with status 2, never a traceback.
+Any other exception in the main process — say, a mount point removed while the simulation
+was starting, so that libfuse cannot mount — is logged as one `daemon_failed` event (with
+the traceback) and exits with status 1, so that systemd's `Restart=on-failure` applies.
+A stop by signal or unmount exits 0, whatever happened to the simulation meanwhile.
 """
 
 from __future__ import annotations
 
 import argparse
 import faulthandler
-import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -22,18 +25,20 @@ from mmud.daemon.protocol import SimConfig, VmConfig
 from mmud.fs import fuse
 from mmud.fs.tree import Tree
 from mmud.uapi.params import ParamError, Params
+from mmud.uapi import vms
 from mmud.log import LEVELS, setup_logging
 
+EXIT_FAILURE = 1
 EXIT_USAGE = 2
-_SIZE_UNITS = {"": 1, "M": 1, "G": 1024, "T": 1024 * 1024}  # in MiB; a bare number is MiB
 
 
 def mem_size(text: str) -> int:
-    """'64M', '1G', '512' -> MiB, like QEMU's -m."""
-    m = re.fullmatch(r"(\d+)\s*([MGT]?)(?:i?B)?", text.strip(), re.IGNORECASE)
-    if not m or int(m[1]) == 0:
-        raise argparse.ArgumentTypeError(f"invalid size {text!r} (e.g. 64M, 1G)")
-    return int(m[1]) * _SIZE_UNITS[m[2].upper()]
+    """'64M', '1G', '512' -> MiB, like QEMU's -m (the parser is mmud.uapi.vms's, shared with
+    the `vms` file)."""
+    try:
+        return vms.mem_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def load_param(text: str) -> tuple[str, str | None]:
@@ -88,3 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ParamError, MountPointError, SimError) as e:
         print(f"mmud: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except Exception as e:  # noqa: BLE001 - logged whole; the status tells systemd it failed
+        structlog.get_logger("mmud").critical("daemon_failed", error=f"{type(e).__name__}: {e}",
+                                              exc_info=True)
+        return EXIT_FAILURE

@@ -46,6 +46,7 @@ class MigrationResult:
     final_pages: int = 0  # sent with the source stopped
     identical: bool | None = None  # destination RAM == source RAM at the stop
     mismatched_pages: int = 0
+    cancelled: bool = False  # the destination went away before the stop (Migration.cancel)
     dest: VM | None = field(default=None, repr=False)
 
     @property
@@ -61,6 +62,9 @@ class MigrationResult:
             verdict = "identical" if self.identical else f"{self.mismatched_pages} pages differ"
             lines.append(f"result: {verdict}, {self.pages_sent} pages sent in "
                          f"{len(self.rounds)} rounds")
+        elif self.cancelled:
+            lines.append(f"result: cancelled, the destination is gone; {self.pages_sent} pages "
+                         f"sent in {len(self.rounds)} rounds")
         return "".join(line + "\n" for line in lines)
 
 
@@ -82,6 +86,7 @@ class Migration:
         self.result = MigrationResult(dest=dest)
         self.slots = list(source.memslots)
         self.flags = {s.id: s.log_dirty for s in self.slots}
+        self.logging = False  # dirty logging turned on in the source by this migration
 
     @classmethod
     def to_new_vm(cls, source: VM) -> Migration:
@@ -107,6 +112,7 @@ class Migration:
         for slot in self.slots:
             source.set_memslot(slot.id, slot.base_gfn << PAGE_SHIFT, slot.npages * PAGE_SIZE,
                                log_dirty=True)
+        self.logging = True
         sent = 0
         for slot in self.slots:
             for first in range(0, slot.npages, COPY_CHUNK_PAGES):
@@ -122,10 +128,25 @@ class Migration:
         # The source stops here: the caller runs no more of its steps.
         result.final_pages = self._collect_and_send()
         self._verify()
-        for slot in self.slots:
-            source.set_memslot(slot.id, slot.base_gfn << PAGE_SHIFT, slot.npages * PAGE_SIZE,
-                               log_dirty=self.flags[slot.id])
+        self._restore_flags()
         return result
+
+    def _restore_flags(self) -> None:
+        """Dirty logging in the source back to what it was before the migration."""
+        for slot in self.slots:
+            self.source.set_memslot(slot.id, slot.base_gfn << PAGE_SHIFT,
+                                    slot.npages * PAGE_SIZE, log_dirty=self.flags[slot.id])
+        self.logging = False
+
+    def cancel(self) -> None:
+        """Stop before the end, as a VMM does when the destination dies: the source keeps
+        running with its dirty logging as before, the result says `cancelled` and no longer
+        holds the destination; the caller drops this object and the generator of run(), the
+        last references to it."""
+        if self.logging:
+            self._restore_flags()
+        self.result.cancelled = True
+        self.result.dest = None
 
     def _dirty_count(self) -> int:
         """Pages dirtied since the last harvest, over every slot."""

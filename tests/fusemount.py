@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -72,6 +73,25 @@ class Daemon:
         """The one kvm/<pid>-<fd> directory."""
         (name,) = [n for n in os.listdir(self.path("kvm")) if re.fullmatch(r"\d+-\d+", n)]
         return name
+
+    def sim_pid(self, vm: str = "vm0") -> int:
+        """The simulation process: the `pid:` line of vm<N>/status."""
+        return int(status_fields(self.read(f"{vm}/status"))["pid"])
+
+    def events(self, name: str) -> list[dict]:
+        """The JSON log events called `name` (journald's `<N>` prefix stripped)."""
+        out = []
+        for line in self.log().splitlines():
+            if (m := re.match(r"<\d>(\{.*\})$", line)) is not None:
+                event = json.loads(m[1])
+                if event.get("event") == name:
+                    out.append(event)
+        return out
+
+
+def status_fields(text: str) -> dict[str, str]:
+    """vm<N>/status as a dict: `key: value` lines, values stripped."""
+    return {k: v.strip() for k, _, v in (line.partition(":") for line in text.splitlines())}
 
 
 def cat(path: Path | str) -> str:

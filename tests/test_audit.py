@@ -16,6 +16,7 @@ from bench._stripped import HOOK_MARKERS, kernel_vm, without_hooks
 from mmud.guest import WORKLOADS
 from mmud.host import HOST_WORKLOADS
 from mmud.kvm.dirty_log import kvm_get_dirty_log_protect, run_ioctl
+from mmud.kvm.mmu.audit import AUDIT_LOG_LINES, ERROR_LOG_BURST, ERROR_LOG_INTERVAL_MS
 from mmud.kvm.mmu.observer import EVENTS
 from mmud.uapi.bugs import BUGS, render_choices
 from tests.guest_tables import P, U, W, GuestTables
@@ -279,7 +280,7 @@ def test_bug_is_reported_by_its_check(bug, scope):
     )
 
 
-def test_each_error_is_a_structlog_event():
+def test_each_error_reaches_the_audit_log_and_the_first_ones_structlog():
     trigger, point, _ = SCENARIOS["wrong_pfn"]
     vm, gt, vcpu = _setup("full")
     vm.inject("wrong_pfn")
@@ -287,9 +288,50 @@ def test_each_error_is_a_structlog_event():
         trigger(vm, gt, vcpu)
     errors = [e for e in events if e["event"] == "mmu_audit_error"]
     lines = vm.audit_log()
-    assert lines and len(errors) == len(lines) == vm.stats["mmu_audit_errors"]
-    assert [e["message"] for e in errors] == [line.rstrip("\n") for line in lines]
+    assert lines and len(lines) == vm.stats["mmu_audit_errors"]
+    first = [line.rstrip("\n") for line in lines[:ERROR_LOG_BURST]]
+    assert [e["message"] for e in errors] == first
     assert {e["log_level"] for e in errors} == {"error"} and errors[0]["point"] == point
+
+
+def test_error_events_are_rate_limited_then_summarised_and_the_log_keeps_every_line():
+    """printk_ratelimited style, on simulated time: 10 events per 5 s per module; the first
+    event of a later window says how many were dropped.  kvm/audit_log has them all."""
+    vm = audited_vm("full", mem_mb=16, seed=3, workload="kernel")
+    vm.inject("rmap_add_skipped")
+    with structlog.testing.capture_logs() as events:
+        vm.step(20)
+    errors = [e for e in events if e["event"] == "mmu_audit_error"]
+    total = vm.stats["mmu_audit_errors"]
+    lines = vm.audit_log()
+    assert ERROR_LOG_BURST < total == len(lines) <= AUDIT_LOG_LINES
+    assert [e["message"] for e in errors] == [line.rstrip("\n") for line in lines[:ERROR_LOG_BURST]]
+    vm.clock_ns += ERROR_LOG_INTERVAL_MS * 1_000_000  # the window is over
+    with structlog.testing.capture_logs() as events:
+        vm.step(20)
+    errors = [e for e in events if e["event"] == "mmu_audit_error"]
+    summary, *rest = errors
+    assert summary["message"] == f"{total - ERROR_LOG_BURST} events suppressed"
+    assert summary["suppressed"] == total - ERROR_LOG_BURST and summary["log_level"] == "error"
+    assert len(rest) == ERROR_LOG_BURST
+    # The log also holds the run and rmap-report limiters' notes; its error lines are all there.
+    lines = [line.rstrip("\n") for line in vm.audit_log() if line.startswith("audit: ")]
+    assert len(lines) == vm.stats["mmu_audit_errors"] > total + ERROR_LOG_BURST
+    assert [e["message"] for e in rest] == lines[total:total + ERROR_LOG_BURST]
+
+
+def test_error_events_are_limited_per_module():
+    """Two VMs of one module share the limiter, as they share the kernel's printk limit."""
+    first = audited_vm("full", mem_mb=16, seed=3, workload="kernel")
+    second = mmud.VM(mem_mb=16, seed=4, workload="kernel", module=first.module)
+    for vm in (first, second):
+        vm.inject("rmap_add_skipped")
+    with structlog.testing.capture_logs() as events:
+        first.step(100)
+        second.step(100)
+    assert first.stats["mmu_audit_errors"] > ERROR_LOG_BURST
+    assert second.stats["mmu_audit_errors"] > 0
+    assert len([e for e in events if e["event"] == "mmu_audit_error"]) == ERROR_LOG_BURST
 
 
 @pytest.mark.parametrize("bug", list(SCENARIOS))

@@ -15,3 +15,16 @@ def test_bench_daemon_quick():
     for name in FIGURES:
         assert any(line.startswith(f"{name} = ") and line.endswith(" ms")
                    for line in done.stdout.splitlines()), done.stdout
+
+
+SOAK_FIGURES = ("soak_ops", "soak_errors_unexpected", "soak_hangs_over_1s",
+                "soak_rss_growth_mb[main]", "soak_rss_growth_mb[sim]")
+
+
+def test_bench_soak_quick():
+    """The soak runs its eight clients against a real daemon and prints its figures."""
+    done = subprocess.run([sys.executable, "-m", "bench", "--quick", "soak"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    for name in SOAK_FIGURES:
+        assert any(line.startswith(f"{name} = ") for line in done.stdout.splitlines()), done.stdout

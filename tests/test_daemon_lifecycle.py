@@ -37,6 +37,45 @@ def test_sigkill_then_restart_on_the_same_mount_point(workdir):
     assert d.stop() == 0
 
 
+def test_restart_right_after_sigkill_of_the_daemon_and_its_simulation(workdir):
+    """Within the kernel's attribute cache time (1 s) a dead mount still answers stat(2);
+    the mount point check lists the directory instead, which must reach a daemon."""
+    d = Daemon(workdir / "sigkill-now").start()
+    sim_pid = d.sim_pid()
+    os.stat(d.mount)  # the root's attributes cached: stat keeps succeeding for 1 s
+    os.kill(d.proc.pid, signal.SIGKILL)
+    os.kill(sim_pid, signal.SIGKILL)
+    d.proc.wait(5)
+    d.start()
+    assert d.proc.poll() is None, d.log()
+    assert "already a mount point" not in d.log()
+    assert "stale_mount_cleared" in d.log()
+    assert cat(d.path("parameters/mmu_audit")) == "N\n"
+    assert d.sim_pid() != sim_pid
+    assert d.stop() == 0
+
+
+def test_exception_in_the_main_process_exits_one(workdir):
+    """A real one: the mount point is removed while the simulation starts, so libfuse cannot
+    mount (mfusepy raises RuntimeError).  Status 1, one `daemon_failed` event with the
+    traceback in it, the simulation stopped, no bare traceback on the output."""
+    mnt = workdir / "vanishing"
+    d = Daemon(mnt)
+    d.start(wait=False)
+    deadline = time.monotonic() + 30
+    while not mnt.exists():  # created by the mount point check, before the simulation starts
+        assert time.monotonic() < deadline and d.proc.poll() is None, d.log()
+        time.sleep(0.001)
+    mnt.rmdir()
+    assert d.proc.wait(30) == 1, d.log()
+    (failed,) = d.events("daemon_failed")
+    assert failed["level"] == "critical" and failed["error"].startswith("RuntimeError")
+    assert "Traceback" in failed["exception"]
+    assert not any(line.startswith("Traceback") for line in d.log().splitlines())
+    assert d.events("simulation_stopped") and not d.events("mounted")
+    assert not is_mounted(mnt)
+
+
 def run_refused(*args: str) -> subprocess.CompletedProcess:
     done = subprocess.run([sys.executable, "-m", "mmud", "run", *args], cwd=REPO,
                           capture_output=True, text=True, timeout=60, check=False)

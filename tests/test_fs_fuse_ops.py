@@ -15,6 +15,7 @@ from stat import S_IFDIR, S_IFREG, S_IMODE, S_ISDIR, S_ISREG
 from types import SimpleNamespace
 
 import pytest
+import structlog.testing
 
 from mmud.fs.fuse import ControlFS
 from mmud.fs.tree import Tree
@@ -90,7 +91,7 @@ def test_getattr_of_a_missing_path_is_enoent(fs):
 
 
 def test_readdir_lists_dot_dotdot_then_the_children(fs):
-    assert fs.readdir("/", 0) == [".", "..", "parameters", "kvm", "vm0"]
+    assert fs.readdir("/", 0) == [".", "..", "parameters", "kvm", "vms", "vm0"]
     assert fs.readdir("/vm0/dirty_log", 0) == [".", "..", "0"]
 
 
@@ -99,7 +100,7 @@ def test_readdir_follows_the_latest_snapshot(fs, backend):
     assert fs.readdir("/", 0)[-2:] == ["vm0", "vm1"]
     assert S_ISDIR(fs.getattr("/kvm/4242-9")["st_mode"])
     backend.snapshot = snapshot()
-    assert fs.readdir("/", 0) == [".", "..", "parameters", "kvm"]
+    assert fs.readdir("/", 0) == [".", "..", "parameters", "kvm", "vms"]
     assert errno_of(fs.getattr, "/vm0/state") == errno.ENOENT
 
 
@@ -224,3 +225,145 @@ def test_a_byte_file_is_written_only_through_the_handle_its_open_made(fs, backen
     fs.release("/vm0/memory", info)
     assert errno_of(fs.write, "/vm0/memory", b"abc", 0, info) == errno.EBADF
     assert backend.requests == []
+
+
+# -- sizes, fallocate, names, attributes, oversized writes, the last-resort guard ---------------
+
+
+def test_memory_reports_the_end_of_guest_ram_as_its_size(backend):
+    backend.snapshot = snapshot(vm_snapshot("vm0", VM0_DIR, ram_end=64 << 20,
+                                            dirty_log_slots=(0,)))
+    fs = ControlFS(Tree(backend, Params()), backend, ready=lambda: None)
+    st = fs.getattr("/vm0/memory")
+    assert st["st_size"] == 64 << 20 and st["st_blocks"] == (64 << 20) // 512
+    assert fs.getattr("/vm0/dirty_log/0")["st_size"] == 0  # a bitmap has no fixed size
+
+
+def test_memory_of_a_vm_without_ram_end_reports_size_0(fs):
+    assert fs.getattr("/vm0/memory")["st_size"] == 0
+
+
+@pytest.mark.parametrize("path", ["/vm0/memory", "/parameters/mmu_audit", "/kvm/exits"])
+def test_fallocate_fails_with_enodev_which_glibc_does_not_fall_back_on(fs, backend, path):
+    info = opened(fs, path, os.O_RDWR)
+    assert errno_of(fs.fallocate, path, 0, 0, 4096, info) == errno.ENODEV
+    assert backend.requests == []
+
+
+@pytest.mark.parametrize(("call", "args", "err"), [
+    ("create", ("/vm0/new", 0o644, None), errno.EACCES),
+    ("mknod", ("/vm0/new", 0o644, 0), errno.EPERM),
+    ("mkdir", ("/kvm/new", 0o755), errno.EPERM),
+    ("rmdir", ("/vm0/dirty_log",), errno.EPERM),
+    ("unlink", ("/vm0/state",), errno.EPERM),
+    ("rename", ("/vm0/state", "/vm0/state2"), errno.EPERM),
+    ("symlink", ("/vm0/link", "state"), errno.EPERM),
+    ("link", ("/vm0/link", "/vm0/state"), errno.EPERM),
+])
+def test_names_are_never_created_removed_renamed_or_linked(fs, call, args, err):
+    assert errno_of(getattr(fs, call), *args) == err
+    assert fs.readdir("/vm0", 0).count("state") == 1
+
+
+def test_chmod_chown_and_utimens_show_in_getattr(fs):
+    assert fs.chmod("/vm0/state", S_IFREG | 0o600) == 0
+    assert fs.chown("/vm0/state", 1000, -1) == 0
+    assert fs.utimens("/vm0/state", (1_000_000_000, 2_000_000_000)) == 0
+    st = fs.getattr("/vm0/state")
+    assert st["st_mode"] == S_IFREG | 0o600 and (st["st_uid"], st["st_gid"]) == (1000, 0)
+    assert (st["st_atime"], st["st_mtime"]) == (1_000_000_000, 2_000_000_000)
+    assert st["st_ctime"] > fs.mtime_ns
+    assert fs.getattr("/vm0/inject")["st_mode"] == S_IFREG | 0o644  # per path
+    assert fs.chmod("/kvm", S_IFDIR | 0o700) == 0
+    assert fs.getattr("/kvm")["st_mode"] == S_IFDIR | 0o700
+
+
+def test_utimens_now_and_omit(fs):
+    fs.utimens("/vm0/state", (5, 6))
+    fs.utimens("/vm0/state", ((1 << 30) - 2, (1 << 30) - 1))  # UTIME_OMIT, UTIME_NOW
+    st = fs.getattr("/vm0/state")
+    assert st["st_atime"] == 5 and st["st_mtime"] > fs.mtime_ns
+    fs.utimens("/vm0/state", None)
+    assert fs.getattr("/vm0/state")["st_atime"] > fs.mtime_ns
+
+
+def test_attributes_of_a_missing_path_are_enoent(fs):
+    assert errno_of(fs.chmod, "/vm0/nope", 0o644) == errno.ENOENT
+    assert errno_of(fs.chown, "/vm1/state", 0, 0) == errno.ENOENT
+
+
+def test_a_read_only_parameter_chmod_writable_opens_and_its_write_fails_with_eio(fs, backend):
+    """sysfs: the open looks at the mode (kernfs_fop_open), the write at the store, which a
+    0444 parameter never gets (add_sysfs_param): module_attr_store answers EIO."""
+    path = "/parameters/mmio_caching"
+    fs.chmod(path, S_IFREG | 0o644)
+    assert S_IMODE(fs.getattr(path)["st_mode"]) == 0o644
+    info = opened(fs, path, os.O_WRONLY | os.O_TRUNC)
+    assert fs.truncate(path, 0, info) == 0
+    assert errno_of(fs.write, path, b"0\n", 0, info) == errno.EIO
+    assert backend.requests == []
+
+
+@pytest.mark.parametrize("path", ["/vm0/status", "/kvm/pages_4k", "/vm0/dirty_log/0"])
+def test_chmod_never_makes_a_file_without_a_store_writable(fs, backend, path):
+    fs.chmod(path, S_IFREG | 0o666)
+    assert errno_of(fs.open, path, fi(os.O_WRONLY)) == errno.EACCES
+    assert errno_of(fs.truncate, path, 0) == errno.EACCES
+    assert backend.requests == []
+
+
+def test_a_sysfs_file_chmod_read_only_refuses_root_a_write_open(fs):
+    """KERNFS_ROOT_EXTRA_OPEN_PERM_CHECK: no write bit, no write open, root included."""
+    fs.chmod("/parameters/mmu_audit", S_IFREG | 0o444)
+    assert errno_of(fs.open, "/parameters/mmu_audit", fi(os.O_WRONLY)) == errno.EACCES
+    assert opened(fs, "/parameters/mmu_audit").direct_io == 1
+    fs.chmod("/parameters/mmu_audit", S_IFREG | 0o200)
+    assert errno_of(fs.open, "/parameters/mmu_audit", fi(os.O_RDONLY)) == errno.EACCES
+
+
+def test_debugfs_files_keep_their_methods_whatever_the_mode(fs):
+    """debugfs checks only the ordinary permissions, which root passes."""
+    fs.chmod("/kvm/exits", S_IFREG | 0o000)
+    assert opened(fs, "/kvm/exits", os.O_RDWR).direct_io == 1
+
+
+def test_a_sysfs_write_stores_at_most_one_page_and_returns_that_count(fs, backend):
+    info = opened(fs, "/parameters/mmu_audit_ratelimit_ms", os.O_WRONLY)
+    data = b"7\n" + b"\0" * 4998
+    assert fs.write("/parameters/mmu_audit_ratelimit_ms", data, 0, info) == 4096
+    assert backend.requests == [("param", {"name": "mmu_audit_ratelimit_ms", "text": data[:4096]})]
+
+
+def test_a_debugfs_write_is_taken_whole(fs, backend):
+    info = opened(fs, "/kvm/exits", os.O_WRONLY)
+    assert fs.write("/kvm/exits", b"0\n" + b"\0" * 8190, 0, info) == 8192
+    assert backend.requests == [("clear_stat", {"name": "exits", "vm": None})]
+
+
+def test_an_unexpected_exception_answers_eio_and_logs_one_line_without_a_traceback(fs, backend):
+    def broken(**args: object) -> None:
+        raise ValueError("a parser bug")
+
+    backend.results["memory_read"] = broken
+    info = opened(fs, "/vm0/memory")
+    with structlog.testing.capture_logs() as events:
+        assert errno_of(fs.read, "/vm0/memory", 16, 0, info) == errno.EIO
+    assert events == [{"event": "fs_callback_error", "log_level": "error", "op": "read",
+                       "path": "/vm0/memory", "error": "ValueError", "message": "a parser bug"}]
+
+
+def test_oserror_passes_the_guard_untouched(fs):
+    with structlog.testing.capture_logs() as events:
+        assert errno_of(fs.getattr, "/nope") == errno.ENOENT
+    assert events == []
+
+
+def test_the_attributes_of_a_vms_files_go_with_the_vm(fs, backend):
+    fs.chmod("/vm0/state", S_IFREG | 0o600)
+    fs.chmod(f"/kvm/{VM0_DIR}/exits", S_IFREG | 0o600)
+    fs.chmod("/parameters/mmu_audit", S_IFREG | 0o600)
+    backend.snapshot = snapshot()  # vm0 destroyed ...
+    assert errno_of(fs.getattr, "/vm0/state") == errno.ENOENT
+    backend.snapshot = snapshot(vm_snapshot("vm0", "4242-11"))  # ... and created again
+    assert S_IMODE(fs.getattr("/vm0/state")["st_mode"]) == 0o644
+    assert S_IMODE(fs.getattr("/parameters/mmu_audit")["st_mode"]) == 0o600

@@ -45,7 +45,8 @@ def test_modes(iso):
         return stat.S_IMODE(os.stat(iso.path(rel)).st_mode)
 
     assert (mode("kvm/fault_log"), mode("kvm/isolation/map"), mode("kvm/isolation/mappings"),
-            mode("kvm/isolation/faults")) == (0o444, 0o200, 0o444, 0o444)
+            mode("kvm/isolation/faults"), mode("kvm/isolation/history")) == \
+        (0o444, 0o200, 0o444, 0o444, 0o444)
     assert int(iso.read("kvm/isolation_faults")) > 0
 
 
@@ -99,6 +100,10 @@ def test_restart_clears_the_log_and_the_history_keeps_it(iso, workdir):
     kept = [line for r in records for line in r["lines"] if ENTRY in line]
     assert set(before) <= set(kept)
     assert records[0]["vm"] == "vm0" and records[0]["seed"] == 3
+    # kvm/isolation/history keeps the rows the restart cleared from kvm/isolation/faults
+    shown = {(row.split()[1], row.split()[3]) for row in iso.read("kvm/isolation/history").splitlines()[1:]}
+    assert {("vm0", r["ip"]) for r in records if "ip" in r} <= shown
+    assert {line.split(" at ")[1].split(" [kvm]")[0] for line in before} <= {ip for _, ip in shown}
     assert '"event": "isolation_fault"' in iso.log()
     # mmu_page_hash is mapped now: the fresh VM never faults on it.
     assert echo(iso.path("vm0/state"), "run").returncode == 0

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from mmud.daemon.protocol import Snapshot
+from mmud.daemon.protocol import Snapshot, VmConfig
 from mmud.fs.nodes import BinaryFile, Dir, File, Node, RequestFile
 from mmud.fs.tree import Tree
 from mmud.uapi.bugs import INJECTABLE_BUGS, render_choices
@@ -83,7 +83,7 @@ def refused(tree: Tree, path: str, data: bytes) -> int | None:
 
 
 def test_root_holds_parameters_kvm_and_one_directory_per_vm(tree):
-    assert children(tree, "/") == ["parameters", "kvm", "vm0", "vm1"]
+    assert children(tree, "/") == ["parameters", "kvm", "vms", "vm0", "vm1"]
 
 
 def test_parameters_lists_every_module_parameter_in_kernel_order(tree):
@@ -109,8 +109,16 @@ def test_vm_directory_holds_the_simulator_controls(tree, vm):
     assert set(children(tree, f"/{vm}")) == VM_FILES
 
 
-def test_isolation_directory_holds_map_mappings_and_faults(tree):
-    assert children(tree, "/kvm/isolation") == ["map", "mappings", "faults"]
+def test_isolation_directory_holds_map_mappings_faults_and_history(tree):
+    assert children(tree, "/kvm/isolation") == ["map", "mappings", "faults", "history"]
+
+
+def test_isolation_history_renders_the_published_rows():
+    rows = ("  run vm     entry ip ... count", "    1 vm0        0 f+0x1/0x2 ...  3")
+    tree = Tree(FakeBackend(snapshot(vm_snapshot("vm0", VM0_DIR),
+                                     logs={"isolation/history": rows})), Params())
+    assert read(tree, "/kvm/isolation/history") == "".join(f"{r}\n" for r in rows).encode()
+    assert read(tree, "/kvm/isolation/history", snapshot()) == b""  # nothing published yet
 
 
 def test_dirty_log_directory_lists_the_slots_with_logging_on(tree):
@@ -121,12 +129,12 @@ def test_dirty_log_directory_lists_the_slots_with_logging_on(tree):
 def test_vm_directories_appear_and_disappear_with_the_snapshot(tree):
     only_vm0 = snapshot(vm_snapshot("vm0", VM0_DIR))
     only_vm1 = snapshot(vm_snapshot("vm1", VM1_DIR))
-    assert children(tree, "/", only_vm0) == ["parameters", "kvm", "vm0"]
+    assert children(tree, "/", only_vm0) == ["parameters", "kvm", "vms", "vm0"]
     assert VM1_DIR not in children(tree, "/kvm", only_vm0)
     for path in ("/vm1/state", f"/kvm/{VM1_DIR}/exits"):
         with pytest.raises(FileNotFoundError):
             lookup(tree, path, only_vm0)
-    assert children(tree, "/", only_vm1) == ["parameters", "kvm", "vm1"]
+    assert children(tree, "/", only_vm1) == ["parameters", "kvm", "vms", "vm1"]
     assert lookup(tree, f"/kvm/{VM1_DIR}/exits", only_vm1)
     with pytest.raises(FileNotFoundError):
         lookup(tree, f"/kvm/{VM0_DIR}", only_vm1)
@@ -188,9 +196,10 @@ def test_instant_stats_are_0444_and_the_others_0644(tree, desc, where):
 @pytest.mark.parametrize(("path", "mode"), [
     ("/kvm/mmu-debug", 0o644), ("/kvm/fault_log", 0o444), ("/kvm/audit_log", 0o444),
     ("/kvm/isolation/map", 0o200), ("/kvm/isolation/mappings", 0o444), ("/vm0/memory", 0o600),
+    ("/kvm/isolation/faults", 0o444), ("/kvm/isolation/history", 0o444),
     ("/vm0/dirty_log/3", 0o400), ("/vm0/migrate", 0o644), ("/vm0/state", 0o644),
     ("/vm0/inject", 0o644), ("/vm0/status", 0o444), ("/vm0/memslots", 0o644),
-    ("/vm0/zap_all", 0o644),
+    ("/vm0/zap_all", 0o644), ("/vms", 0o644),
 ])
 def test_control_files_have_their_documented_mode(tree, path, mode):
     node = lookup(tree, path)
@@ -362,6 +371,7 @@ def test_files_of_a_vm_that_is_gone_read_empty(tree):
      ("clear_stat", {"name": "max_mmu_page_hash_collisions", "vm": None})),
     ("/vm0/state", b"pause\n", ("state", {"vm": "vm0", "action": "pause"})),
     ("/vm1/state", b"restart", ("state", {"vm": "vm1", "action": "restart"})),
+    ("/vm1/state", b"destroy\n", ("state", {"vm": "vm1", "action": "destroy"})),
     ("/vm1/inject", b"wrong_pfn\n", ("inject", {"vm": "vm1", "name": "wrong_pfn"})),
     ("/vm0/inject", b"none", ("inject", {"vm": "vm0", "name": "none"})),
     ("/vm0/migrate", b"start\n", ("migrate", {"vm": "vm0", "action": "start"})),
@@ -545,10 +555,53 @@ def test_memory_write_repeats_until_every_byte_is_written(tree):
 
 
 def test_a_memory_fault_reaches_the_reader_with_its_errno(tree):
-    fake(tree).errors["memory_read"] = errno.EFAULT
+    fake(tree).errors["memory_read"] = errno.EIO
     with pytest.raises(OSError) as e:
         memory_handle(tree).read(0, 10)
-    assert e.value.errno == errno.EFAULT
+    assert e.value.errno == errno.EIO
+
+
+def holed_ram(hole: int, chunk: int) -> dict[str, Any]:
+    """Backend results for RAM that ends (or has a hole) at `hole`: EIO there, as vmio."""
+    def read_(vm: str, gpa: int, size: int) -> bytes:
+        if gpa >= hole:
+            raise OSError(errno.EIO, "not guest RAM")
+        return bytes(min(size, chunk, hole - gpa))
+
+    def write_(vm: str, gpa: int, data: bytes) -> int:
+        if gpa >= hole:
+            raise OSError(errno.EIO, "not guest RAM")
+        return min(len(data), chunk, hole - gpa)
+
+    return {"memory_read": read_, "memory_write": write_}
+
+
+def test_memory_io_that_reaches_a_hole_is_short_as_mem_rw():
+    tree = Tree(FakeBackend(snapshot(vm_snapshot("vm0", VM0_DIR))), Params())
+    fake(tree).results.update(holed_ram(10_000, 4096))
+    handle = memory_handle(tree)
+    assert handle.write(10_000 - 16, b"x" * 32) == 16
+    assert len(handle.read(10_000 - 16, 32)) == 16
+    assert handle.write(0, b"y" * 20_000) == 10_000  # several requests, then the hole
+    assert len(fake(tree).requests[-1][1]["data"]) == 20_000 - 10_000
+
+
+@pytest.mark.parametrize("op", ["read", "write"])
+def test_memory_io_that_moves_nothing_fails_with_eio(op):
+    tree = Tree(FakeBackend(snapshot(vm_snapshot("vm0", VM0_DIR))), Params())
+    fake(tree).results.update(holed_ram(10_000, 4096))
+    handle = memory_handle(tree)
+    with pytest.raises(OSError) as e:
+        handle.read(10_000, 32) if op == "read" else handle.write(10_000, b"x" * 32)
+    assert e.value.errno == errno.EIO
+
+
+def test_memory_file_size_is_the_end_of_guest_ram():
+    tree = Tree(FakeBackend(snapshot(vm_snapshot("vm0", VM0_DIR, ram_end=0x10010000))), Params())
+    node = lookup(tree, "/vm0/memory")
+    assert isinstance(node, BinaryFile)
+    assert node.size(current(tree)) == 0x10010000
+    assert node.size(snapshot()) == 0  # the VM is gone
 
 
 def dirty_log_handle(tree: Tree, slot: int):
@@ -579,3 +632,74 @@ def test_a_dirty_log_handle_refuses_writes(tree):
         dirty_log_handle(tree, 0).write(0, b"\0")
     assert e.value.errno == errno.EACCES
     assert fake(tree).requests == []
+
+
+# -- vms: the VMs, one line each; create and destroy lines -----------------------------------
+
+
+def test_vms_lists_one_line_per_vm_with_its_state_and_configuration(tree):
+    snap = snapshot(
+        vm_snapshot("vm0", VM0_DIR, config=VmConfig("vm0", 64, 1, 0, "kernel")),
+        vm_snapshot("vm7", VM1_DIR, state="paused", config=VmConfig("vm7", 1024, 4, 9, None)))
+    assert read(tree, "/vms", snap) == (b"vm0 running mem=64M vcpus=1 seed=0 workload=kernel\n"
+                                        b"vm7 paused mem=1024M vcpus=4 seed=9 workload=none\n")
+    assert read(tree, "/vms", snapshot()) == b""
+
+
+@pytest.mark.parametrize(("line", "request_"), [
+    (b"create vm5\n", ("create", {"name": "vm5"})),
+    (b"create vm5 mem=32M vcpus=2 seed=3 workload=kernel\n",
+     ("create", {"name": "vm5", "mem_mb": 32, "vcpus": 2, "seed": 3, "workload": "kernel"})),
+    (b"create vm12 workload=none seed=18446744073709551615 mem=1G",
+     ("create", {"name": "vm12", "workload": "none", "seed": 2**64 - 1, "mem_mb": 1024})),
+    (b"create vm999999 mem=512 vcpus=1024", ("create", {"name": "vm999999", "mem_mb": 512,
+                                                        "vcpus": 1024})),
+    (b"create vm1 mem=2GiB workload=stream", ("create", {"name": "vm1", "mem_mb": 2048,
+                                                         "workload": "stream"})),
+    (b"create vm1 workload=memslot_churn", ("create", {"name": "vm1", "workload": "memslot_churn"})),
+    (b"destroy vm5\n", ("destroy", {"name": "vm5"})),
+    (b"destroy vm0", ("destroy", {"name": "vm0"})),  # refused by the simulation (EPERM)
+])
+def test_a_vms_line_becomes_one_create_or_destroy_request(tree, line, request_):
+    store(tree, "/vms", line)
+    assert fake(tree).requests == [request_]
+
+
+@pytest.mark.parametrize("line", [
+    b"", b"\n", b"create", b"create\n", b"destroy", b"create vm5\n\n", b"create  vm5",
+    b"create vm5 ", b" create vm5", b"Create vm5", b"start vm5", b"create vm5\ndestroy vm5",
+    b"create VM5", b"create vm05", b"create vm", b"create vm-5", b"create foo", b"create vm1234567",
+    b"create vm5 mem", b"create vm5 mem=", b"create vm5 mem=0", b"create vm5 mem=64K",
+    b"create vm5 mem=-64M", b"create vm5 mem=lots", b"create vm5 mem=1M mem=2M",
+    b"create vm5 vcpus=0", b"create vm5 vcpus=1025", b"create vm5 vcpus=0x2", b"create vm5 vcpus=two",
+    b"create vm5 seed=-1", b"create vm5 seed=18446744073709551616", b"create vm5 seed=1.5",
+    b"create vm5 workload=bogus", b"create vm5 workload=", b"create vm5 workload=Kernel",
+    b"create vm5 colour=red", b"create vm5 =3", b"destroy vm5 now", b"destroy vm5 mem=1M",
+    b"destroy vm05", b"create vm5\0", b"destroy\n",
+])
+def test_a_bad_vms_line_fails_with_einval_and_sends_nothing(tree, line):
+    assert refused(tree, "/vms", line) == errno.EINVAL
+
+
+@pytest.mark.parametrize(("path", "data", "op", "err"), [
+    ("/vms", b"create vm0", "create", errno.EEXIST),
+    ("/vms", b"destroy vm5", "destroy", errno.ENOENT),
+    ("/vms", b"destroy vm0", "destroy", errno.EPERM),
+    ("/vm0/state", b"destroy", "state", errno.EPERM),
+])
+def test_the_simulations_vm_lifecycle_refusal_reaches_the_writer(tree, path, data, op, err):
+    fake(tree).errors[op] = err
+    with pytest.raises(OSError) as e:
+        store(tree, path, data)
+    assert e.value.errno == err
+    assert [op for op, _ in fake(tree).requests] == [op]
+
+
+def test_a_destroyed_vms_nodes_are_dropped_and_a_new_vm_of_that_name_gets_fresh_ones(tree):
+    vm1_state = lookup(tree, "/vm1/state")
+    assert children(tree, "/", snapshot(vm_snapshot("vm0", VM0_DIR))) == [
+        "parameters", "kvm", "vms", "vm0"]
+    assert "vm1" not in tree._vm_dirs
+    again = snapshot(vm_snapshot("vm0", VM0_DIR), vm_snapshot("vm1", "4242-12"))
+    assert lookup(tree, "/vm1/state", again) is not vm1_state
+    assert read(tree, "/vm1/state", again) == b"running\n"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import importlib
+import json
 import re
 import sys
 
@@ -16,7 +17,7 @@ from mmud.kvm.isolation import layout as L
 from mmud.kvm.isolation.faultlog import KVM_LAST_FAULT_COUNT
 from mmud.kvm.mmu.mmu import KvmMmu
 from mmud.kvm.mmu.page import hash_64
-from mmud.kvm.module import kernel_text
+from mmud.kvm.module import KvmModule, kernel_text
 from mmud.uapi.isolation import parse_map
 
 ENTRY = re.compile(
@@ -24,6 +25,11 @@ ENTRY = re.compile(
     r" \[kvm\] on ([0-9a-f]{16}) \((0x[0-9a-f]+|\S+\+0x[0-9a-f]+/0x[0-9a-f]+(?: \[\w+\])?)\)$")
 FRAME = re.compile(r"\[ *\d+\.\d{6}\]  \S+\+0x[0-9a-f]+/0x[0-9a-f]+ \[\w+\]$")
 ON = {"address_space_isolation": "1"}  # explicit: the default may change
+
+
+def NOBODY(vm: object) -> dict[str, object]:  # noqa: N802 - a constant-like describe callable
+    """A publisher's `describe` that knows no VM."""
+    return {}
 
 
 def run(steps: int = 3000, seed: int = 1, **load: str) -> tuple[mmud.VM, list[str]]:
@@ -105,6 +111,25 @@ def test_map_refuses_unknown_symbol_and_maps_ranges():
     isolation_map(vm.module.isolation, parse_map(b"0xffff888103300010 8\n"))
     mm = vm.module.isolation.mm
     assert mm.is_mapped(0xFFFF888103300FF8) and not mm.is_mapped(0xFFFF888103301000)
+
+
+def test_mapping_what_is_mapped_already_is_a_no_op():
+    vm = mmud.VM(params=mmud.Params(ON))
+    mm = vm.module.isolation.mm
+    initial = mm.lines()
+    for _ in range(5000):
+        isolation_map(vm.module.isolation, parse_map(b"mmu_page_hash\n"))
+    assert mm.lines()[:len(initial)] == initial
+    assert len(mm.lines()) == len(initial) + 1 and mm.lines()[-1].endswith(" mmu_page_hash")
+    for text in (b"kvm\n", b"_stext\n", b"0xffffffff81000010 8\n"):  # inside initial mappings
+        isolation_map(vm.module.isolation, parse_map(text))
+    assert len(mm.lines()) == len(initial) + 1
+    isolation_map(vm.module.isolation, parse_map(b"0xffff888106000010 8\n"))
+    isolation_map(vm.module.isolation, parse_map(b"0xffff888106000ff0 10\n"))  # same page
+    assert len(mm.lines()) == len(initial) + 2
+    isolation_map(vm.module.isolation, parse_map(b"0xffff888106000ff0 20\n"))  # one page more
+    assert len(mm.lines()) == len(initial) + 3
+    assert mm.is_mapped(0xFFFF888106001008) and not mm.is_mapped(0xFFFF888106002000)
 
 
 def test_switch_fault_dumps_both_page_tables():
@@ -228,13 +253,79 @@ def test_faults_table_count_grows_as_an_ip_faults_again():
 def test_the_publisher_republishes_the_table_only_when_it_changed():
     vm, _ = run(steps=500)
     publisher = FaultLogPublisher(vm.module.isolation, None)
-    first = publisher.logs({})
+    first = publisher.logs(NOBODY)
     assert first["isolation/faults"] == vm.module.isolation.log.table_lines()
     assert first["isolation/faults"][0].split() == ["entry", "ip", "address", "object", "count"]
-    again = publisher.logs({})
+    again = publisher.logs(NOBODY)
     assert again["isolation/faults"] is first["isolation/faults"]  # unchanged: not rebuilt
     assert again["fault_log"] is first["fault_log"]
     vm.step(500)
-    later = publisher.logs({})
+    later = publisher.logs(NOBODY)
     assert later["isolation/faults"] != first["isolation/faults"]
     assert later["isolation/faults"] == vm.module.isolation.log.table_lines()
+
+
+# -- whose fault: each entry is credited to the VM that took it --------------------------------
+
+
+def two_vms() -> tuple[mmud.VM, mmud.VM, dict[object, dict[str, object]]]:
+    """vm0 and vm1 on one kvm module (one fault log), and what a daemon says of each."""
+    module = KvmModule(ON)
+    vm0 = mmud.VM(seed=1, workload="kernel", module=module)
+    vm1 = mmud.VM(seed=2, workload="kernel", module=module)
+    return vm0, vm1, {vm0: {"vm": "vm0", "seed": 1}, vm1: {"vm": "vm1", "seed": 2}}
+
+
+def test_a_pending_entry_remembers_the_vm_that_took_the_fault():
+    vm0, vm1, _ = two_vms()
+    log = vm0.module.isolation.log
+    vm1.step(200)
+    vm0.step(3000)  # the IPs vm1 has not reached yet fault in vm0
+    pending = log.take_pending()
+    owners = [e.vm for e in pending]
+    assert vm1 in owners and vm0 in owners
+    assert owners == sorted(owners, key=lambda vm: vm is vm0)  # vm1's first, then vm0's
+    for e in pending:
+        assert e.row is not None and f"page fault #{e.row.entry} " in e.lines[0]
+
+
+def test_the_publisher_credits_each_record_to_its_vm(tmp_path):
+    """Not to the newest VM: vm0's faults say vm0 (and its step), vm1's say vm1."""
+    vm0, vm1, names = two_vms()
+    publisher = FaultLogPublisher(vm0.module.isolation, str(tmp_path))
+
+    def describe(vm):
+        return {**names[vm], "step": vm.steps}
+
+    vm1.step(200)
+    publisher.logs(describe)
+    vm0.step(3000)
+    logs = publisher.logs(describe)
+    records = [json.loads(line) for line in (tmp_path / "fault_log.jsonl").read_text().splitlines()]
+    by_vm = {r["vm"]: [] for r in records}
+    for r in records:
+        by_vm[r["vm"]].append(r)
+    assert set(by_vm) == {"vm0", "vm1"}
+    assert {(r["seed"], r["step"]) for r in by_vm["vm1"]} == {(2, 200)}
+    assert {(r["seed"], r["step"]) for r in by_vm["vm0"]} == {(1, 3000)}
+    # kvm/isolation/history: the same records as rows with their run and VM
+    header, *rows = logs["isolation/history"]
+    assert header.split() == ["run", "vm", "entry", "ip", "address", "object", "count"]
+    assert [row.split()[:3] for row in rows] == [["1", r["vm"], str(r["entry"])] for r in records]
+
+
+def test_a_vm_gone_before_its_entries_are_published_keeps_its_name():
+    vm0, vm1, names = two_vms()
+    publisher = FaultLogPublisher(vm0.module.isolation, None)
+    known = dict(names)
+
+    def describe(vm):
+        return {**known[vm], "step": vm.steps} if vm in known else {"step": vm.steps}
+
+    vm0.step(200)
+    publisher.logs(describe)
+    vm0.step(3000)
+    del known[vm0]  # restarted: the simulation no longer knows it by name
+    publisher.logs(describe)
+    rows = [row.split() for row in publisher.logs(describe)["isolation/history"][1:]]
+    assert len(rows) > 3 and {row[1] for row in rows} == {"vm0"}

@@ -140,3 +140,47 @@ def test_names_and_modes():
 def test_kstrtoull_round_trips_base_zero(n, fmt):
     text = fmt % n if n or fmt == "%d" else "0"
     assert kstrtoull(text + "\n", 0) == n
+
+
+# A number longer than Python converts (4300 decimal digits) is judged by its digit count:
+# ERANGE as _parse_integer() flags it, never a ValueError from int().
+HUGE = [("9" * 10240, 0), ("9" * 10240 + "\n", 10), ("1" + "0" * 20, 0), ("0x1" + "0" * 16, 0),
+        ("0x" + "f" * 5000, 16), ("02" + "0" * 21, 0), ("7" * 30000, 8), ("+" + "9" * 4301, 10)]
+
+
+@pytest.mark.parametrize(("text", "base"), HUGE, ids=lambda v: f"{str(v)[:12]}…")
+def test_kstrtoull_refuses_a_number_of_any_length_past_64_bits_with_erange(text, base):
+    with pytest.raises(ParamError) as e:
+        kstrtoull(text, base)
+    assert e.value.errno == errno.ERANGE
+
+
+@pytest.mark.parametrize(("text", "base", "value"), [
+    ("0" * 10240 + "1", 10, 1), ("0" * 10240, 0, 0), ("0x" + "0" * 5000 + "ff", 0, 255),
+    ("0" * 5000 + "18446744073709551615", 10, 2**64 - 1),
+    ("0" * 5000 + "1777777777777777777777", 0, 2**64 - 1),
+], ids=lambda v: f"{str(v)[:12]}…")
+def test_kstrtoull_leading_zeros_do_not_count_towards_the_width(text, base, value):
+    assert kstrtoull(text, base) == value
+
+
+def test_kstrtoull_checks_the_width_before_the_trailing_text():
+    """As kstrtoull(): an overflow is ERANGE even when junk follows the digits."""
+    with pytest.raises(ParamError) as e:
+        kstrtoull("9" * 10240 + "junk", 10)
+    assert e.value.errno == errno.ERANGE
+
+
+@pytest.mark.parametrize("name", ["mmu_audit_ratelimit_ms", "mmu_audit_ratelimit_burst"])
+def test_a_uint_parameter_refuses_ten_thousand_digits_with_erange(name):
+    p = Params()
+    with pytest.raises(ParamError) as e:
+        p[name] = "9" * 10240 + "\n"
+    assert e.value.errno == errno.ERANGE
+    assert p.render(name) == Params().render(name)
+
+
+def test_mmu_audit_refuses_ten_thousand_digits_with_einval():
+    with pytest.raises(ParamError) as e:
+        Params()["mmu_audit"] = "1" * 10240
+    assert e.value.errno == errno.EINVAL  # mmu_audit_set(): every parse failure is EINVAL

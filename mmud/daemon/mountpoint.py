@@ -1,4 +1,11 @@
-"""Mount point checks: create a missing one, clear a stale one, refuse an unusable one."""
+"""Mount point checks: create a missing one, clear a stale one, refuse an unusable one.
+
+A FUSE mount whose daemon died (SIGKILL, a crash) stays in the mount table, and for about a
+second after the death `stat` still succeeds from the kernel's attribute cache
+(attr_timeout).  Only an operation that must reach the daemon tells a dead mount from a
+live one: listing the directory fails with ENOTCONN (ECONNABORTED once the connection was
+aborted through fusectl) on a dead one, which is then lazily unmounted.
+"""
 
 from __future__ import annotations
 
@@ -39,6 +46,10 @@ def _lazy_unmount(path: Path) -> None:
     log.warning("stale_mount_cleared", mountpoint=str(path))
 
 
+# What an operation on a FUSE mount without a daemon fails with.
+_DEAD_MOUNT = (errno.ENOTCONN, errno.ECONNABORTED)
+
+
 def prepare(path: Path) -> Path:
     """Return the absolute mount point, ready to mount on, or raise MountPointError."""
     path = path.absolute()
@@ -48,13 +59,20 @@ def prepare(path: Path) -> Path:
         path.mkdir(parents=True)
         return path
     except OSError as e:
-        if e.errno != errno.ENOTCONN:
+        if e.errno not in _DEAD_MOUNT:
             raise MountPointError(f"{path}: {e.strerror}") from None
         _lazy_unmount(path)
+    if is_mounted(path):
+        try:
+            os.listdir(path)  # reaches the daemon: a cached stat does not prove one is there
+        except OSError as e:
+            if e.errno not in _DEAD_MOUNT:
+                raise MountPointError(f"{path}: {e.strerror}") from None
+            _lazy_unmount(path)
+        else:
+            raise MountPointError(f"{path}: already a mount point (is another mmud running?)")
     if not path.is_dir():
         raise MountPointError(f"{path}: not a directory")
-    if is_mounted(path):
-        raise MountPointError(f"{path}: already a mount point (is another mmud running?)")
     if any(path.iterdir()):
         raise MountPointError(f"{path}: directory not empty")
     return path

@@ -50,6 +50,7 @@ class VmSnapshot:
     migrate: str = ""  # the vm<N>/migrate text: rounds of the last migration and its result
     memslots: str = ""  # the vm<N>/memslots table
     config: VmConfig | None = None  # what built the VM: a restart of the simulation rebuilds it
+    ram_end: int = 0  # the end of the highest memslot: vm<N>/memory's st_size
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,8 @@ liveness signal the main process turns into WATCHDOG=1.
 from __future__ import annotations
 
 import errno
+import gc
+import itertools
 import os
 import signal
 import time
@@ -33,6 +35,7 @@ from mmud.kvm.module import KvmModule
 from mmud.machine import VM
 from mmud.migration import Migration, MigrationResult
 from mmud.uapi.params import ParamError
+from mmud.uapi.vms import KVM_MAX_VCPUS, NO_WORKLOAD, WORKLOADS, is_vm_name
 from mmud.log import setup_logging
 
 # A batch this long keeps a request's wait (at most one batch) far under the 20 ms budget
@@ -64,8 +67,13 @@ class _Slot:
     running: bool = True
     failure: str | None = None  # why the VM crashed; only a restart clears it
     rates: RateMeter = field(default_factory=RateMeter)
-    migration: Generator[None, None, MigrationResult] | None = None  # the running pre-copy, if any
-    migrate_text: Callable[[], str] = lambda: ""  # what vm<N>/migrate shows
+    migration: Migration | None = None  # the running pre-copy, if any
+    precopy: Generator[None, None, MigrationResult] | None = None  # its run(): a round per turn
+    migrated: MigrationResult | None = None  # the last migration's: what vm<N>/migrate shows
+    dest_of: str | None = None  # a destination: the source whose next migration replaces it
+
+    def migrate_text(self) -> str:
+        return self.migrated.render() if self.migrated else ""
 
     @property
     def state(self) -> VmState:
@@ -85,6 +93,9 @@ class Simulation:
         self.module = KvmModule(config.load)  # one kvm module, shared by every VM
         self.params = self.module.params
         self.requests, self.out = requests, out
+        self.config = config  # its first VM's configuration gives what a `create` leaves out
+        self.protected = config.vms[0].name  # the service's own VM: restarted, never destroyed
+        self._freed = False  # a VM went away: collect before the reply (see _apply)
         self.slots = [self._create(c.name, c) for c in config.vms]
         self.handlers: dict[str, Callable[..., Any]] = {
             "param": self.set_param,
@@ -96,6 +107,8 @@ class Simulation:
             "memory_write": lambda vm, gpa, data: vmio.memory_write(self._slot(vm).vm, gpa, data),
             "dirty_log": lambda vm, slot: self._slot(vm).vm.get_dirty_log(slot),
             "migrate": self.migrate,
+            "create": self.create,
+            "destroy": self.destroy,
             "memslot": lambda vm, **line: vmctl.set_memslot(self._slot(vm).vm, **line),
             "zap_all": lambda vm, kind: vmctl.zap_all(self._slot(vm).vm, kind,
                                                       self._slot(vm).running),
@@ -119,6 +132,7 @@ class Simulation:
             running = [s for s in self.slots if s.running]
             if running:
                 self._step_batch(running)
+                running.clear()  # a request may destroy a VM: hold no slot across the drain
                 self._drain(timeout=0)
             else:
                 self._drain(timeout=PUBLISH_SECONDS)
@@ -172,6 +186,13 @@ class Simulation:
         except (ParamError, OSError) as e:
             reply = Reply(req.id, errno=e.errno or errno.EINVAL, message=str(e), step=step)
         self.publish()  # the change is visible before the writer's write(2) returns
+        if self._freed:
+            # A VM went away: its objects form cycles (vCPUs, MMU and guest point back at
+            # it), so only a collection frees them; do it now, so that its memory is back
+            # before the write(2) that destroyed it returns.  After the publish, which hands
+            # the fault log's pending entries (they name their VM) to the publisher.
+            self._freed = False
+            gc.collect()
         self.out.send(reply)
 
     def publish(self) -> None:
@@ -180,16 +201,18 @@ class Simulation:
             seq=self._seq,
             params={n: self.params.render(n) for n in self.params.names()},
             vms=tuple(self._vm_snapshot(s) for s in self.slots),
-            logs={**self.logs, **self.isolation.logs(self._fault_context()),
+            logs={**self.logs, **self.isolation.logs(self._fault_context),
                   "audit_log": tuple(line.rstrip("\n") for line in self.module.audit.lines)}))
 
     def _vm_snapshot(self, s: _Slot) -> VmSnapshot:
         stats = s.vm.stats
         status = render_status(s.vm, s.state, s.rates.update(s.vm.steps, stats), s.failure,
-                               pid=os.getpid())
+                               pid=os.getpid(),
+                               state_write_failures=self.isolation.state_write_failures)
         return VmSnapshot(s.name, s.debugfs_dir, s.state.value, s.vm.steps, stats, status,
                           s.vm.render_inject(), vmio.dirty_log_slots(s.vm), s.migrate_text(),
-                          memslots=vmctl.render_memslots(s.vm.memslots), config=s.config)
+                          memslots=vmctl.render_memslots(s.vm.memslots), config=s.config,
+                          ram_end=vmio.ram_end(s.vm))
 
     # -- request handlers ---------------------------------------------------------------
 
@@ -211,9 +234,12 @@ class Simulation:
             s.vm.clear_stat(name)
         log.info("stat_cleared", name=name, vm=vm or "all")
 
-    def _fault_context(self) -> dict[str, object]:
-        """Where new fault-log entries happened: the newest VM (the one isolation logs for)."""
-        s = self.slots[-1]
+    def _fault_context(self, kvm: Any) -> dict[str, object]:
+        """Whose fault a new fault-log entry is: the VM that took it (a VM a restart replaced
+        has no slot, hence no name; the publisher remembers the name it had)."""
+        s = next((s for s in self.slots if s.vm is kvm), None)
+        if s is None:
+            return {"seed": kvm.seed, "step": kvm.steps}
         return {"vm": s.name, "seed": s.config.seed, "step": s.vm.steps}
 
     def inject(self, vm: str, name: str) -> None:
@@ -222,32 +248,115 @@ class Simulation:
         log.info("bug_armed", vm=vm, bug=name, step=self._slot(vm).vm.steps)
 
     def migrate(self, vm: str, action: str) -> None:
-        """`echo start > vm<N>/migrate`: pre-copy it into a new paused VM, one round per loop
-        turn while the source keeps running; the source is paused at the stop."""
+        """`echo start > vm<N>/migrate`: pre-copy it into a paused destination, one round per
+        loop turn while the source keeps running; the source is paused at the stop.
+
+        The destination is the VM the source's last migration made, if it is still there:
+        it is destroyed and made again under its name.  Otherwise it is a new VM under the
+        lowest free name vm<K>.  So each source has at most one destination, however many
+        times it migrates (docs/control-files.md §10.4)."""
         s = self._slot(vm)
         if s.migration is not None or not s.running:
             raise OSError(errno.EBUSY, f"{vm} is migrating or not running")
+        old = next((t for t in self.slots if t.dest_of == vm), None)
+        if old is not None:
+            name = old.name
+            self._remove(old)  # freed before the reply, so before the copy starts (_apply)
+        else:
+            taken = {t.name for t in self.slots}
+            name = next(n for k in itertools.count(1) if (n := f"vm{k}") not in taken)
         migration = Migration.to_new_vm(s.vm)
-        name = f"vm{len(self.slots)}"
         config = VmConfig(name, s.config.mem_mb, s.config.vcpus, s.config.seed, workload=None)
         dest = _Slot(name, config, migration.dest, os.memfd_create(f"kvm-{name}", os.MFD_CLOEXEC),
-                     running=False)
+                     running=False, dest_of=vm)
         self.slots.append(dest)
-        s.migration, s.migrate_text = migration.run(), migration.result.render
-        log.info("migration_started", vm=vm, dest=name, step=s.vm.steps)
+        s.migration, s.precopy, s.migrated = migration, migration.run(), migration.result
+        log.info("migration_started", vm=vm, dest=name, replaced=old is not None, step=s.vm.steps)
+
+    def create(self, name: str, mem_mb: int | None = None, vcpus: int | None = None,
+               seed: int | None = None, workload: str | None = None) -> None:
+        """`create NAME …` in `vms`: a new running VM.  What the line leaves out is the
+        daemon's command line's (`mmud run --mem/--vcpus/--seed/--workload`: the first
+        VM's configuration); `workload="none"` is an idle guest.  EEXIST for a name in use,
+        EINVAL for a configuration a VM refuses."""
+        if not is_vm_name(name):
+            raise OSError(errno.EINVAL, f"{name!r} is not a VM name")
+        if any(s.name == name for s in self.slots):
+            raise OSError(errno.EEXIST, f"{name} exists")
+        d = self.config.vms[0]
+        config = VmConfig(name, d.mem_mb if mem_mb is None else mem_mb,
+                          d.vcpus if vcpus is None else vcpus, d.seed if seed is None else seed,
+                          d.workload if workload is None else
+                          None if workload == NO_WORKLOAD else workload)
+        if config.workload not in (None, *WORKLOADS) or not 1 <= config.vcpus <= KVM_MAX_VCPUS:
+            raise OSError(errno.EINVAL, f"{name}: workload or vcpus out of range")
+        try:
+            slot = self._create(name, config)
+        except (ValueError, MemoryError, OSError) as e:
+            self._follow_newest_isolation()  # a VM built halfway may have made itself current
+            err = errno.ENOMEM if isinstance(e, MemoryError) else getattr(e, "errno", None)
+            raise OSError(err or errno.EINVAL, f"{name}: {e}") from None
+        self.slots.append(slot)
+        log.info("vm_created", vm=name, mem_mb=config.mem_mb, vcpus=config.vcpus,
+                 seed=config.seed, workload=config.workload, debugfs=slot.debugfs_dir)
+
+    def destroy(self, name: str) -> None:
+        """`destroy NAME` in `vms`, `destroy` in vm<N>/state: the VM, its vm<N>/ and
+        kvm/<pid>-<fd>/ directories go away and its memory is freed.  ENOENT for no such VM,
+        EPERM for the service's own VM (vm0), which a restart renews instead."""
+        s = self._slot(name)
+        if name == self.protected:
+            raise OSError(errno.EPERM, f"{name} is the service's own VM: restart it instead")
+        steps = s.vm.steps
+        self._remove(s)
+        log.info("vm_destroyed", vm=name, steps=steps)
+
+    def _remove(self, s: _Slot) -> None:
+        """Take a VM out of the simulation, and every pointer to it with it.
+
+        A destination keeps belonging to its source's name: a VM made again under that name
+        replaces it at its first migration, so a create/migrate/destroy cycle keeps one
+        destination, not one more each time."""
+        self.slots.remove(s)
+        self._release(s)
+
+    def _release(self, s: _Slot) -> None:
+        """Drop what refers to a VM that goes away (destroyed, or replaced by a restart): its
+        memfd, its own migration, the migrations into it (cancelled: their source runs on),
+        the isolation module's `current`.  Its memory is freed by the collection in _apply."""
+        os.close(s.fd)
+        s.migration = s.precopy = None
+        for other in self.slots:
+            if other is s:
+                continue
+            if other.migration is not None and other.migration.dest is s.vm:
+                other.migration.cancel()
+                other.migration = other.precopy = None
+                log.info("migration_cancelled", vm=other.name, dest=s.name, step=other.vm.steps)
+            if other.migrated is not None and other.migrated.dest is s.vm:
+                other.migrated.dest = None
+        if s.vm.isolation is not None and self.module.isolation.current is s.vm.isolation:
+            self._follow_newest_isolation(without=s)
+        self._freed = True
+
+    def _follow_newest_isolation(self, without: _Slot | None = None) -> None:
+        """The isolation module's `current` (whose symbols `map` resolves) is the newest VM's."""
+        self.module.isolation.current = next(
+            (t.vm.isolation for t in reversed(self.slots) if t is not without and t.vm.isolation),
+            None)
 
     def _advance_migrations(self) -> None:
         for s in self.slots:
-            if s.migration is None:
+            if s.precopy is None:
                 continue
             try:
-                next(s.migration)
+                next(s.precopy)
             except StopIteration as done:
-                s.migration, s.running = None, False
+                s.migration, s.precopy, s.running = None, None, False
                 log.info("migration_done", vm=s.name, step=s.vm.steps,
                          identical=done.value.identical, pages_sent=done.value.pages_sent)
             except Exception as e:  # noqa: BLE001 - a failing migration stops the source only
-                s.migration = None
+                s.migration = s.precopy = None
                 self._crash(s, e)
 
     def isolation_map(self, text: bytes) -> None:
@@ -257,11 +366,15 @@ class Simulation:
 
     def set_state(self, vm: str, action: str) -> None:
         s = self._slot(vm)
+        if action == "destroy":
+            self.destroy(vm)
+            return
         if action == "restart":
             i = self.slots.index(s)
-            os.close(s.fd)
+            self._release(s)
             fresh = self._create(s.name, s.config)
             fresh.running = s.running or s.failure is not None  # a paused VM restarts paused
+            fresh.dest_of = s.dest_of
             self.slots[i] = s = fresh
         elif action == "run" and s.failure:
             raise OSError(errno.EINVAL, f"{vm} crashed; restart it")

@@ -31,11 +31,13 @@ class RateMeter:
         return self._rates
 
 
-def render_status(vm: Any, state: str, rates: dict[str, float], failure: str | None, *, pid: int) -> str:
+def render_status(vm: Any, state: str, rates: dict[str, float], failure: str | None, *, pid: int,
+                  state_write_failures: int | None = None) -> str:
     """One `key: value` line each, like /proc/meminfo, so both people and scripts can read it.
 
     `pid` is the process that holds the VM (the simulation's): the `<pid>` of its
-    `kvm/<pid>-<fd>/` directory, what `kvm_stat -p` takes.
+    `kvm/<pid>-<fd>/` directory, what `kvm_stat -p` takes.  `state_write_failures`, with a
+    state directory, is how many records it refused so far (a full disk: docs/isolation.md).
     """
     lines = [
         ("state", state),
@@ -47,8 +49,39 @@ def render_status(vm: Any, state: str, rates: dict[str, float], failure: str | N
         ("steps", str(vm.steps)),
         ("shadow pages", f"{vm.mmu.n_used_mmu_pages} / {vm.mmu.n_max_mmu_pages}"),
     ]
+    if state_write_failures is not None:
+        lines.append(("state write failures", str(state_write_failures)))
     if failure:
         lines.append(("failure", failure))
     lines += [(f"{n}/s", f"{rates.get(n, 0.0):.0f}") for n in ("steps", *RATE_STATS)]
+    return _render_lines(lines)
+
+
+def _render_lines(lines: list[tuple[str, str]]) -> str:
     width = max(len(k) for k, _ in lines) + 1
     return "".join(f"{k + ':':<{width}} {v}\n" for k, v in lines)
+
+
+def render_failed_status(last: str, cause: str, steps: int) -> str:
+    """vm<N>/status once the simulation process is gone (rendered by the main process).
+
+    The last published status with `state: failed`, every rate at 0 (nothing runs) and a
+    `failure:` line naming the cause and the last step count seen, in place of a guest
+    crash's line.  `pid:` still names the process that held the VM.
+    """
+    failure = ("failure", f"simulation process {cause}; last step seen {steps}")
+    lines: list[tuple[str, str]] = []
+    for line in last.splitlines():
+        key, _, value = line.partition(":")
+        if key == "failure":
+            continue  # a guest crash before the process died: the process's end replaces it
+        if key.endswith("/s"):
+            if failure not in lines:
+                lines.append(failure)
+            value = "0"
+        elif key == "state":
+            value = "failed"
+        lines.append((key, value.strip()))
+    if failure not in lines:
+        lines.append(failure)
+    return _render_lines(lines)

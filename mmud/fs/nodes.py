@@ -93,12 +93,15 @@ class BinaryFile:
 
     Guest RAM and dirty bitmaps are state only the simulation holds (and a dirty-log read
     changes it), so they are never in a snapshot: each open gets a Handle, and reads and
-    writes become requests for exactly the bytes asked.
+    writes become requests for exactly the bytes asked.  `size` gives st_size from the
+    snapshot (0 for a file without a fixed size, procfs style).
     """
 
-    def __init__(self, open_handle: Callable[[], Handle], mode: int) -> None:
+    def __init__(self, open_handle: Callable[[], Handle], mode: int,
+                 size: Callable[[Snapshot], int] | None = None) -> None:
         self.open_handle = open_handle
         self.mode = mode
+        self.size = size or (lambda snap: 0)
 
     @property
     def writable(self) -> bool:
@@ -109,27 +112,50 @@ class BinaryFile:
 
 
 class _MemoryHandle:
-    """vm<N>/memory: guest RAM at offset = gpa, one request per chunk."""
+    """vm<N>/memory: guest RAM at offset = gpa, one request per chunk.
+
+    As /proc/<pid>/mem's mem_rw: a read or write that reaches a hole or the end of RAM after
+    moving some bytes returns that count (a short read or write); the error (EIO from the
+    simulation) reaches the caller only when nothing was moved.
+    """
 
     def __init__(self, backend: Backend, vm: str) -> None:
         self.backend, self.vm = backend, vm
 
     def read(self, offset: int, size: int) -> bytes:
-        out = b""
-        while len(out) < size:
-            got = self.backend.request("memory_read", vm=self.vm, gpa=offset + len(out),
-                                       size=size - len(out)).result
-            if not got:
-                break
-            out += got
-        return out
+        chunks: list[bytes] = []
+
+        def step(done: int) -> int:
+            got = self.backend.request("memory_read", vm=self.vm, gpa=offset + done,
+                                       size=size - done).result
+            chunks.append(got)
+            return len(got)
+
+        _transfer(step, size)
+        return b"".join(chunks)
 
     def write(self, offset: int, data: bytes) -> int:
-        done = 0
-        while done < len(data):
-            done += self.backend.request("memory_write", vm=self.vm, gpa=offset + done,
-                                         data=data[done:]).result
-        return done
+        return _transfer(lambda done: self.backend.request(
+            "memory_write", vm=self.vm, gpa=offset + done, data=data[done:]).result, len(data))
+
+
+def _transfer(step: Callable[[int], int], total: int) -> int:
+    """Move `total` bytes by requests, each moving some from offset `done` on (its count).
+
+    As mem_rw() does: an error once some bytes moved ends the transfer short — the bytes
+    before the hole — and only an error before any is the call's error."""
+    done = 0
+    while done < total:
+        try:
+            n = step(done)
+        except OSError:
+            if done:
+                break
+            raise
+        if not n:
+            break
+        done += n
+    return done
 
 
 class _DirtyLogHandle:
@@ -150,8 +176,16 @@ class _DirtyLogHandle:
 
 
 def memory_file(backend: Backend, vm: str) -> BinaryFile:
-    """Root only (0600), as /dev/mem: the whole guest's memory."""
-    return BinaryFile(lambda: _MemoryHandle(backend, vm), 0o600)
+    """Root only (0600), as /dev/mem: the whole guest's memory.
+
+    st_size is the end of the highest memslot, so `ls -l`, `cp` and glibc see the RAM's
+    real extent (glibc's posix_fallocate fallback would otherwise write a byte per block).
+    """
+    def size(snap: Snapshot) -> int:
+        one = snap.vm(vm)
+        return one.ram_end if one else 0
+
+    return BinaryFile(lambda: _MemoryHandle(backend, vm), 0o600, size)
 
 
 def dirty_log_dir(backend: Backend, vm: str) -> Dir:
@@ -176,7 +210,9 @@ def log_file(name: str) -> File:
 
 def isolation_dir(backend: Backend) -> Dir:
     """kvm/isolation/: `map` (0200) extends the KVM address space, `mappings` (0444) lists it,
-    `faults` (0444) is mmud's table of the logged faults (not a kernel file; docs/isolation.md).
+    `faults` (0444) is mmud's table of the logged faults (not a kernel file; docs/isolation.md),
+    `history` (0444) the same rows of earlier runs and of this one, read back from the state
+    directory (mmud only).
 
     `map` is write-only, as debugfs makes a file without a read method: what it did is read
     back from `mappings`.  Syntax is checked here; whether a symbol exists, by the simulation.
@@ -187,7 +223,8 @@ def isolation_dir(backend: Backend) -> Dir:
 
     return Dir({"map": action_file(backend, "isolation_map", parse),
                 "mappings": log_file("isolation/mappings"),
-                "faults": log_file("isolation/faults")})
+                "faults": log_file("isolation/faults"),
+                "history": log_file("isolation/history")})
 
 
 def _refuse(e: ParamError) -> OSError:
@@ -267,6 +304,30 @@ def choice_file(backend: Backend, render: Render, op: str, key: str,
         return {**extra, key: text}
 
     return RequestFile(backend, render, op, parse)
+
+
+Command = Callable[[bytes], tuple[str, dict[str, Any]]]  # write(2) bytes -> (op, args)
+
+
+class CommandFile(File):
+    """A writable file whose line names the request: `create …` and `destroy …` of `vms`.
+
+    Like a RequestFile, each write(2) is parsed whole here (OSError to refuse, nothing sent)
+    and becomes exactly one request; the parser picks its op.
+    """
+
+    def __init__(self, backend: Backend, render: Render, parse: Command,
+                 mode: int = 0o644) -> None:
+        super().__init__(render, mode)
+        self.backend, self.parse = backend, parse
+
+    @property
+    def writable(self) -> bool:
+        return True
+
+    def store(self, data: bytes) -> None:
+        op, args = self.parse(data)
+        self.backend.request(op, **args)
 
 
 Node = Dir | File | BinaryFile

@@ -8,6 +8,7 @@
     vm<N>/state, vm<N>/status   simulator control, one directory per VM
     vm<N>/memory, vm<N>/dirty_log/<slot>, vm<N>/migrate   guest RAM, dirty logs, live migration
     vm<N>/memslots, vm<N>/zap_all   memslot changes, zap of every shadow page (issue 6)
+    vms                         the VMs, one line each; `create …`/`destroy …` (mmud/uapi/vms.py)
 
 A later file is one more entry in `_kvm_files` or `_vm_files`, built from the node types.
 """
@@ -20,6 +21,7 @@ from collections.abc import Mapping
 from mmud.daemon.protocol import Snapshot
 from mmud.fs.nodes import (
     Backend,
+    CommandFile,
     Dir,
     File,
     Node,
@@ -36,8 +38,9 @@ from mmud.fs.memslots import memslots_file, zap_all_file
 from mmud.uapi.bugs import INJECTABLE_BUGS
 from mmud.uapi.params import Params
 from mmud.uapi.stats import STATS
+from mmud.uapi.vms import parse_vms_line, render_vm_line
 
-VM_STATE_ACTIONS = ("run", "pause", "restart")
+VM_STATE_ACTIONS = ("run", "pause", "restart", "destroy")  # destroy: any VM but vm0 (EPERM)
 
 
 class Tree:
@@ -51,14 +54,17 @@ class Tree:
         self._kvm_files.update(fault_log=log_file("fault_log"), isolation=isolation_dir(backend),
                                audit_log=log_file("audit_log"))
         self._vm_dirs: dict[str, tuple[Dir, Dir]] = {}  # VM name -> (debugfs dir, vm<N>/ dir)
+        self.vms = CommandFile(backend, _render_vms, parse_vms_line)
         self.kvm = Dir(self._kvm_children)
         self.root = Dir(self._root_children)
 
     def _dirs(self, vm: str) -> tuple[Dir, Dir]:
-        if vm not in self._vm_dirs:
-            self._vm_dirs[vm] = (Dir({s.name: stat_file(self.backend, s, vm) for s in STATS}),
-                                 Dir(self._vm_files(vm)))
-        return self._vm_dirs[vm]
+        dirs = self._vm_dirs.get(vm)  # never a second lookup: another thread may prune it
+        if dirs is None:
+            dirs = self._vm_dirs.setdefault(vm, (
+                Dir({s.name: stat_file(self.backend, s, vm) for s in STATS}),
+                Dir(self._vm_files(vm))))
+        return dirs
 
     def _vm_files(self, vm: str) -> dict[str, Node]:
         def state(snap: Snapshot) -> bytes:
@@ -95,7 +101,10 @@ class Tree:
         return {**self._kvm_files, **{v.debugfs_dir: self._dirs(v.name)[0] for v in snap.vms}}
 
     def _root_children(self, snap: Snapshot) -> Mapping[str, Node]:
-        return {"parameters": self.parameters, "kvm": self.kvm,
+        names = {v.name for v in snap.vms}
+        for gone in self._vm_dirs.keys() - names:  # a destroyed VM's nodes go with it
+            self._vm_dirs.pop(gone, None)
+        return {"parameters": self.parameters, "kvm": self.kvm, "vms": self.vms,
                 **{v.name: self._dirs(v.name)[1] for v in snap.vms}}
 
     def lookup(self, path: str, snap: Snapshot) -> Node:
@@ -106,3 +115,10 @@ class Tree:
                 raise OSError(errno.ENOENT, path)
             node = children[part]
         return node
+
+
+def _render_vms(snap: Snapshot) -> bytes:
+    """`vms`: one line per VM, in creation order (mmud/uapi/vms.py renders it)."""
+    return "".join(render_vm_line(v.name, v.state, v.config.mem_mb, v.config.vcpus, v.config.seed,
+                                  v.config.workload) if v.config else f"{v.name} {v.state}\n"
+                   for v in snap.vms).encode()

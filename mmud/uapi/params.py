@@ -30,6 +30,8 @@ _NUL = "\0"
 _U32_MAX = 0xFFFF_FFFF
 _U64_MAX = 0xFFFF_FFFF_FFFF_FFFF
 _DIGITS = {8: "01234567", 10: "0123456789", 16: "0123456789abcdefABCDEF"}
+# Digits of U64_MAX in each base: a number with more (leading zeros aside) overflows.
+_U64_DIGITS = {8: 22, 10: 20, 16: 16}
 
 
 class ParamError(ValueError):
@@ -63,7 +65,13 @@ def kstrtoull(s: str, base: int) -> int:
         n += 1
     if n == 0:
         raise ParamError(errno.EINVAL, "no digits")
-    value = int(s[:n], base)
+    # _parse_integer() flags an overflow as it goes; here the count of significant digits
+    # tells first, so a number of any length is judged without converting it whole (Python
+    # refuses to convert a decimal string of more than 4300 digits).
+    significant = s[:n].lstrip("0")
+    if len(significant) > _U64_DIGITS[base]:
+        raise ParamError(errno.ERANGE, "overflow")
+    value = int(significant or "0", base)
     if value > _U64_MAX:
         raise ParamError(errno.ERANGE, "overflow")
     rest = s[n:]

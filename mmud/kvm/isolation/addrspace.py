@@ -51,8 +51,8 @@ class KvmAddressSpace:
         return k >= 0 and address < self._ends[k]
 
     def map(self, start: int, size: int, what: str) -> None:
+        end = -(-(start + size) // PAGE_SIZE) * PAGE_SIZE  # from the unrounded start
         start &= ~(PAGE_SIZE - 1)
-        end = -(-(start + size) // PAGE_SIZE) * PAGE_SIZE
         self.named.append((start, end, what))
         ranges = sorted(zip(self._starts, self._ends, strict=True)) + [(start, end)]
         ranges.sort()
@@ -66,14 +66,26 @@ class KvmAddressSpace:
         self._ends = [e for _, e in merged]
 
     def apply(self, req: MapRequest, symbols: SymbolTable) -> None:
-        """Map what a request names; EINVAL for a symbol the kernel does not know."""
+        """Map what a request names; EINVAL for a symbol the kernel does not know.
+
+        A range whose every page is mapped already is a no-op, as copying page-table
+        entries that are there changes nothing: no second `mappings` line, however often
+        the same symbol is written.
+        """
         if req.symbol is None:
-            self.map(req.start, req.size, "")
-            return
-        region = symbols.lookup(req.symbol)
-        if region is None or region.size == 0:
-            raise OSError(errno.EINVAL, f"unknown symbol {req.symbol!r}")
-        self.map(region.start, region.size, region.name)
+            start, size, what = req.start, req.size, ""
+        else:
+            region = symbols.lookup(req.symbol)
+            if region is None or region.size == 0:
+                raise OSError(errno.EINVAL, f"unknown symbol {req.symbol!r}")
+            start, size, what = region.start, region.size, region.name
+        if not self._all_mapped(start, start + size):
+            self.map(start, size, what)
+
+    def _all_mapped(self, lo: int, hi: int) -> bool:
+        """Whether every page of [lo, hi) is mapped (the ranges are merged: one must hold it)."""
+        k = bisect.bisect_right(self._starts, lo) - 1
+        return k >= 0 and hi <= self._ends[k]
 
     def lines(self) -> tuple[str, ...]:
         """kvm/isolation/mappings: one `start-end size what` line per mapping made."""

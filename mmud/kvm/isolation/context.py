@@ -203,7 +203,8 @@ class VmIsolation(MmuObserver):
         error_code = PFERR_WRITE_MASK if write else 0
         symbols = self.symbols()
         self.log.entry(self.mmu.clock_ns(), n, error_code, sym, offset, address,
-                       symbols.sprint_symbol(address), symbols.describe(address), trace)
+                       symbols.sprint_symbol(address), symbols.describe(address), trace,
+                       vm=self.kvm)
 
     def _switch_fault(self, frame: FrameType) -> None:
         """A fault while switching mm: dump both page tables, then the series' report."""

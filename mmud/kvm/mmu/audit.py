@@ -53,19 +53,29 @@ _PRE_POINTS = frozenset((AUDIT_PRE_PAGE_FAULT, AUDIT_PRE_PTE_WRITE, AUDIT_PRE_SY
 AUDIT_LOG_LINES = 4096  # kvm/audit_log keeps the newest lines
 RMAP_REPORT_INTERVAL_MS = 5000  # inspect_spte_has_rmap's own limiter, fixed in the kernel
 RMAP_REPORT_BURST = 10
+# The structlog copy of the error lines is printk_ratelimited() style (DEFAULT_RATELIMIT_*):
+# at most 10 `mmu_audit_error` events per 5 s of simulated time per module; kvm/audit_log
+# keeps every line.
+ERROR_LOG_INTERVAL_MS = 5000
+ERROR_LOG_BURST = 10
 
 log = structlog.get_logger("mmud.audit")
 
 
 @dataclass
 class ModuleAudit:
-    """State the kernel keeps once per module: the run limiter and the audit log."""
+    """State the kernel keeps once per module: the run limiter and the audit log; and the
+    limiter of the error lines' structlog copy (stdout/journald), which the log does not
+    have: an armed bug would otherwise print thousands of events a second."""
 
     run_limit: Ratelimit
     rmap_limit: Ratelimit = field(
         default_factory=lambda: Ratelimit("inspect_spte_has_rmap", RMAP_REPORT_INTERVAL_MS, RMAP_REPORT_BURST)
     )
     lines: deque[str] = field(default_factory=lambda: deque(maxlen=AUDIT_LOG_LINES))
+    error_log_limit: Ratelimit = field(
+        default_factory=lambda: Ratelimit("mmu_audit_error", ERROR_LOG_INTERVAL_MS, ERROR_LOG_BURST)
+    )
 
 
 class AuditTrack(MmuObserver):
@@ -226,7 +236,7 @@ def kvm_mmu_audit(mmu: KvmMmu, vmmu: VcpuMmu | None, point: str, written_gfn: in
     now = mmu.clock_ns()
     notes: list[str] = []
     allowed = state.run_limit.allow(now, notes)
-    _log_lines(state, notes, point, warning=True)
+    _log_lines(state, notes, point, now, warning=True)
     if not allowed:
         mmu.stat["mmu_audit_ratelimited"] += 1
         return []
@@ -254,20 +264,31 @@ def kvm_mmu_audit(mmu: KvmMmu, vmmu: VcpuMmu | None, point: str, written_gfn: in
             synced = {sp for sp in pages for v in vcpus if v.root and C.reaches(mmu, sp, v.root)}
     messages = _run(mmu, point, pages, tree, gfns, synced, written_gfn, neighbours, entries)
     messages = _limit_rmap_reports(messages, state, now, notes := [])
-    _log_lines(state, notes, point, warning=True)
+    _log_lines(state, notes, point, now, warning=True)
     lines = [f"audit: ({point}) error: {m}" for m in messages]
     mmu.stat["mmu_audit_errors"] += len(lines)
-    _log_lines(state, lines, point, warning=False)
+    _log_lines(state, lines, point, now, warning=False)
     return lines
 
 
-def _log_lines(state: ModuleAudit, lines: list[str], point: str, *, warning: bool) -> None:
+def _log_lines(state: ModuleAudit, lines: list[str], point: str, now_ns: int, *,
+               warning: bool) -> None:
+    """Append to kvm/audit_log (every line) and copy to structlog: the limiters' notes as
+    warnings, the error lines as `mmu_audit_error` events through `error_log_limit`.  The
+    first event of a window after refused ones is a summary: "N events suppressed"."""
     for line in lines:
         state.lines.append(line)
         if warning:
             log.warning("mmu_audit_suppressed", point=point, message=line.rstrip("\n"))
-        else:
-            log.error("mmu_audit_error", point=point, message=line.rstrip("\n"))
+            continue
+        limit = state.error_log_limit
+        missed, resumed = limit.missed, list[str]()
+        if not limit.allow(now_ns, resumed):
+            continue
+        if resumed:
+            log.error("mmu_audit_error", point=point, suppressed=missed,
+                      message=f"{missed} events suppressed")
+        log.error("mmu_audit_error", point=point, message=line.rstrip("\n"))
 
 
 def audit_full(mmu: KvmMmu, vcpus: list[VcpuMmu], point: str) -> list[str]:
