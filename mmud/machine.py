@@ -60,6 +60,10 @@ class VM(Kvm):
         if self.isolation: self.isolation.exit()  # KVM_RUN returns to userspace
         return done
 
+    def current_task(self) -> str | None:
+        scheduler = self.__dict__.get("scheduler")
+        return None if scheduler is None else scheduler.current
+
     def preempt(self) -> None:
         """A vCPU loses its CPU inside a step: the scheduler runs other tasks meanwhile."""
         done = self.scheduler.preempt()

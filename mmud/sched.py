@@ -30,6 +30,12 @@ class Scheduler:
         self._rng = random.Random(seed)
         self._tasks: list[tuple[str, Iterator[None]]] = []
         self._running: list[Iterator[None]] = []  # the tasks on the stack, outermost first
+        self._running_names: list[str] = []  # their names
+
+    @property
+    def current(self) -> str | None:
+        """The name of the task running now (the innermost on the stack), None between steps."""
+        return self._running_names[-1] if self._running_names else None
 
     def add(self, name: str, task: Iterator[None]) -> None:
         self._tasks.append((name, task))
@@ -47,6 +53,7 @@ class Scheduler:
         k = self._rng.randrange(len(tasks)) if len(tasks) > 1 else 0
         name, task = tasks[k]
         self._running.append(task)
+        self._running_names.append(name)
         try:
             next(task)
         except StopIteration:
@@ -57,6 +64,7 @@ class Scheduler:
             raise TaskFailed(f"task {name} failed: {exc}") from exc
         finally:
             self._running.pop()
+            self._running_names.pop()
         return True
 
     def preempt(self) -> int:

@@ -24,7 +24,8 @@ from tests.fakebackend import FakeBackend, snapshot, vm_snapshot
 VM0_DIR, VM1_DIR = "4242-7", "4242-9"
 # The instant stats (STATS_DESC_ICOUNTER in v5.16's x86.c): 0444, no setter.
 GAUGES = {"mmu_unsync", "pages_4k", "pages_2m", "pages_1g", "nx_lpage_splits", "guest_mode"}
-VM_FILES = {"memory", "dirty_log", "migrate", "state", "inject", "status", "memslots", "zap_all"}
+VM_FILES = {"memory", "dirty_log", "migrate", "state", "inject", "status", "memslots", "zap_all",
+            "mmu"}
 
 
 @pytest.fixture
@@ -101,7 +102,8 @@ def test_kvm_holds_mmu_debug_every_stat_the_logs_and_one_directory_per_vm(tree):
 
 @pytest.mark.parametrize("vm_dir", [VM0_DIR, VM1_DIR])
 def test_per_vm_debugfs_directory_holds_every_stat_in_kernel_order(tree, vm_dir):
-    assert children(tree, f"/kvm/{vm_dir}") == [s.name for s in STATS]
+    # kvm_create_vm_debugfs() makes the stats, then kvm_arch_create_vm_debugfs() mmu_rmaps_stat
+    assert children(tree, f"/kvm/{vm_dir}") == [*(s.name for s in STATS), "mmu_rmaps_stat"]
 
 
 @pytest.mark.parametrize("vm", ["vm0", "vm1"])
@@ -703,3 +705,94 @@ def test_a_destroyed_vms_nodes_are_dropped_and_a_new_vm_of_that_name_gets_fresh_
     again = snapshot(vm_snapshot("vm0", VM0_DIR), vm_snapshot("vm1", "4242-12"))
     assert lookup(tree, "/vm1/state", again) is not vm1_state
     assert read(tree, "/vm1/state", again) == b"running\n"
+
+
+# -- the shadow tables on view: rendered by the simulation at open ----------------------------
+
+
+def test_mmu_directory_holds_pages_and_walk(tree):
+    assert children(tree, "/vm0/mmu") == ["pages", "walk"]
+    assert lookup(tree, "/vm0/mmu").mode == 0o755
+    assert (lookup(tree, "/vm0/mmu/pages").mode, lookup(tree, "/vm0/mmu/walk").mode) == (0o444, 0o644)
+    assert isinstance(lookup(tree, "/vm0/mmu/walk"), BinaryFile)
+
+
+@pytest.mark.parametrize(("path", "op", "vm"), [
+    ("/vm0/mmu/pages", "mmu_pages", "vm0"), ("/vm1/mmu/pages", "mmu_pages", "vm1"),
+    (f"/kvm/{VM0_DIR}/mmu_rmaps_stat", "mmu_rmaps_stat", "vm0"),
+    (f"/kvm/{VM1_DIR}/mmu_rmaps_stat", "mmu_rmaps_stat", "vm1"),
+])
+def test_a_view_file_is_the_simulations_text_asked_for_at_each_render(tree, path, op, vm):
+    fake(tree).results[op] = lambda vm: f"text of {vm}\n"
+    assert read(tree, path) == f"text of {vm}\n".encode()
+    assert read(tree, path) == f"text of {vm}\n".encode()
+    assert fake(tree).requests == [(op, {"vm": vm})] * 2
+
+
+def test_mmu_rmaps_stat_has_the_kernels_0644_but_no_store(tree):
+    node = lookup(tree, f"/kvm/{VM0_DIR}/mmu_rmaps_stat")
+    assert isinstance(node, File) and (node.mode, node.writable) == (0o644, False)
+    assert refused(tree, f"/kvm/{VM0_DIR}/mmu_rmaps_stat", b"0\n") == errno.EACCES
+
+
+def test_a_view_file_of_a_vm_the_simulation_no_longer_has_fails_with_its_errno(tree):
+    fake(tree).errors["mmu_pages"] = errno.ENOENT
+    with pytest.raises(OSError) as e:
+        read(tree, "/vm0/mmu/pages")
+    assert e.value.errno == errno.ENOENT
+
+
+def walk_handle(tree: Tree, vm: str = "vm0"):
+    node = lookup(tree, f"/{vm}/mmu/walk")
+    assert isinstance(node, BinaryFile)
+    return node.open_handle()
+
+
+@pytest.mark.parametrize(("data", "args"), [
+    (b"0x1000", {"gva": 0x1000, "vcpu": 0}), (b"1000\n", {"gva": 0x1000, "vcpu": 0}),
+    (b"0XFFFF888000001000 vcpu=3\n", {"gva": 0xFFFF888000001000, "vcpu": 3}),
+    (b"ffffffffffffffff vcpu=1023", {"gva": (1 << 64) - 1, "vcpu": 1023}),
+])
+def test_a_walk_write_is_one_mmu_walk_request(tree, data, args):
+    fake(tree).results["mmu_walk"] = "walked\n"
+    handle = walk_handle(tree)
+    assert handle.write(0, data) == len(data)
+    assert fake(tree).requests == [("mmu_walk", {"vm": "vm0", **args})]
+
+
+@pytest.mark.parametrize("data", [
+    b"", b"\n", b"0x", b"x1000", b"0x1000\n\n", b" 0x1000", b"0x1000 ", b"0x10000000000000000",
+    b"0x1000 vcpu=", b"0x1000 vcpu=01", b"0x1000 vcpu=-1", b"0x1000 cpu=1", b"0x1000  vcpu=1",
+    b"0x1000 vcpu=1 vcpu=2", b"-0x1000", b"0x1000\0", b"g000",
+])
+def test_a_bad_walk_line_fails_with_einval_and_sends_nothing(tree, data):
+    with pytest.raises(OSError) as e:
+        walk_handle(tree).write(0, data)
+    assert e.value.errno == errno.EINVAL
+    assert fake(tree).requests == []
+
+
+def test_each_walk_handle_reads_the_walk_of_its_own_address(tree):
+    fake(tree).results["mmu_walk"] = lambda vm, gva, vcpu: f"walk {gva:#x} on {vcpu}\n"
+    a, b = walk_handle(tree), walk_handle(tree)
+    a.write(0, b"0x1000\n")
+    b.write(0, b"0x2000 vcpu=1\n")
+    assert a.read(0, 4096) == b"walk 0x1000 on 0\n"
+    assert b.read(0, 4096) == b"walk 0x2000 on 1\n"
+    assert a.read(5, 4096) == b"0x1000 on 0\n"  # later offsets continue in that text
+    # A handle that wrote nothing walks the address last written through any handle.
+    assert walk_handle(tree).read(0, 4096) == b"walk 0x2000 on 1\n"
+    assert walk_handle(tree, "vm1").read(0, 4096) == b""  # each VM's file keeps its own
+
+
+def test_a_walk_the_simulation_refuses_fails_the_write_and_keeps_the_address(tree):
+    fake(tree).results["mmu_walk"] = lambda vm, gva, vcpu: f"walk {gva:#x}\n"
+    handle = walk_handle(tree)
+    handle.write(0, b"0x1000")
+    fake(tree).errors["mmu_walk"] = errno.EINVAL  # no such vCPU
+    with pytest.raises(OSError) as e:
+        handle.write(0, b"0x2000 vcpu=7")
+    assert e.value.errno == errno.EINVAL
+    del fake(tree).errors["mmu_walk"]
+    assert handle.read(0, 100) == b"walk 0x1000\n"
+    assert walk_handle(tree).read(0, 100) == b"walk 0x1000\n"

@@ -30,6 +30,7 @@ from mmud.daemon.protocol import Reply, Request, SimConfig, Snapshot, VmConfig, 
 from mmud.daemon.faultlog import FaultLogPublisher
 from mmud.daemon.status import RateMeter, render_status
 from mmud.kvm.isolation import isolation_map
+from mmud.kvm.mmu import view
 from mmud.uapi.isolation import parse_map
 from mmud.kvm.module import KvmModule
 from mmud.machine import VM
@@ -112,6 +113,10 @@ class Simulation:
             "memslot": lambda vm, **line: vmctl.set_memslot(self._slot(vm).vm, **line),
             "zap_all": lambda vm, kind: vmctl.zap_all(self._slot(vm).vm, kind,
                                                       self._slot(vm).running),
+            # The shadow tables on view: rendered at open, never published (docs/mmu.md).
+            "mmu_pages": lambda vm: view.render_pages(self._slot(vm).vm.mmu),
+            "mmu_rmaps_stat": lambda vm: view.render_rmaps_stat(self._slot(vm).vm.memslots),
+            "mmu_walk": self.mmu_walk,
         }
         self.isolation = FaultLogPublisher(self.module.isolation, config.state_dir)
         self.logs: dict[str, tuple[str, ...]] = {}
@@ -241,6 +246,14 @@ class Simulation:
         if s is None:
             return {"seed": kvm.seed, "step": kvm.steps}
         return {"vm": s.name, "seed": s.config.seed, "step": s.vm.steps}
+
+    def mmu_walk(self, vm: str, gva: int, vcpu: int = 0) -> str:
+        """vm<N>/mmu/walk: the guest and shadow walks of gva on one vCPU (EINVAL: no such
+        vCPU). Reads only: nothing is faulted in, no A/D bit set."""
+        vcpus = self._slot(vm).vm.vcpus
+        if not 0 <= vcpu < len(vcpus):
+            raise OSError(errno.EINVAL, f"{vm} has no vcpu {vcpu}")
+        return view.render_walk(vcpus[vcpu].mmu, gva)
 
     def inject(self, vm: str, name: str) -> None:
         """`vm<N>/inject`: arm a bug in that VM ("none" disarms)."""

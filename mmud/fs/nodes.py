@@ -12,6 +12,7 @@ I/O code.
 from __future__ import annotations
 
 import errno
+import re
 from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any, Protocol
@@ -196,6 +197,61 @@ def dirty_log_dir(backend: Backend, vm: str) -> Dir:
         return {str(i): BinaryFile(partial(_DirtyLogHandle, backend, vm, i), 0o400) for i in slots}
 
     return Dir(children)
+
+
+def requested_file(backend: Backend, op: str, args: Mapping[str, Any], mode: int = 0o444) -> File:
+    """A read-only file the simulation renders when it is opened (one request per open), for
+    debugging views too big or too slow to publish in every snapshot: vm<N>/mmu/pages,
+    kvm/<pid>-<fd>/mmu_rmaps_stat.  A file of a VM that is gone fails to open (ENOENT)."""
+    def render(snap: Snapshot) -> bytes:
+        return str(backend.request(op, **args).result or "").encode()
+
+    return File(render, mode)
+
+
+_WALK_LINE = re.compile(r"(?:0[xX])?([0-9a-fA-F]{1,16})(?: vcpu=(0|[1-9][0-9]{0,3}))?\n?")
+
+
+def parse_walk(data: bytes) -> dict[str, int]:
+    """vm<N>/mmu/walk: `GVA [vcpu=N]` — a hex address (`0x` optional, at most 64 bits), one
+    optional vCPU number, at most one trailing newline; anything else is EINVAL."""
+    m = _WALK_LINE.fullmatch(data.decode("latin-1"))
+    if m is None:
+        raise OSError(errno.EINVAL, "expected a hex guest virtual address [vcpu=N]")
+    return {"gva": int(m[1], 16), "vcpu": int(m[2] or 0)}
+
+
+class _WalkHandle:
+    """One open of vm<N>/mmu/walk.  A write names the address (and vCPU) this handle walks;
+    a read at offset 0 renders the walk afresh, later offsets continue in that text.  A
+    handle that never wrote walks the address last written to the file through any handle
+    (so `echo ADDR > walk; cat walk` works); two handles that wrote read their own."""
+
+    def __init__(self, backend: Backend, vm: str, last: dict[str, dict[str, int]]) -> None:
+        self.backend, self.vm, self.last = backend, vm, last
+        self.args: dict[str, int] | None = None
+        self.text = b""
+
+    def _render(self, args: dict[str, int]) -> bytes:
+        return str(self.backend.request("mmu_walk", vm=self.vm, **args).result or "").encode()
+
+    def write(self, offset: int, data: bytes) -> int:
+        args = parse_walk(data)
+        self.text = self._render(args)  # a bad vCPU fails the write (EINVAL)
+        self.args = self.last["args"] = args
+        return len(data)
+
+    def read(self, offset: int, size: int) -> bytes:
+        if offset == 0:
+            args = self.args or self.last.get("args")
+            self.text = self._render(args) if args is not None else b""
+        return self.text[offset:offset + size]
+
+
+def walk_file(backend: Backend, vm: str) -> BinaryFile:
+    """vm<N>/mmu/walk (0644): write `GVA [vcpu=N]`, read the guest and shadow walks of it."""
+    last: dict[str, dict[str, int]] = {}
+    return BinaryFile(lambda: _WalkHandle(backend, vm, last), 0o644)
 
 
 def action_file(backend: Backend, op: str, parse: Parse) -> RequestFile:

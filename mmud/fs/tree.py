@@ -8,6 +8,7 @@
     vm<N>/state, vm<N>/status   simulator control, one directory per VM
     vm<N>/memory, vm<N>/dirty_log/<slot>, vm<N>/migrate   guest RAM, dirty logs, live migration
     vm<N>/memslots, vm<N>/zap_all   memslot changes, zap of every shadow page (issue 6)
+    vm<N>/mmu/{pages,walk}, kvm/<pid>-<fd>/mmu_rmaps_stat   the shadow tables on view (issue 14)
     vms                         the VMs, one line each; `create …`/`destroy …` (mmud/uapi/vms.py)
 
 A later file is one more entry in `_kvm_files` or `_vm_files`, built from the node types.
@@ -32,7 +33,9 @@ from mmud.fs.nodes import (
     memory_file,
     mmu_debug_file,
     param_file,
+    requested_file,
     stat_file,
+    walk_file,
 )
 from mmud.fs.memslots import memslots_file, zap_all_file
 from mmud.uapi.bugs import INJECTABLE_BUGS
@@ -62,7 +65,11 @@ class Tree:
         dirs = self._vm_dirs.get(vm)  # never a second lookup: another thread may prune it
         if dirs is None:
             dirs = self._vm_dirs.setdefault(vm, (
-                Dir({s.name: stat_file(self.backend, s, vm) for s in STATS}),
+                Dir({**{s.name: stat_file(self.backend, s, vm) for s in STATS},
+                     # kvm_arch_create_vm_debugfs(), after the stats; 0644 without a write
+                     # method in Linux (a write fails), refused at open here (§9)
+                     "mmu_rmaps_stat": requested_file(self.backend, "mmu_rmaps_stat",
+                                                      {"vm": vm}, 0o644)}),
                 Dir(self._vm_files(vm))))
         return dirs
 
@@ -95,6 +102,8 @@ class Tree:
             "status": File(status),
             "memslots": memslots_file(self.backend, vm),
             "zap_all": zap_all_file(self.backend, vm),
+            "mmu": Dir({"pages": requested_file(self.backend, "mmu_pages", {"vm": vm}),
+                        "walk": walk_file(self.backend, vm)}),
         }
 
     def _kvm_children(self, snap: Snapshot) -> Mapping[str, Node]:

@@ -3,10 +3,10 @@
 The kernel keeps some MMU state once per module, shared by every VM: the parameters under
 /sys/module/kvm/parameters, the audit's rate limiter (`__kvm_mmu_audit`'s static
 ratelimit state) and its log, the MMIO generation wrap message's limiter, and — in the
-address-space-isolation series — `kvm_mm` and the fault log. mmud holds all of it in one
-`KvmModule`, created once (the daemon's simulation process makes one; a script makes one
-per experiment) and handed to each VM, so that what is shared is visible in the code and
-two modules never share anything:
+address-space-isolation series — `kvm_mm` and the fault log; and the trace instances with
+their ring buffers. mmud holds all of it in one `KvmModule`, created once (the daemon's
+simulation process makes one; a script makes one per experiment) and handed to each VM, so
+that what is shared is visible in the code and two modules never share anything:
 
     module = KvmModule({"mmu_audit": "1"})
     a, b = mmud.VM(module=module), mmud.VM(module=module)   # one rate limiter, one log
@@ -23,6 +23,7 @@ from mmud.kvm.isolation.context import ModuleIsolation
 from mmud.kvm.isolation.symbols import KernelText
 from mmud.kvm.mmu.audit import ModuleAudit
 from mmud.kvm.ratelimit import Ratelimit
+from mmud.kvm.trace.tracer import ModuleTrace
 from mmud.uapi.params import Params, Value
 
 # kvm_debug_ratelimited(): DEFAULT_RATELIMIT_INTERVAL (5 s) and DEFAULT_RATELIMIT_BURST (10).
@@ -49,6 +50,8 @@ class KvmModule:
                                          DEFAULT_RATELIMIT_INTERVAL_MS, DEFAULT_RATELIMIT_BURST)
         self.isolation = ModuleIsolation(bool(self.params["address_space_isolation"]),
                                          bool(self.params["page_fault_stack"]), kernel_text())
+        # The kvmmmu trace events: the instances and their per-CPU ring buffers (mmud/kvm/trace).
+        self.trace = ModuleTrace()
         self.params.watch(self._param_changed)
 
     def _param_changed(self, name: str, value: Value) -> None:

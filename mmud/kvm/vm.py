@@ -19,6 +19,7 @@ from mmud.kvm.memslot import KVM_MEM_LOG_DIRTY_PAGES, Memslots
 from mmud.kvm.mmu import audit, zap
 from mmud.kvm.mmu.mmu import KVM_MIN_ALLOC_MMU_PAGES, KvmMmu
 from mmud.kvm.module import KvmModule
+from mmud.kvm.trace.tracer import TraceSession
 from mmud.kvm.isolation import arm_switch_fault, kvm_isolation_init_vm
 from mmud.uapi.params import Params
 from mmud.kvm.vcpu import Vcpu
@@ -63,6 +64,9 @@ class Kvm:
         self.vcpus.extend(Vcpu(self, i) for i in range(vcpus))
         self.mmu.vcpus = [v.mmu for v in self.vcpus]
         self.isolation = kvm_isolation_init_vm(self)
+        # The module's tracing knows the VM (its pids); a tracer is attached while some
+        # trace instance records one of its events (mmud/kvm/trace).
+        self.trace_vm = self.module.trace.add_vm(self.mmu, lambda: self.clock_ns, self.current_task)
 
     @property
     def params(self) -> Params:
@@ -95,6 +99,17 @@ class Kvm:
         elif incremental and mmu.audit_track is None:
             mmu.audit_track = audit.AuditTrack()  # from now on: what changes
             mmu.attach(mmu.audit_track)
+
+    def current_task(self) -> str | None:
+        """The scheduler task running now (`vcpu<k>` for vCPU k); a bare Kvm has none."""
+        return None
+
+    def trace(self, events: list[str] | tuple[str, ...] | str = ("kvmmmu:*",),
+              filter: str | None = None) -> TraceSession:
+        """Record this VM's kvmmmu events (docs/tracing.md): `system:event`, `system:*` or
+        `*:*` selections, and an optional filter in the kernel's grammar for numeric fields.
+        A context manager and an iterator of `TraceEvent`s."""
+        return TraceSession(self.trace_vm, events, filter)
 
     # --- statistics ----------------------------------------------------------------------------
 

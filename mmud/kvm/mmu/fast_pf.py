@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from mmud.kvm.mmu import spte as S
+from mmud.kvm.mmu.mmu import RET_PF_FIXED, RET_PF_INVALID, RET_PF_SPURIOUS
 from mmud.x86.paging import (
     PFERR_PRESENT_MASK,
     PFERR_RSVD_MASK,
@@ -37,36 +38,42 @@ def page_fault_can_be_fast(error_code: int) -> bool:
     return error_code & _FAST_ERROR == _WANT
 
 
-def walk_shadow_page_lockless(vmmu: VcpuMmu, gva: int) -> tuple[ShadowPage, int] | None:
-    """The last-level sp and index mapping gva, or None where the walk stops early."""
-    if vmmu.root is None:
-        return None
-    *_, (sp, i, spte) = vmmu.kvm_mmu.shadow_walk(vmmu.root, gva)
-    return (sp, i) if spte & S.SPTE_MMU_PRESENT else None
-
-
 def fast_page_fault(vmmu: VcpuMmu, gva: int, error_code: int) -> bool:
     """Fix a dirty-logging write fault locklessly; True if the access may be retried.
+
+    The last spte of gva's shadow walk is looked at (fast_pf_get_last_sptep); the outcome is
+    RET_PF_FIXED, RET_PF_SPURIOUS or RET_PF_INVALID (take the slow path), which the
+    fast_page_fault tracepoint reports with the spte before and after.
+    """
+    mmu = vmmu.kvm_mmu
+    sp = None
+    i = old = 0
+    ret = RET_PF_INVALID
+    if vmmu.root is not None:
+        *_, (sp, i, old) = mmu.shadow_walk(vmmu.root, gva)
+        if old & S.SPTE_MMU_PRESENT:
+            ret = _fix_spte(vmmu, sp, i, old, error_code)
+    if mmu.obs: mmu.obs.fast_page_fault(vmmu.vcpu.index, gva, error_code, sp, i, old, ret)  # observer
+    return ret != RET_PF_INVALID
+
+
+def _fix_spte(vmmu: VcpuMmu, sp: ShadowPage, i: int, old: int, error_code: int) -> int:
+    """The fast path proper on a present last-level spte.
 
     The fault is only dirty logging's if adding W lets the faulting access through the spte
     (it is not a U/S or NX fault as well). pf_fast counts what the fast path answers, fixed
     (RET_PF_FIXED) or spurious (RET_PF_SPURIOUS, also pf_spurious), as v5.19 counts them.
     """
-    found = walk_shadow_page_lockless(vmmu, gva)
-    if found is None:
-        return False
-    sp, i = found
-    old = sp.spt[i]
     if old & PT_WRITABLE_MASK:
         if not vmmu.hw_allows(old, error_code):
-            return False
+            return RET_PF_INVALID
         # RET_PF_SPURIOUS: another vCPU fixed it first (or the TLB was flushed lazily); the
         # access would now go through. v5.19 counts it as fast and as spurious.
         vmmu.stat["pf_fast"] += 1
         vmmu.stat["pf_spurious"] += 1
-        return True
+        return RET_PF_SPURIOUS
     if not S.is_mmu_writable_spte(old) or not vmmu.hw_allows(old | PT_WRITABLE_MASK, error_code):
-        return False
+        return RET_PF_INVALID
     # cmpxchg64(sptep, old, old | W): nothing runs between the read and this store (the
     # preemption points are explicit), so the exchange always succeeds here.
     sp.spt[i] = old | PT_WRITABLE_MASK
@@ -76,4 +83,4 @@ def fast_page_fault(vmmu: VcpuMmu, gva: int, error_code: int) -> bool:
     vmmu.vcpu.preempt()  # the window between making the spte writable and logging the page
     vmmu.vcpu.mark_page_dirty(gfn)
     vmmu.fast_pf_gfn = None
-    return True
+    return RET_PF_FIXED

@@ -48,6 +48,7 @@ def kvm_mmu_get_page(
             sp.write_flooding_count = 0
             found = sp
             break
+    created = found is None
     if found is None:
         mmu.stat["mmu_cache_miss"] += 1
         found = mmu.alloc_page(gfn, role)
@@ -61,6 +62,8 @@ def kvm_mmu_get_page(
         zap.kvm_mmu_flush_or_zap(mmu, vmmu, invalid_list, False, flush)
     elif invalid_list:
         zap.commit_zap_page(mmu, invalid_list)
+    # The kernel traces before committing the zaps, which have no tracepoint of their own.
+    if mmu.obs: mmu.obs.kvm_mmu_get_page(found, created)  # observer
     if collisions > mmu.stat["max_mmu_page_hash_collisions"]:
         mmu.stat["max_mmu_page_hash_collisions"] = collisions
     return found

@@ -52,7 +52,9 @@ def mark_mmio_spte(mmu: KvmMmu, vmmu: VcpuMmu, sp: ShadowPage, i: int, gfn: int,
     if sp.spt[i] & S.SPTE_MMU_PRESENT:
         mmu.drop_spte(sp, i)
         mmu.kvm_flush_remote_tlbs()
-    sp.spt[i] = S.make_mmio_spte(gfn, access, mmu.memslots.generation)
+    spte = S.make_mmio_spte(gfn, access, mmu.memslots.generation)
+    if mmu.obs: mmu.obs.mark_mmio_spte(sp, i, gfn, spte)  # observer
+    sp.spt[i] = spte
     vmmu.stat["pf_mmio_spte_created"] += 1
     return RET_PF_EMULATE
 
@@ -62,7 +64,10 @@ def check_mmio_spte(mmu: KvmMmu, spte: int) -> bool:
     gen = mmu.memslots.generation
     if gen & KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS:
         return False
-    return gen & S.MMIO_SPTE_GEN_MASK == S.get_mmio_spte_generation(spte)
+    kvm_gen = gen & S.MMIO_SPTE_GEN_MASK
+    spte_gen = S.get_mmio_spte_generation(spte)
+    if mmu.obs: mmu.obs.check_mmio_spte(spte, kvm_gen, spte_gen)  # observer
+    return kvm_gen == spte_gen
 
 
 def sync_mmio_spte(mmu: KvmMmu, sp: ShadowPage, i: int, gfn: int, access: int) -> bool:
@@ -77,8 +82,10 @@ def sync_mmio_spte(mmu: KvmMmu, sp: ShadowPage, i: int, gfn: int, access: int) -
         return False
     if gfn != S.get_mmio_spte_gfn(old):
         sp.spt[i] = 0
-    else:
-        sp.spt[i] = S.make_mmio_spte(gfn, access, mmu.memslots.generation)
+    else:  # mark_mmio_spte()
+        spte = S.make_mmio_spte(gfn, access, mmu.memslots.generation)
+        if mmu.obs: mmu.obs.mark_mmio_spte(sp, i, gfn, spte)  # observer
+        sp.spt[i] = spte
     return True
 
 
@@ -92,7 +99,10 @@ def handle_mmio_page_fault(mmu: KvmMmu, vmmu: VcpuMmu, gva: int) -> int:
         return RET_PF_RETRY
     if not check_mmio_spte(mmu, spte):
         return RET_PF_INVALID
-    vmmu.cache_mmio_info(gva, S.get_mmio_spte_gfn(spte), S.get_mmio_spte_access(spte))
+    gfn = S.get_mmio_spte_gfn(spte)
+    access = S.get_mmio_spte_access(spte)
+    if mmu.obs: mmu.obs.handle_mmio_page_fault(gva, gfn, access)  # observer
+    vmmu.cache_mmio_info(gva, gfn, access)
     return RET_PF_EMULATE
 
 

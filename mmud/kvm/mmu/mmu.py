@@ -47,6 +47,13 @@ KVM_PAGE_ARRAY_NR = 16
 RET_PF_RETRY = 0
 RET_PF_EMULATE = 1
 RET_PF_INVALID = 2
+# Returned by fast_page_fault() only (kvm_mmu_page_fault() turns them into RETRY); the
+# fast_page_fault tracepoint prints them.
+RET_PF_FIXED = 3
+RET_PF_SPURIOUS = 4
+
+# The pfn of a gfn no memslot holds (include/linux/kvm_host.h).
+KVM_PFN_NOSLOT = 1 << 63
 
 # set_spte() result bits.
 SET_SPTE_WRITE_PROTECTED_PT = 1 << 0
@@ -446,6 +453,7 @@ class KvmMmu:
         if self.bug == "wrong_pfn":
             pfn ^= 1
         result = self.set_spte(vmmu, sp, i, pte_access, gfn, pfn, True, host_writable, prefetch)
+        if self.obs: self.obs.mmu_set_spte(sp, i, gfn, result)  # observer
         if result & SET_SPTE_WRITE_PROTECTED_PT:
             if write_fault:
                 ret = RET_PF_EMULATE

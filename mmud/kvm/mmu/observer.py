@@ -136,6 +136,58 @@ class MmuObserver(Protocol):
         write-protected their pages."""
         return None
 
+    # --- what the kvmmmu tracepoints report (mmud/kvm/trace) ------------------------------------
+    # Named after the kernel function they sit in, or after the tracepoint where one function
+    # has several (the guest walker's).
+    def walk_addr(self, addr: int, pferr: int) -> None:
+        """FNAME(walk_addr_generic) starts a guest walk of addr for access pferr."""
+        return None
+
+    def paging_element(self, pte: int, level: int) -> None:
+        """The guest walker read the gpte of one level."""
+        return None
+
+    def update_accessed_dirty_bits(self, pte_gpa: int, old: int, new: int) -> None:
+        """FNAME(update_accessed_dirty_bits) sets A (and D) of the gpte at pte_gpa."""
+        return None
+
+    def walker_error(self, pferr: int) -> None:
+        """The guest walk failed: pferr is the #PF error code to inject."""
+        return None
+
+    def kvm_mmu_get_page(self, sp: ShadowPage, created: bool) -> None:
+        """kvm_mmu_get_page() returns sp, new or found on the hash."""
+        return None
+
+    def spte_requested(self, gfn: int, pfn: int, level: int) -> None:
+        """FNAME(fetch) has built the upper levels and is about to map gfn → pfn at level."""
+        return None
+
+    def mmu_set_spte(self, sp: ShadowPage, i: int, gfn: int, result: int) -> None:
+        """mmu_set_spte() has written entry i of sp (set_spte()'s SET_SPTE_* result)."""
+        return None
+
+    def mark_mmio_spte(self, sp: ShadowPage, i: int, gfn: int, spte: int) -> None:
+        """Entry i of sp is about to become the MMIO spte `spte` for gfn."""
+        return None
+
+    def check_mmio_spte(self, spte: int, kvm_gen: int, spte_gen: int) -> None:
+        """An MMIO spte's generation is compared with the memslots'."""
+        return None
+
+    def handle_mmio_page_fault(self, addr: int, gfn: int, access: int) -> None:
+        """An RSVD fault on a current MMIO spte goes to emulation."""
+        return None
+
+    def fast_page_fault(self, vcpu_index: int, addr: int, error_code: int, sp: ShadowPage | None,
+                        i: int, old: int, ret: int) -> None:
+        """fast_page_fault() ends with RET_PF_* ret; entry i of sp was `old` (sp None: no root)."""
+        return None
+
+    def kvm_mmu_zap_all_fast(self, mmu_valid_gen: int, used_pages: int) -> None:
+        """kvm_mmu_zap_all_fast() is about to toggle the generation."""
+        return None
+
 
 # Every event of MmuObserver, for Fanout.
 EVENTS: tuple[str, ...] = tuple(

@@ -56,6 +56,24 @@ def make_role(base: int, level: int, direct: bool, access: int) -> int:
 SP_ADDRESS_BASE = 0xFFFF888100000000
 
 
+# KVM_MMU_PAGE_PRINTK's access table, indexed by role.access (ACC_EXEC 1, ACC_WRITE 2, ACC_USER 4).
+ACCESS_STR = ("---", "--x", "w--", "w-x", "-u-", "-ux", "wu-", "wux")
+
+
+def kvm_mmu_page_printk(mmu_valid_gen: int, gfn: int, role: int, root_count: int, unsync: bool) -> str:
+    """KVM_MMU_PAGE_PRINTK() (mmutrace.h, v5.16): a shadow page and its role word,
+    `sp gen %u gfn %llx l%u %u-byte q%u%s %s%s %snxe %sad root %u %s` (gen is the trace
+    field's __u8). The kvmmmu tracepoints and vm<N>/mmu/pages print pages this way."""
+    quadrant = role >> 5 & 3
+    ad_disabled = role >> 16 & 1
+    return (f"sp gen {mmu_valid_gen & 0xFF} gfn {gfn:x} l{role & ROLE_LEVEL_MASK} "
+            f"{8 if role & ROLE_GPTE_IS_8_BYTES else 4}-byte q{quadrant}"
+            f"{' direct' if role & ROLE_DIRECT else ''} "
+            f"{ACCESS_STR[(role & ROLE_ACCESS_MASK) >> ROLE_ACCESS_SHIFT]}"
+            f"{' invalid' if role & ROLE_INVALID else ''} {'' if role & ROLE_NXE else '!'}nxe "
+            f"{'!' if ad_disabled else ''}ad root {root_count} {'unsync' if unsync else 'sync'}")
+
+
 def sp_address(sp: ShadowPage) -> str:
     return f"{SP_ADDRESS_BASE + sp.index * 0x100:016x}"
 

@@ -16,7 +16,7 @@ from mmud.kvm.mmu.get_page import kvm_mmu_get_page
 from mmud.kvm.mmu import mmio, zap
 from mmud.kvm.mmu import spte as S
 from mmud.kvm.mmu.audit import AUDIT_POST_PAGE_FAULT, AUDIT_PRE_PAGE_FAULT, kvm_mmu_audit
-from mmud.kvm.mmu.mmu import RET_PF_EMULATE, RET_PF_RETRY, KvmMmu
+from mmud.kvm.mmu.mmu import KVM_PFN_NOSLOT, RET_PF_EMULATE, RET_PF_RETRY, KvmMmu
 from mmud.x86.paging import (
     ACC_ALL,
     ACC_EXEC_MASK,
@@ -69,6 +69,7 @@ def walk_addr(mmu: KvmMmu, vmmu: VcpuMmu, addr: int, error_code: int) -> GuestWa
     The hot path of every shadow fault: guest memory is read through the slot's u64 view
     and permissions come from the vCPU's precomputed table (update_permission_bitmask).
     """
+    if mmu.obs: mmu.obs.walk_addr(addr, error_code)  # observer
     write = error_code & PFERR_WRITE_MASK
     nxe = vmmu.nxe
     rsvd = vmmu.rsvd_table
@@ -86,16 +87,17 @@ def walk_addr(mmu: KvmMmu, vmmu: VcpuMmu, addr: int, error_code: int) -> GuestWa
         if not lo <= pte_gpa < hi:
             slot = memslots.lookup(pte_gpa >> PAGE_SHIFT)
             if slot is None:
-                return _fault(vmmu, 0, error_code)
+                return _fault(mmu, vmmu, 0, error_code)
             lo = slot.base_gfn << PAGE_SHIFT
             hi = lo + (slot.npages << PAGE_SHIFT)
             u64 = slot.backing.u64
         gpte = u64[(pte_gpa - lo) >> 3]
+        if mmu.obs: mmu.obs.paging_element(gpte, level)  # observer
         if not gpte & PT_PRESENT_MASK:
-            return _fault(vmmu, 0, error_code)
+            return _fault(mmu, vmmu, 0, error_code)
         large = level == 2 and gpte & PT_PAGE_SIZE_MASK
         if gpte & rsvd[level * 2 + (1 if large else 0)]:
-            return _fault(vmmu, PFERR_PRESENT_MASK | PFERR_RSVD_MASK, error_code)
+            return _fault(mmu, vmmu, PFERR_PRESENT_MASK | PFERR_RSVD_MASK, error_code)
         k = level - 1
         w.table_gfn[k] = table >> PAGE_SHIFT
         w.pte_gpa[k] = pte_gpa
@@ -108,7 +110,7 @@ def walk_addr(mmu: KvmMmu, vmmu: VcpuMmu, addr: int, error_code: int) -> GuestWa
         level -= 1
     kind = (error_code >> 1 & 1) | (error_code >> 1 & 2) | (error_code >> 2 & 4)
     if vmmu.guest_permissions[kind] >> pte_access & 1:
-        return _fault(vmmu, PFERR_PRESENT_MASK, error_code)
+        return _fault(mmu, vmmu, PFERR_PRESENT_MASK, error_code)
     # Success: set A on every entry used and D on the leaf of a write (FNAME(update_accessed_dirty_bits)).
     for k in range(3, level - 2, -1):
         gpte = w.ptes[k]
@@ -116,6 +118,7 @@ def walk_addr(mmu: KvmMmu, vmmu: VcpuMmu, addr: int, error_code: int) -> GuestWa
         if k == level - 1 and write:
             new |= PT_DIRTY_MASK
         if new != gpte:
+            if mmu.obs: mmu.obs.update_accessed_dirty_bits(w.pte_gpa[k], gpte, new)  # observer
             w.ptes[k] = new
             memslots.write_u64(w.pte_gpa[k], new)
             vmmu.vcpu.mark_page_dirty(w.table_gfn[k])
@@ -132,11 +135,12 @@ def walk_addr(mmu: KvmMmu, vmmu: VcpuMmu, addr: int, error_code: int) -> GuestWa
     return w
 
 
-def _fault(vmmu: VcpuMmu, errcode: int, access: int) -> int:
+def _fault(mmu: KvmMmu, vmmu: VcpuMmu, errcode: int, access: int) -> int:
     """The error code to inject: the cause bits plus the access type (I/D only with NXE or SMEP)."""
     errcode |= access & (PFERR_WRITE_MASK | PFERR_USER_MASK)
     if access & PFERR_FETCH_MASK and (vmmu.nxe or vmmu.smep):
         errcode |= PFERR_FETCH_MASK
+    if mmu.obs: mmu.obs.walker_error(errcode)  # observer
     return errcode
 
 
@@ -210,7 +214,9 @@ def fetch(mmu: KvmMmu, vmmu: VcpuMmu, addr: int, w: GuestWalker, write_fault: bo
             mmu.link_shadow_page(sp, i, child)
         sp = child
         level -= 1
-    # A guest 2 MiB page is mapped with 4 KiB sptes in a direct sp (no host huge pages).
+    # A guest 2 MiB page is mapped with 4 KiB sptes in a direct sp (no host huge pages):
+    # the goal level is 1; an MMIO gfn has no pfn (KVM_PFN_NOSLOT).
+    if mmu.obs: mmu.obs.spte_requested(w.gfn, KVM_PFN_NOSLOT if pfn is None else pfn, 1)  # observer
     direct_access = w.pte_access
     while level > 1:
         sp.write_flooding_count = 0

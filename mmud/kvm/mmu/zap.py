@@ -461,6 +461,7 @@ def kvm_mmu_zap_all_fast(mmu: KvmMmu) -> ZapRun:
     or let vCPUs run in its lock breaks (`task`). The caller serialises zaps (slots_lock):
     with a 0/1 generation there must never be two obsolete generations at once.
     """
+    if mmu.obs: mmu.obs.kvm_mmu_zap_all_fast(mmu.mmu_valid_gen, mmu.n_used_mmu_pages)  # observer
     mmu.mmu_valid_gen ^= 1
     mmu.kvm_reload_remote_mmus()
     return ZapRun("fast", mmu, lambda run: kvm_zap_obsolete_pages(mmu, run))
