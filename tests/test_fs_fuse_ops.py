@@ -91,7 +91,7 @@ def test_getattr_of_a_missing_path_is_enoent(fs):
 
 
 def test_readdir_lists_dot_dotdot_then_the_children(fs):
-    assert fs.readdir("/", 0) == [".", "..", "parameters", "kvm", "vms", "vm0"]
+    assert fs.readdir("/", 0) == [".", "..", "parameters", "kvm", "vms", "tracing", "vm0"]
     assert fs.readdir("/vm0/dirty_log", 0) == [".", "..", "0"]
 
 
@@ -100,7 +100,7 @@ def test_readdir_follows_the_latest_snapshot(fs, backend):
     assert fs.readdir("/", 0)[-2:] == ["vm0", "vm1"]
     assert S_ISDIR(fs.getattr("/kvm/4242-9")["st_mode"])
     backend.snapshot = snapshot()
-    assert fs.readdir("/", 0) == [".", "..", "parameters", "kvm", "vms"]
+    assert fs.readdir("/", 0) == [".", "..", "parameters", "kvm", "vms", "tracing"]
     assert errno_of(fs.getattr, "/vm0/state") == errno.ENOENT
 
 

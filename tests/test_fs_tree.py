@@ -8,13 +8,15 @@ other tests/test_fs_*.py files.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
+import os
 from typing import Any
 
 import pytest
 
 from mmud.daemon.protocol import Snapshot, VmConfig
-from mmud.fs.nodes import BinaryFile, Dir, File, Node, RequestFile
+from mmud.fs.nodes import BinaryFile, Dir, File, Node, PipeFile, RequestFile
 from mmud.fs.tree import Tree
 from mmud.uapi.bugs import INJECTABLE_BUGS, render_choices
 from mmud.uapi.params import Params
@@ -84,7 +86,7 @@ def refused(tree: Tree, path: str, data: bytes) -> int | None:
 
 
 def test_root_holds_parameters_kvm_and_one_directory_per_vm(tree):
-    assert children(tree, "/") == ["parameters", "kvm", "vms", "vm0", "vm1"]
+    assert children(tree, "/") == ["parameters", "kvm", "vms", "tracing", "vm0", "vm1"]
 
 
 def test_parameters_lists_every_module_parameter_in_kernel_order(tree):
@@ -131,12 +133,12 @@ def test_dirty_log_directory_lists_the_slots_with_logging_on(tree):
 def test_vm_directories_appear_and_disappear_with_the_snapshot(tree):
     only_vm0 = snapshot(vm_snapshot("vm0", VM0_DIR))
     only_vm1 = snapshot(vm_snapshot("vm1", VM1_DIR))
-    assert children(tree, "/", only_vm0) == ["parameters", "kvm", "vms", "vm0"]
+    assert children(tree, "/", only_vm0) == ["parameters", "kvm", "vms", "tracing", "vm0"]
     assert VM1_DIR not in children(tree, "/kvm", only_vm0)
     for path in ("/vm1/state", f"/kvm/{VM1_DIR}/exits"):
         with pytest.raises(FileNotFoundError):
             lookup(tree, path, only_vm0)
-    assert children(tree, "/", only_vm1) == ["parameters", "kvm", "vms", "vm1"]
+    assert children(tree, "/", only_vm1) == ["parameters", "kvm", "vms", "tracing", "vm1"]
     assert lookup(tree, f"/kvm/{VM1_DIR}/exits", only_vm1)
     with pytest.raises(FileNotFoundError):
         lookup(tree, f"/kvm/{VM0_DIR}", only_vm1)
@@ -700,7 +702,7 @@ def test_the_simulations_vm_lifecycle_refusal_reaches_the_writer(tree, path, dat
 def test_a_destroyed_vms_nodes_are_dropped_and_a_new_vm_of_that_name_gets_fresh_ones(tree):
     vm1_state = lookup(tree, "/vm1/state")
     assert children(tree, "/", snapshot(vm_snapshot("vm0", VM0_DIR))) == [
-        "parameters", "kvm", "vms", "vm0"]
+        "parameters", "kvm", "vms", "tracing", "vm0"]
     assert "vm1" not in tree._vm_dirs
     again = snapshot(vm_snapshot("vm0", VM0_DIR), vm_snapshot("vm1", "4242-12"))
     assert lookup(tree, "/vm1/state", again) is not vm1_state
@@ -796,3 +798,55 @@ def test_a_walk_the_simulation_refuses_fails_the_write_and_keeps_the_address(tre
     del fake(tree).errors["mmu_walk"]
     assert handle.read(0, 100) == b"walk 0x1000\n"
     assert walk_handle(tree).read(0, 100) == b"walk 0x1000\n"
+
+
+# -- tracing/ (docs/tracing.md) -------------------------------------------------------------
+
+TRACE_EVENTS = ("kvmmmu:kvm_mmu_get_page", "kvmmmu:kvm_mmu_set_spte")
+
+
+def traced(tree: Tree) -> Snapshot:
+    return dataclasses.replace(current(tree), trace_events=TRACE_EVENTS)
+
+
+def test_tracing_layout_follows_the_snapshots_events(tree):
+    snap = traced(tree)
+    assert children(tree, "/tracing") == ["available_events", "set_event", "events", "tracing_on",
+                                          "buffer_size_kb", "trace", "trace_pipe"]
+    assert children(tree, "/tracing/events", snap) == ["enable", "kvmmmu"]
+    assert children(tree, "/tracing/events/kvmmmu", snap) == [
+        "enable", "kvm_mmu_get_page", "kvm_mmu_set_spte"]
+    assert children(tree, "/tracing/events/kvmmmu/kvm_mmu_get_page", snap) == [
+        "enable", "filter", "format"]
+    assert lookup(tree, "/tracing/events/kvmmmu/kvm_mmu_get_page/format", snap).mode == 0o444
+    assert isinstance(lookup(tree, "/tracing/trace_pipe"), PipeFile)
+
+
+def test_tracing_files_are_read_and_written_by_request(tree):
+    fake(tree).results["tracefs"] = lambda **args: f"{args}"
+    assert read(tree, "/tracing/tracing_on") == b"{'action': 'read', 'file': 'tracing_on'}"
+    fake(tree).requests.clear()
+    store(tree, "/tracing/set_event", b"kvmmmu:*\n")
+    lookup(tree, "/tracing/trace").truncate()
+    assert fake(tree).requests == [
+        ("tracefs", {"action": "write", "file": "set_event", "text": "kvmmmu:*\n"}),
+        ("tracefs", {"action": "truncate", "file": "trace"})]
+
+
+@pytest.mark.parametrize("path, data", [
+    ("/tracing/events/enable", b"2\n"), ("/tracing/events/enable", b"y"),
+    ("/tracing/tracing_on", b"on\n"), ("/tracing/buffer_size_kb", b"0\n"),
+    ("/tracing/buffer_size_kb", b"-4\n")])
+def test_tracing_number_writes_are_checked_before_any_request(tree, path, data):
+    assert refused(tree, path, data) == errno.EINVAL
+
+
+def test_trace_pipe_nonblocking_read_of_an_empty_pipe_is_eagain(tree):
+    fake(tree).results["tracefs"] = ""
+    handle = lookup(tree, "/tracing/trace_pipe").open_flags(os.O_RDONLY | os.O_NONBLOCK)
+    with pytest.raises(OSError) as e:
+        handle.read(0, 4096)
+    assert e.value.errno == errno.EAGAIN
+    fake(tree).results["tracefs"] = "line\n"
+    assert handle.read(0, 4096) == b"line\n"
+    assert fake(tree).requests[-1] == ("tracefs", {"action": "pipe", "size": 4096})

@@ -14,6 +14,7 @@ from mmud.kvm.trace.events import EVENTS, select
 from mmud.kvm.trace.filter import FilterError
 from mmud.kvm.trace.ring import CpuRing, Record
 from mmud.kvm.trace.tracer import format_line
+from mmud.kvm.trace.tracefs import TraceFs
 
 NO_ISOLATION = {"address_space_isolation": "0"}
 
@@ -228,3 +229,62 @@ def test_pids_and_the_vmm_thread() -> None:
         ("vcpu0", 2001, 0), ("vcpu1", 2002, 1)}
     zap = [e for e in events if e.name == "kvm_mmu_zap_all_fast"]
     assert len(zap) == 1 and zap[0].line.startswith("             vmm-2000    [000] ...1. ")
+
+
+# --- tracefs (mmud/kvm/trace/tracefs.py) ---------------------------------------------------------
+
+def _tracefs() -> tuple[mmud.VM, TraceFs]:
+    vm = _vm()
+    return vm, TraceFs(vm.module.trace)
+
+
+def test_format_file_ends_with_the_print_fmt_line() -> None:
+    text = EVENTS["kvm_mmu_paging_element"].format_file()
+    assert text.endswith('\n\nprint fmt: "pte %llx level %u", REC->pte, REC->level\n')
+
+
+def test_tracefs_set_event_enable_and_tracing_on() -> None:
+    vm, fs = _tracefs()
+    fs.write("set_event", "kvmmmu:kvm_mmu_get_page kvmmmu:kvm_mmu_set_spte\n")
+    assert fs.read("set_event") == "kvmmmu:kvm_mmu_get_page\nkvmmmu:kvm_mmu_set_spte\n"
+    assert fs.read("events/kvmmmu/enable") == "X\n"
+    fs.write("set_event", "!kvmmmu:kvm_mmu_set_spte")
+    with pytest.raises(OSError):
+        fs.write("set_event", "kvmmmu:nope")
+    fs.truncate("set_event")
+    assert fs.read("set_event") == "" and fs.read("events/enable") == "0\n"
+    fs.write("events/kvmmmu/kvm_mmu_get_page/enable", "1\n")
+    fs.write("tracing_on", "0\n")
+    vm.zap_all("fast")
+    vm.step(200)
+    assert fs.pipe(4096) == ""
+    fs.write("tracing_on", "1\n")
+    vm.zap_all("fast")
+    vm.step(200)
+    assert "kvm_mmu_get_page: sp gen" in fs.read("trace")
+
+
+def test_tracefs_pipe_returns_whole_lines_up_to_size() -> None:
+    vm, fs = _tracefs()
+    fs.write("events/enable", "1")
+    vm.step(300)
+    first = fs.pipe(1)  # one line even when it does not fit
+    assert first.count("\n") == 1
+    chunk = fs.pipe(1000)
+    assert chunk.endswith("\n") and len(chunk) <= 1000 and chunk != first
+    fs.write("events/enable", "0")
+    while fs.pipe(1 << 20):
+        pass
+    assert fs.pipe(4096) == ""
+
+
+def test_tracefs_bad_filter_leaves_the_event_unfiltered_with_the_error() -> None:
+    vm, fs = _tracefs()
+    fs.write("events/kvmmmu/kvm_mmu_get_page/filter", "gfn == 0x12345\n")
+    assert fs.read("events/kvmmmu/kvm_mmu_get_page/filter") == "gfn == 0x12345\n"
+    with pytest.raises(OSError):
+        fs.write("events/kvmmmu/kvm_mmu_get_page/filter", "gfn == 1 && (level")
+    assert "kvm_mmu_get_page" not in fs.top.filters
+    assert "\nparse_error: " in fs.read("events/kvmmmu/kvm_mmu_get_page/filter")
+    fs.write("events/kvmmmu/kvm_mmu_get_page/filter", "0")
+    assert fs.read("events/kvmmmu/kvm_mmu_get_page/filter") == "none\n"

@@ -61,6 +61,7 @@ class Snapshot:
     params: dict[str, bytes]  # parameter name -> sysfs file content
     vms: tuple[VmSnapshot, ...]
     logs: dict[str, tuple[str, ...]] = field(default_factory=dict)  # log name -> ring of lines
+    trace_events: tuple[str, ...] = ()  # "kvmmmu:<event>": the tracing/events/ directories
 
     def vm(self, name: str) -> VmSnapshot | None:
         return next((v for v in self.vms if v.name == name), None)

@@ -33,6 +33,8 @@ from mmud.kvm.isolation import isolation_map
 from mmud.kvm.mmu import view
 from mmud.uapi.isolation import parse_map
 from mmud.kvm.module import KvmModule
+from mmud.kvm.trace.events import EVENTS
+from mmud.kvm.trace.tracefs import TraceFs
 from mmud.machine import VM
 from mmud.migration import Migration, MigrationResult
 from mmud.uapi.params import ParamError
@@ -117,7 +119,10 @@ class Simulation:
             "mmu_pages": lambda vm: view.render_pages(self._slot(vm).vm.mmu),
             "mmu_rmaps_stat": lambda vm: view.render_rmaps_stat(self._slot(vm).vm.memslots),
             "mmu_walk": self.mmu_walk,
+            # tracing/: rendered at open, applied here; trace_pipe drains between batches.
+            "tracefs": self.tracefs_op,
         }
+        self.tracefs = TraceFs(self.module.trace)
         self.isolation = FaultLogPublisher(self.module.isolation, config.state_dir)
         self.logs: dict[str, tuple[str, ...]] = {}
         self._seq = 0
@@ -207,7 +212,8 @@ class Simulation:
             params={n: self.params.render(n) for n in self.params.names()},
             vms=tuple(self._vm_snapshot(s) for s in self.slots),
             logs={**self.logs, **self.isolation.logs(self._fault_context),
-                  "audit_log": tuple(line.rstrip("\n") for line in self.module.audit.lines)}))
+                  "audit_log": tuple(line.rstrip("\n") for line in self.module.audit.lines)},
+            trace_events=tuple(f"{e.system}:{n}" for n, e in EVENTS.items())))
 
     def _vm_snapshot(self, s: _Slot) -> VmSnapshot:
         stats = s.vm.stats
@@ -254,6 +260,19 @@ class Simulation:
         if not 0 <= vcpu < len(vcpus):
             raise OSError(errno.EINVAL, f"{vm} has no vcpu {vcpu}")
         return view.render_walk(vcpus[vcpu].mmu, gva)
+
+    def tracefs_op(self, action: str, file: str = "", text: str = "", size: int = 0) -> str | None:
+        """tracing/<file>: `read` renders it, `write` applies a write(2) (EINVAL: refused),
+        `truncate` is an O_TRUNC open, `pipe` consumes up to `size` bytes of trace_pipe."""
+        if action == "read":
+            return self.tracefs.read(file)
+        if action == "pipe":
+            return self.tracefs.pipe(size)
+        if action == "truncate":
+            self.tracefs.truncate(file)
+        else:
+            self.tracefs.write(file, text)
+        return None
 
     def inject(self, vm: str, name: str) -> None:
         """`vm<N>/inject`: arm a bug in that VM ("none" disarms)."""

@@ -38,7 +38,7 @@ import structlog
 from mfusepy import FUSE, Operations
 
 from mmud.daemon.protocol import Snapshot
-from mmud.fs.nodes import Backend, BinaryFile, Dir, File, Handle, Node
+from mmud.fs.nodes import Backend, BinaryFile, Dir, File, Handle, LiveFile, Node, PipeFile
 from mmud.fs.tree import Tree
 
 log = structlog.get_logger("mmud.fs")
@@ -182,10 +182,14 @@ class ControlFS(Operations):
         if access != os.O_WRONLY and not self._can_show(path, node):
             raise OSError(errno.EACCES, path)
         fi.direct_io, fi.fh = 1, next(self.ids)
+        if isinstance(node, PipeFile):  # trace_pipe: blocking unless O_NONBLOCK
+            self.handles[fi.fh] = node.open_flags(fi.flags)
+            return 0
         if isinstance(node, BinaryFile):
             self.handles[fi.fh] = node.open_handle()
             return 0
-        self.snaps[fi.fh] = node.render(self._snap()) if node.mode & 0o444 else b""
+        readable = node.mode & 0o444 and access != os.O_WRONLY
+        self.snaps[fi.fh] = node.render(self._snap()) if readable else b""
         return 0  # with raw_fi this is a status, not the handle
 
     @_guarded
@@ -214,8 +218,11 @@ class ControlFS(Operations):
     def truncate(self, path: str, length: int, fh: Any = None) -> int:
         # O_TRUNC arrives here after the open; os.truncate() arrives without one.  kernfs
         # ignores the size; what decides is the same check as a write open.
-        if not self._can_store(path, self._file(path)):
+        node = self._file(path)
+        if not self._can_store(path, node):
             raise OSError(errno.EACCES, path)
+        if isinstance(node, LiveFile):  # tracing/set_event, trace: an O_TRUNC open clears
+            node.truncate()
         return 0
 
     @_guarded

@@ -12,7 +12,9 @@ I/O code.
 from __future__ import annotations
 
 import errno
+import os
 import re
+import time
 from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any, Protocol
@@ -384,6 +386,68 @@ class CommandFile(File):
     def store(self, data: bytes) -> None:
         op, args = self.parse(data)
         self.backend.request(op, **args)
+
+
+class LiveFile(File):
+    """A file the simulation renders at each open and applies each write(2) of (one request
+    each), with an O_TRUNC open that is a request too: the tracing/ files.  `args` name the
+    file in the request; `parse` (mmud/uapi) checks a write first (None: read-only)."""
+
+    def __init__(self, backend: Backend, op: str, args: Mapping[str, Any], parse: Parse | None,
+                 mode: int = 0o644) -> None:
+        super().__init__(self._render, mode)
+        self.backend, self.op, self.args, self.parse = backend, op, dict(args), parse
+
+    def _render(self, snap: Snapshot) -> bytes:
+        return str(self.backend.request(self.op, action="read", **self.args).result or "").encode()
+
+    @property
+    def writable(self) -> bool:
+        return self.parse is not None
+
+    def store(self, data: bytes) -> None:
+        if self.parse is None:
+            raise OSError(errno.EACCES, "no store method")
+        self.backend.request(self.op, action="write", **self.args, **self.parse(data))
+
+    def truncate(self) -> None:
+        self.backend.request(self.op, action="truncate", **self.args)
+
+
+# How often a blocked trace_pipe read asks the simulation for lines.
+PIPE_POLL_SECONDS = 0.005
+
+
+class _PipeHandle:
+    """One open of a consuming pipe (trace_pipe): each read takes lines off the one stream
+    every reader shares; it blocks (polling the simulation) until there is at least one and
+    returns as soon as there is; with O_NONBLOCK an empty pipe is EAGAIN."""
+
+    def __init__(self, backend: Backend, op: str, nonblock: bool) -> None:
+        self.backend, self.op, self.nonblock = backend, op, nonblock
+
+    def read(self, offset: int, size: int) -> bytes:
+        while True:
+            got = str(self.backend.request(self.op, action="pipe", size=size).result or "")
+            if got:
+                return got.encode()
+            if self.nonblock:
+                raise OSError(errno.EAGAIN, "trace_pipe is empty")
+            time.sleep(PIPE_POLL_SECONDS)
+
+    def write(self, offset: int, data: bytes) -> int:
+        raise OSError(errno.EACCES, "read-only")
+
+
+class PipeFile(BinaryFile):
+    """A read-only consuming pipe (0444): opened with the open(2) flags (O_NONBLOCK)."""
+
+    def __init__(self, backend: Backend, op: str) -> None:
+        super().__init__(lambda: _PipeHandle(backend, op, False), 0o444)
+        self.backend, self.op = backend, op
+
+    def open_flags(self, flags: int) -> Handle:
+        return _PipeHandle(self.backend, self.op, bool(flags & os.O_NONBLOCK))
 
 
 Node = Dir | File | BinaryFile

@@ -10,6 +10,7 @@
     vm<N>/memslots, vm<N>/zap_all   memslot changes, zap of every shadow page (issue 6)
     vm<N>/mmu/{pages,walk}, kvm/<pid>-<fd>/mmu_rmaps_stat   the shadow tables on view (issue 14)
     vms                         the VMs, one line each; `create …`/`destroy …` (mmud/uapi/vms.py)
+    tracing/                    like /sys/kernel/tracing: the kvmmmu events (docs/tracing.md)
 
 A later file is one more entry in `_kvm_files` or `_vm_files`, built from the node types.
 """
@@ -22,10 +23,13 @@ from collections.abc import Mapping
 from mmud.daemon.protocol import Snapshot
 from mmud.fs.nodes import (
     Backend,
+    Parse,
     CommandFile,
     Dir,
     File,
+    LiveFile,
     Node,
+    PipeFile,
     choice_file,
     dirty_log_dir,
     isolation_dir,
@@ -41,6 +45,7 @@ from mmud.fs.memslots import memslots_file, zap_all_file
 from mmud.uapi.bugs import INJECTABLE_BUGS
 from mmud.uapi.params import Params
 from mmud.uapi.stats import STATS
+from mmud.uapi.tracefs import parse_buffer_size, parse_enable, parse_number, parse_text
 from mmud.uapi.vms import parse_vms_line, render_vm_line
 
 VM_STATE_ACTIONS = ("run", "pause", "restart", "destroy")  # destroy: any VM but vm0 (EPERM)
@@ -59,6 +64,7 @@ class Tree:
         self._vm_dirs: dict[str, tuple[Dir, Dir]] = {}  # VM name -> (debugfs dir, vm<N>/ dir)
         self.vms = CommandFile(backend, _render_vms, parse_vms_line)
         self.kvm = Dir(self._kvm_children)
+        self.tracing = self._tracing()
         self.root = Dir(self._root_children)
 
     def _dirs(self, vm: str) -> tuple[Dir, Dir]:
@@ -114,7 +120,52 @@ class Tree:
         for gone in self._vm_dirs.keys() - names:  # a destroyed VM's nodes go with it
             self._vm_dirs.pop(gone, None)
         return {"parameters": self.parameters, "kvm": self.kvm, "vms": self.vms,
+                "tracing": self.tracing,
                 **{v.name: self._dirs(v.name)[1] for v in snap.vms}}
+
+    def _tracing(self) -> Dir:
+        """tracing/: every file is rendered and applied by the simulation (op `tracefs`);
+        the event directories follow the snapshot's `trace_events`."""
+        b = self.backend
+
+        def live(file: str, parse: Parse | None, mode: int = 0o644) -> LiveFile:
+            return LiveFile(b, "tracefs", {"file": file}, parse, mode)
+
+        event_dirs: dict[str, Dir] = {}
+
+        def event_dir(system: str, name: str) -> Dir:
+            d = event_dirs.get(name)
+            if d is None:
+                base = f"events/{system}/{name}/"
+                d = event_dirs.setdefault(name, Dir({
+                    "enable": live(base + "enable", parse_enable),
+                    "filter": live(base + "filter", parse_text),
+                    "format": live(base + "format", None, 0o444)}))
+            return d
+
+        def systems(snap: Snapshot) -> dict[str, list[str]]:
+            out: dict[str, list[str]] = {}
+            for full in snap.trace_events:
+                system, _, name = full.partition(":")
+                out.setdefault(system, []).append(name)
+            return out
+
+        def system_dir(system: str) -> Dir:
+            return Dir(lambda snap: {
+                "enable": live(f"events/{system}/enable", parse_enable),
+                **{n: event_dir(system, n) for n in systems(snap).get(system, [])}})
+
+        events = Dir(lambda snap: {"enable": live("events/enable", parse_enable),
+                                   **{s: system_dir(s) for s in systems(snap)}})
+        return Dir({
+            "available_events": live("available_events", None, 0o444),
+            "set_event": live("set_event", parse_text),
+            "events": events,
+            "tracing_on": live("tracing_on", parse_number),
+            "buffer_size_kb": live("buffer_size_kb", parse_buffer_size),
+            "trace": live("trace", parse_text),
+            "trace_pipe": PipeFile(b, "tracefs"),
+        })
 
     def lookup(self, path: str, snap: Snapshot) -> Node:
         """The node at an absolute path such as "/kvm/pf_fixed"; ENOENT if there is none."""

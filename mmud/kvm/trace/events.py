@@ -126,11 +126,12 @@ class Event:
         return self.render(dict(zip(self.field_names, values, strict=True)))
 
     def format_file(self) -> str:
-        """The tracefs `events/kvmmmu/<name>/format` file, without its `print fmt` line."""
+        """The tracefs `events/kvmmmu/<name>/format` file, its `print fmt` line last."""
         lines = [f"name: {self.name}", f"ID: {self.id}", "format:"]
         lines += [f.format_line() for f in COMMON_FIELDS]
         lines.append("")
         lines += [f.format_line() for f in self.fields]
+        lines += ["", f"print fmt: {PRINT_FMT[self.name]}"]
         return "\n".join(lines) + "\n"
 
 
@@ -239,6 +240,43 @@ def _make(k: int, name: str, decls: tuple[tuple[str, str], ...],
 
 
 EVENTS: dict[str, Event] = {d[0]: _make(k, *d) for k, d in enumerate(_DEFS)}
+
+# The `print fmt:` line of each format file: TP_printk's format string and arguments as
+# mmutrace.h writes them, `__entry->` read as `REC->`. Simplified: the kernel shows macros
+# expanded (KVM_MMU_PAGE_PRINTK's statement expression, __print_flags' table as
+# `{ (1U << 0), "P" }`…); mmud keeps KVM_MMU_PAGE_PRINTK() and the PFERR names unexpanded.
+_PFERR = '{ PFERR_PRESENT_MASK, "P" }, { PFERR_WRITE_MASK, "W" }, { PFERR_USER_MASK, "U" }, ' \
+         '{ PFERR_RSVD_MASK, "RSVD" }, { PFERR_FETCH_MASK, "F" }'
+_PAGE_FMT = '"%s", KVM_MMU_PAGE_PRINTK()'
+PRINT_FMT: dict[str, str] = {
+    "kvm_mmu_pagetable_walk":
+        f'"addr %llx pferr %x %s", REC->addr, REC->pferr, __print_flags(REC->pferr, "|", {_PFERR})',
+    "kvm_mmu_paging_element": '"pte %llx level %u", REC->pte, REC->level',
+    "kvm_mmu_set_accessed_bit": '"gpa %llx", REC->gpa',
+    "kvm_mmu_set_dirty_bit": '"gpa %llx", REC->gpa',
+    "kvm_mmu_walker_error":
+        f'"pferr %x %s", REC->pferr, __print_flags(REC->pferr, "|", {_PFERR})',
+    "kvm_mmu_get_page": '"%s %s", KVM_MMU_PAGE_PRINTK(), REC->created ? "new" : "existing"',
+    "kvm_mmu_sync_page": _PAGE_FMT,
+    "kvm_mmu_unsync_page": _PAGE_FMT,
+    "kvm_mmu_prepare_zap_page": _PAGE_FMT,
+    "mark_mmio_spte": '"sptep:%p gfn %llx access %x gen %x", REC->sptep, REC->gfn, REC->access, '
+                      'REC->gen',
+    "handle_mmio_page_fault": '"addr:%llx gfn %llx access %x", REC->addr, REC->gfn, REC->access',
+    "fast_page_fault": '"vcpu %d gva %llx error_code %s sptep %p old %#llx new %llx spurious %d '
+                       'fixed %d", REC->vcpu_id, REC->cr2_or_gpa, __print_flags(REC->error_code, '
+                       f'"|", {_PFERR}), REC->sptep, REC->old_spte, REC->new_spte, '
+                       'REC->ret == RET_PF_SPURIOUS, REC->ret == RET_PF_FIXED',
+    "kvm_mmu_zap_all_fast": '"kvm-mmu-valid-gen %u used_pages %x", REC->mmu_valid_gen, '
+                            'REC->mmu_used_pages',
+    "check_mmio_spte": '"spte %llx kvm_gen %x spte-gen %x valid %d", REC->spte, REC->kvm_gen, '
+                       'REC->spte_gen, REC->kvm_gen == REC->spte_gen',
+    "kvm_mmu_set_spte": '"gfn %llx spte %llx (%s%s%s%s) level %d at %llx", REC->gfn, REC->spte, '
+                        'REC->r ? "r" : "-", REC->spte & PT_WRITABLE_MASK ? "w" : "-", '
+                        'REC->x ? "x" : "-", REC->u == -1 ? "" : (REC->u ? "u" : "-"), '
+                        'REC->level, REC->sptep',
+    "kvm_mmu_spte_requested": '"gfn %llx pfn %llx level %d", REC->gfn, REC->pfn, REC->level',
+}
 
 # Not in mmud: TDP MMU only.
 SKIPPED = {"kvm_tdp_mmu_spte_changed": "mmud has no TDP MMU (shadow paging only)"}

@@ -188,6 +188,7 @@ class TraceInstance:
         self.pids = pids  # set_event_pid; None: every task
         self.buffer_size = TRACE_BUF_SIZE_DEFAULT
         self.rings: dict[int, CpuRing] = {}
+        self.tracing_on = True  # tracefs `tracing_on`: off, the rings record nothing
 
     @property
     def buffer_size_kb(self) -> int:
@@ -228,7 +229,9 @@ class TraceInstance:
 
     def record(self, record: Record) -> None:
         name = record.event.name
-        if name not in self.enabled or (self.pids is not None and record.pid not in self.pids):
+        if not self.tracing_on or name not in self.enabled:
+            return
+        if self.pids is not None and record.pid not in self.pids:
             return
         flt = self.filters.get(name)
         if flt is not None and not flt[1](_fields(record, common=True)):
