@@ -823,7 +823,7 @@ def test_tracing_layout_follows_the_snapshots_events(tree):
 
 
 def test_tracing_files_are_read_and_written_by_request(tree):
-    fake(tree).results["tracefs"] = lambda **args: f"{args}"
+    fake(tree).results["tracefs_read"] = lambda **args: f"{args}"
     assert read(tree, "/tracing/tracing_on") == b"{'action': 'read', 'file': 'tracing_on'}"
     fake(tree).requests.clear()
     store(tree, "/tracing/set_event", b"kvmmmu:*\n")
@@ -842,11 +842,11 @@ def test_tracing_number_writes_are_checked_before_any_request(tree, path, data):
 
 
 def test_trace_pipe_nonblocking_read_of_an_empty_pipe_is_eagain(tree):
-    fake(tree).results["tracefs"] = ""
+    fake(tree).results["tracefs_read"] = ""
     handle = lookup(tree, "/tracing/trace_pipe").open_flags(os.O_RDONLY | os.O_NONBLOCK)
     with pytest.raises(OSError) as e:
         handle.read(0, 4096)
     assert e.value.errno == errno.EAGAIN
-    fake(tree).results["tracefs"] = "line\n"
+    fake(tree).results["tracefs_read"] = "line\n"
     assert handle.read(0, 4096) == b"line\n"
-    assert fake(tree).requests[-1] == ("tracefs", {"action": "pipe", "size": 4096})
+    assert fake(tree).requests[-1] == ("tracefs_read", {"action": "pipe", "size": 4096})

@@ -232,3 +232,19 @@ def test_a_restart_frees_the_old_vm_and_keeps_the_destination_role(sim, no_autom
     ok(sim, "state", vm="vm0", action="run")
     ok(sim, "migrate", vm="vm0", action="start")
     assert names(sim) == ["vm0", "vm1"]
+
+
+@pytest.mark.parametrize(("op", "args", "publishes"), [
+    ("mmu_pages", {"vm": "vm0"}, False),
+    ("mmu_walk", {"vm": "vm0", "gva": 0}, False),
+    ("memory_read", {"vm": "vm0", "gpa": 0, "size": 8}, False),
+    ("tracefs_read", {"action": "pipe", "size": 4096}, False),
+    ("tracefs", {"action": "write", "file": "tracing_on", "text": "0\n"}, True),
+    ("inject", {"vm": "vm0", "name": "none"}, True),
+])
+def test_only_requests_that_change_state_are_followed_by_a_snapshot(sim, op, args, publishes):
+    """A write's change is published before its reply; a read changes nothing a snapshot
+    shows, so none is sent (a blocked trace_pipe reader polls every 5 ms)."""
+    before = len(sim.out.sent)
+    ok(sim, op, **args)
+    assert [type(m) for m in sim.out.sent[before:]] == ([Snapshot] if publishes else []) + [Reply]

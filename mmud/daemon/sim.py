@@ -47,6 +47,11 @@ BATCH_SECONDS = 0.002
 # Files show values at most this old while the VM runs; also the paused loop's poll timeout.
 PUBLISH_SECONDS = 0.05
 STEP_CHUNK = 32  # steps between two looks at the batch deadline
+# Requests that only read: nothing a snapshot shows changes, so none is published after
+# them (a blocked trace_pipe reader asks every 5 ms).
+READ_OPS = frozenset({"memory_read", "mmu_pages", "mmu_rmaps_stat", "mmu_walk", "tracefs_read"})
+# tracing/events/<system>/<event>/: the snapshot lists the events, which never change.
+TRACE_EVENTS = tuple(f"{e.system}:{n}" for n, e in EVENTS.items())
 
 
 class VmState(StrEnum):
@@ -121,6 +126,7 @@ class Simulation:
             "mmu_walk": self.mmu_walk,
             # tracing/: rendered at open, applied here; trace_pipe drains between batches.
             "tracefs": self.tracefs_op,
+            "tracefs_read": self.tracefs_op,
         }
         self.tracefs = TraceFs(self.module.trace)
         self.isolation = FaultLogPublisher(self.module.isolation, config.state_dir)
@@ -195,7 +201,8 @@ class Simulation:
             reply = Reply(req.id, result=self.handlers[req.op](**req.args), step=step)
         except (ParamError, OSError) as e:
             reply = Reply(req.id, errno=e.errno or errno.EINVAL, message=str(e), step=step)
-        self.publish()  # the change is visible before the writer's write(2) returns
+        if req.op not in READ_OPS:
+            self.publish()  # the change is visible before the writer's write(2) returns
         if self._freed:
             # A VM went away: its objects form cycles (vCPUs, MMU and guest point back at
             # it), so only a collection frees them; do it now, so that its memory is back
@@ -213,7 +220,7 @@ class Simulation:
             vms=tuple(self._vm_snapshot(s) for s in self.slots),
             logs={**self.logs, **self.isolation.logs(self._fault_context),
                   "audit_log": tuple(line.rstrip("\n") for line in self.module.audit.lines)},
-            trace_events=tuple(f"{e.system}:{n}" for n, e in EVENTS.items())))
+            trace_events=TRACE_EVENTS))
 
     def _vm_snapshot(self, s: _Slot) -> VmSnapshot:
         stats = s.vm.stats

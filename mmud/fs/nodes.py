@@ -201,12 +201,17 @@ def dirty_log_dir(backend: Backend, vm: str) -> Dir:
     return Dir(children)
 
 
+def requested_text(backend: Backend, op: str, **args: Any) -> str:
+    """The text a request's reply carries ("" for none): files the simulation renders."""
+    return str(backend.request(op, **args).result or "")
+
+
 def requested_file(backend: Backend, op: str, args: Mapping[str, Any], mode: int = 0o444) -> File:
     """A read-only file the simulation renders when it is opened (one request per open), for
     debugging views too big or too slow to publish in every snapshot: vm<N>/mmu/pages,
     kvm/<pid>-<fd>/mmu_rmaps_stat.  A file of a VM that is gone fails to open (ENOENT)."""
     def render(snap: Snapshot) -> bytes:
-        return str(backend.request(op, **args).result or "").encode()
+        return requested_text(backend, op, **args).encode()
 
     return File(render, mode)
 
@@ -235,7 +240,7 @@ class _WalkHandle:
         self.text = b""
 
     def _render(self, args: dict[str, int]) -> bytes:
-        return str(self.backend.request("mmu_walk", vm=self.vm, **args).result or "").encode()
+        return requested_text(self.backend, "mmu_walk", vm=self.vm, **args).encode()
 
     def write(self, offset: int, data: bytes) -> int:
         args = parse_walk(data)
@@ -391,7 +396,8 @@ class CommandFile(File):
 class LiveFile(File):
     """A file the simulation renders at each open and applies each write(2) of (one request
     each), with an O_TRUNC open that is a request too: the tracing/ files.  `args` name the
-    file in the request; `parse` (mmud/uapi) checks a write first (None: read-only)."""
+    file in the request; `parse` (mmud/uapi) checks a write first (None: read-only).  Reads
+    go to `<op>_read`, which changes nothing a snapshot shows, so no snapshot follows it."""
 
     def __init__(self, backend: Backend, op: str, args: Mapping[str, Any], parse: Parse | None,
                  mode: int = 0o644) -> None:
@@ -399,7 +405,7 @@ class LiveFile(File):
         self.backend, self.op, self.args, self.parse = backend, op, dict(args), parse
 
     def _render(self, snap: Snapshot) -> bytes:
-        return str(self.backend.request(self.op, action="read", **self.args).result or "").encode()
+        return requested_text(self.backend, f"{self.op}_read", action="read", **self.args).encode()
 
     @property
     def writable(self) -> bool:
@@ -428,7 +434,7 @@ class _PipeHandle:
 
     def read(self, offset: int, size: int) -> bytes:
         while True:
-            got = str(self.backend.request(self.op, action="pipe", size=size).result or "")
+            got = requested_text(self.backend, f"{self.op}_read", action="pipe", size=size)
             if got:
                 return got.encode()
             if self.nonblock:

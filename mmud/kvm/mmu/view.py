@@ -27,7 +27,6 @@ from mmud.kvm.mmu.page import ACCESS_STR, ShadowPage, sp_address
 from mmud.kvm.mmu.page import kvm_mmu_page_printk as page_printk
 from mmud.x86.paging import (
     ACC_ALL,
-    ACC_EXEC_MASK,
     ACC_USER_MASK,
     ACC_WRITE_MASK,
     CR3_ADDR_MASK,
@@ -42,6 +41,7 @@ from mmud.x86.paging import (
     PT_PRESENT_MASK,
     PT_USER_MASK,
     PT_WRITABLE_MASK,
+    gpte_access,
     is_canonical,
     pt_index,
 )
@@ -172,8 +172,7 @@ def _guest_walk(vmmu: VcpuMmu, gva: int, lines: list[str]) -> _Guest:
         if rsvd:
             lines.append(f"{head} reserved bits {rsvd:#x}")
             return _Guest(stop_level=level, stop="reserved bits set")
-        access &= (gpte & (PT_WRITABLE_MASK | PT_USER_MASK)) | (
-            0 if vmmu.nxe and gpte & PT64_NX_MASK else ACC_EXEC_MASK)
+        access &= gpte_access(gpte, vmmu.nxe)
         if large:
             base = gpte & PT64_LVL2_LARGE_ADDR_MASK
             gfn = (base >> PAGE_SHIFT) + pt_index(gva, 1)
