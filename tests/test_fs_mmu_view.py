@@ -21,7 +21,8 @@ PAGE_LINE = re.compile(r"[0-9a-f]{16} +\d+ +\d+ +\d+ sp gen \d+ gfn [0-9a-f]+ l[
                        r"( direct)? [w-][u-][x-]( invalid)? !?nxe ad root \d+ (un)?sync")
 
 
-MMIO_LOOKS = 40
+LOOKS = 40  # pause points tried before a test gives up on finding the state it needs
+NO_ROOT = "shadow walk: no root loaded"
 
 
 @pytest.fixture(scope="module")
@@ -51,14 +52,34 @@ def verdict(text: str) -> str:
     return text.splitlines()[-1]
 
 
+def look_until(daemon, look, found):
+    """What `look()` returns at the first pause point where `found` holds it.
+
+    The MMU a paused VM shows is whatever the pause fell on: a root the fast zap or the page
+    budget has just dropped (reloaded at the next entry), or shadow pages just recycled. The
+    VM runs a little between looks until the state a test needs is there; what the test then
+    asserts of it is unchanged."""
+    for _ in range(LOOKS):
+        seen = look()
+        if found(seen):
+            return seen
+        assert echo(daemon.path("vm0/state"), "run").returncode == 0
+        time.sleep(0.05)
+        assert echo(daemon.path("vm0/state"), "pause").returncode == 0
+    raise AssertionError(f"not found in {LOOKS} pause points: {seen!r:.2000}")
+
+
 def test_pages_lists_the_roots_after_the_vm_ran(paused):
     assert stat.S_IMODE(paused.path("vm0/mmu/pages").stat().st_mode) == 0o444
-    text = paused.read("vm0/mmu/pages")
-    lines = text.splitlines()
+    def roots_of(lines: list[str]) -> list[str]:
+        return [line for line in lines[1:] if re.search(r" l4 .* root [1-9]\d* (un)?sync$", line)]
+
+    # the vCPU's CR3 loads made roots, pinned by root_count (unless the pause fell where one
+    # was just dropped)
+    lines = look_until(paused, lambda: paused.read("vm0/mmu/pages").splitlines(), roots_of)
     assert lines[0] == "sp               unsync_children parents sptes kvm_mmu_page"
     assert len(lines) > 4 and all(PAGE_LINE.fullmatch(line) for line in lines[1:]), lines[:5]
-    roots = [line for line in lines[1:] if re.search(r" l4 .* root [1-9]\d* (un)?sync$", line)]
-    assert roots  # the vCPU's CR3 loads made roots, pinned by root_count
+    roots = roots_of(lines)
     assert all(" parents" not in line and line.split()[2] == "0" for line in roots)
     used = status_fields(paused.read("vm0/status"))["shadow pages"].split(" / ")[0]
     assert len(lines) - 1 == int(used)  # every active page once (n_used_mmu_pages)
@@ -76,7 +97,8 @@ def test_pages_of_a_vm_that_never_loaded_cr3_is_the_header(daemon):
 def test_walk_of_a_mapped_address_agrees_and_echo_then_cat_shows_it(paused):
     assert stat.S_IMODE(paused.path("vm0/mmu/walk").stat().st_mode) == 0o644
     candidates = [PAGE_OFFSET + k * 0x1000 for k in range(64)]
-    texts = walk_rw(paused, candidates)
+    texts = look_until(paused, lambda: walk_rw(paused, candidates),
+                       lambda seen: any(verdict(t).startswith("agree: gfn ") for t in seen))
     assert all(verdict(t).startswith("agree: ") for t in texts)
     mapped = [(gva, t) for gva, t in zip(candidates, texts, strict=True)
               if verdict(t).startswith("agree: gfn ")]
@@ -92,8 +114,11 @@ def test_walk_of_a_mapped_address_agrees_and_echo_then_cat_shows_it(paused):
 
 
 def test_walk_of_an_unmapped_address_stops_at_a_non_present_level_in_both(paused):
-    assert echo(paused.path("vm0/mmu/walk"), "1000").returncode == 0  # `0x` is optional
-    lines = cat(paused.path("vm0/mmu/walk")).splitlines()
+    def look() -> str:
+        assert echo(paused.path("vm0/mmu/walk"), "1000").returncode == 0  # `0x` is optional
+        return cat(paused.path("vm0/mmu/walk"))
+
+    lines = look_until(paused, look, lambda text: NO_ROOT not in text).splitlines()
     assert lines[0].startswith("gva 0x0000000000001000 vcpu 0 ")
     assert any(line.startswith("  L") and " gpte " in line and line.endswith(" not present")
                for line in lines)
@@ -102,17 +127,11 @@ def test_walk_of_an_unmapped_address_stops_at_a_non_present_level_in_both(paused
 
 
 def test_walk_of_the_ioram_window_shows_an_mmio_spte(paused):
-    """The guest's MMIO sptes come and go (the page budget recycles their shadow pages), so
-    the VM runs a little between looks until one is there to walk."""
-    for _ in range(MMIO_LOOKS):
-        texts = walk_rw(paused, [VMALLOC_START + k * 0x1000 for k in range(256)])
-        mmio = [t for t in texts if verdict(t).startswith("agree: mmio at gfn ")]
-        if mmio:
-            break
-        assert echo(paused.path("vm0/state"), "run").returncode == 0
-        time.sleep(0.05)
-        assert echo(paused.path("vm0/state"), "pause").returncode == 0
-    assert mmio, f"no MMIO spte in the guest's ioram window in {MMIO_LOOKS} looks"
+    texts = look_until(paused, lambda: walk_rw(paused, [VMALLOC_START + k * 0x1000
+                                                         for k in range(256)]),
+                       lambda seen: any(verdict(t).startswith("agree: mmio at gfn ")
+                                        for t in seen))
+    mmio = [t for t in texts if verdict(t).startswith("agree: mmio at gfn ")]
     assert re.search(r" mmio gfn 0x[0-9a-f]+ access [w-][u-]- gen \d+$", mmio[0].splitlines()[-2])
 
 
