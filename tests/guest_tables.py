@@ -1,6 +1,6 @@
 """Test helpers: build guest page tables in a fresh VM, edit them as the guest would, and
-an independent reference walk of the x86-64 rules (written from the SDM, not from mmud.x86)
-to compare the simulated MMU's answers with.
+compare the simulated MMU's answers with the independent reference walk of the x86-64 rules
+(mmud.campaign.reference, written from the SDM, not from mmud.x86).
 
 Layout: page-table frames are handed out from TABLE_BASE; data frames from DATA_BASE. The
 guest kernel's direct map (2 MiB pages, supervisor, RW) covers the first DIRECT_MB of
@@ -12,17 +12,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import mmud
+from mmud.campaign.reference import ADDR, PS, Expect, P, Regs, U, W, idx
+from mmud.campaign.reference import NX as NX, A as A, D as D  # re-exported to the tests
+from mmud.campaign.reference import reference_walk as sdm_walk
 
-P, W, U, A, D, PS, NX = 1, 2, 4, 0x20, 0x40, 0x80, 1 << 63
-ADDR = ((1 << 46) - 1) & ~0xFFF
 DIRECT_VA = 0xFFFF888000000000
 DIRECT_MB = 16
 TABLE_BASE = 0x10000
 DATA_BASE = 0x400000
-
-
-def idx(va: int, level: int) -> int:
-    return (va >> (12 + 9 * (level - 1))) & 511
 
 
 @dataclass
@@ -92,61 +89,10 @@ def new_vm(**kw) -> tuple[mmud.VM, GuestTables, mmud.Vcpu]:
     return vm, gt, vcpu
 
 
-@dataclass(frozen=True)
-class Expect:
-    fault: bool
-    error_code: int = 0
-    gpa: int | None = None
-
-
-def reference_walk(
-    vm: mmud.VM, vcpu: mmud.Vcpu, va: int, *, write: bool = False, fetch: bool = False, user: bool = False
-) -> Expect:
-    """What the SDM says one access does, given the guest's tables and control registers."""
-    cr0_wp = bool(vcpu.cr0 & (1 << 16))
-    nxe = bool(vcpu.efer & (1 << 11))
-    smep = bool(vcpu.cr4 & (1 << 20))
-    smap = bool(vcpu.cr4 & (1 << 21))
-    ac = bool(vcpu.rflags & (1 << 18))
-    access_bits = (W if write else 0) | (U if user else 0)
-    if fetch and (nxe or smep):
-        access_bits |= 0x10
-    table = vcpu.cr3 & ADDR
-    rw = us = True
-    xd = False
-    for level in (4, 3, 2, 1):
-        entry = vm.read_u64(table + 8 * idx(va, level))
-        if not entry & P:
-            return Expect(True, access_bits)
-        rsvd = ((1 << 52) - 1) & ~((1 << 46) - 1)
-        if not nxe:
-            rsvd |= NX
-        large = level == 2 and entry & PS
-        if level in (4, 3):
-            rsvd |= PS
-        if large:
-            rsvd |= ((1 << 21) - 1) & ~((1 << 13) - 1)
-        if entry & rsvd:
-            return Expect(True, access_bits | P | 8)
-        rw &= bool(entry & W)
-        us &= bool(entry & U)
-        xd |= nxe and bool(entry & NX)
-        if level == 1 or large:
-            break
-        table = entry & ADDR
-    if user:
-        denied = not us or (write and not rw) or (fetch and xd)
-    elif fetch:
-        denied = xd or (smep and us)
-    else:
-        denied = (smap and us and not ac) or (write and cr0_wp and not rw)
-    if denied:
-        return Expect(True, access_bits | P)
-    if large:
-        pa = (entry & ADDR & ~((1 << 21) - 1)) | (va & ((1 << 21) - 1))
-    else:
-        pa = (entry & ADDR) | (va & 0xFFF)
-    return Expect(False, 0, pa)
+def reference_walk(vm: mmud.VM, vcpu: mmud.Vcpu, va: int, **kind: bool) -> Expect:
+    """What the SDM says one access does (mmud.campaign.reference), for this vCPU's state."""
+    regs = Regs(cr0=vcpu.cr0, cr3=vcpu.cr3, cr4=vcpu.cr4, efer=vcpu.efer, rflags=vcpu.rflags)
+    return sdm_walk(vm.read_u64, regs, va, **kind)
 
 
 def check_access(vm: mmud.VM, vcpu: mmud.Vcpu, va: int, **kind) -> mmud.Access:
