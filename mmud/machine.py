@@ -50,13 +50,18 @@ class VM(Kvm):
             self.scheduler.add(str(workload), host_task(self, seed))
 
     def step(self, n: int = 1) -> int:
-        """Run n scheduler steps (fewer if every task ended); returns the steps run."""
+        """Run n scheduler steps (fewer if every task ended); returns the steps run.
+
+        A step that raises (a guest crash) is not counted; the ones before it are, so
+        `steps` after a crash is exactly the steps completed."""
         done = 0
         step = self.scheduler.step
-        while done < n and step():
-            done += 1
-            self.clock_ns += STEP_NS
-        self.steps += done
+        try:
+            while done < n and step():
+                done += 1
+                self.clock_ns += STEP_NS
+        finally:
+            self.steps += done
         if self.isolation: self.isolation.exit()  # KVM_RUN returns to userspace
         return done
 

@@ -11,8 +11,8 @@ from structlog.testing import capture_logs
 import mmud
 from mmud.kvm.devices import IORAM_BASE
 from mmud.kvm.mmu import spte as S
-from mmud.x86.paging import pt_index
-from tests.guest_tables import P, U, W, new_vm
+from mmud.x86.paging import CR4_SMAP, pt_index
+from tests.guest_tables import A, P, U, W, check_access, new_vm
 
 SLOT = 1
 SLOT_GPA = 0x1000_0000  # above the 64 MiB of RAM
@@ -161,6 +161,20 @@ def test_ioram_reads_back_and_every_access_exits():
     assert vm.stats["pf_mmio_spte_created"] == 1
     assert vm.mmio_read(IORAM_BASE + 0x3008) == 0x101
     assert vm.audit() == []
+
+
+def test_a_fetch_from_a_cached_mmio_gva_is_walked_as_a_fetch():
+    """The MMIO info cache serves data accesses only (vcpu_mmio_gva_to_gpa); a fetch walks
+    with PFERR_FETCH_MASK: a user fetch of a supervisor page faults with F (0x15), and SMAP,
+    a rule for data, does not stop a supervisor fetch of a user page."""
+    vm, gt, vcpu = new_vm()
+    gt.map(VA, IORAM_BASE, flags=P | W | A)
+    check_access(vm, vcpu, VA)  # a supervisor read caches the gva's MMIO info
+    assert check_access(vm, vcpu, VA, fetch=True, user=True).error_code == 0x15
+    gt.map(VA + 0x1000, IORAM_BASE + 0x1000, flags=P | W | U | A)
+    vcpu.cr4 |= CR4_SMAP
+    check_access(vm, vcpu, VA + 0x1000, user=True)
+    assert not check_access(vm, vcpu, VA + 0x1000, fetch=True).fault
 
 
 def test_mmio_caching_off_creates_no_mmio_sptes():

@@ -1,7 +1,8 @@
-"""kvmmmu tracepoints (mmud/kvm/trace, docs/tracing.md).
+"""Trace events: kvmmmu and kvm (mmud/kvm/trace, docs/tracing.md).
 
-The expected texts are the kernel's TP_printk format strings of arch/x86/kvm/mmu/mmutrace.h
-(v5.16) applied by hand to the field values, not the output of mmud's renderers.
+The expected texts are the kernel's TP_printk format strings of arch/x86/kvm/mmu/mmutrace.h,
+arch/x86/kvm/trace.h and include/trace/events/kvm.h (v5.16) applied by hand to the field
+values, not the output of mmud's renderers.
 """
 
 from __future__ import annotations
@@ -18,8 +19,37 @@ from mmud.kvm.trace.tracefs import TraceFs
 
 NO_ISOLATION = {"address_space_isolation": "0"}
 
-# (event, field values in mmutrace.h's order, the expected TP_printk text)
+# (event, field values in the header's order, the expected TP_printk text)
 RENDER_CASES = [
+    # "vcpu %u, rip 0x%lx"
+    ("kvm_entry", (1, 0), "vcpu 1, rip 0x0"),
+    # "vcpu %u reason %s%s%s rip 0x%lx info1 0x%016llx info2 0x%016llx intr_info 0x%08x
+    # error_code 0x%08x": VMX (isa 1) names the basic reason from VMX_EXIT_REASONS
+    ("kvm_exit", (0, 0, 1, 0xFFFF888000007000, 0, 0x80000B0E, 2, 0),
+     "vcpu 0 reason EXCEPTION_NMI rip 0x0 info1 0xffff888000007000 info2 0x0000000000000000 "
+     "intr_info 0x80000b0e error_code 0x00000002"),
+    ("kvm_exit", (28, 0, 1, 3, 0, 0, 0, 1),
+     "vcpu 1 reason CR_ACCESS rip 0x0 info1 0x0000000000000003 info2 0x0000000000000000 "
+     "intr_info 0x00000000 error_code 0x00000000"),
+    ("kvm_exit", (14, 0, 1, 0x7F0000001000, 0, 0, 0, 0),
+     "vcpu 0 reason INVLPG rip 0x0 info1 0x00007f0000001000 info2 0x0000000000000000 "
+     "intr_info 0x00000000 error_code 0x00000000"),
+    ("kvm_exit", (32, 0, 1, 0, 0, 0, 0, 0),
+     "vcpu 0 reason MSR_WRITE rip 0x0 info1 0x0000000000000000 info2 0x0000000000000000 "
+     "intr_info 0x00000000 error_code 0x00000000"),
+    # "address %lx error_code %x"
+    ("kvm_page_fault", (0xFFFFC90000000008, 0xB), "address ffffc90000000008 error_code b"),
+    # "cr_%s %x = 0x%lx"
+    ("kvm_cr", (1, 3, 0x1234000), "cr_write 3 = 0x1234000"),
+    ("kvm_cr", (0, 0, 0x80010011), "cr_read 0 = 0x80010011"),
+    # "%x:%llx:%s (%s)%s", csbase, rip, __print_hex(insn, len), emul flags, failed
+    ("kvm_emulate_insn", (0, 0, 0, 0, 9, 0), "0:0: (prot64)"),
+    ("kvm_emulate_insn", (0xFFFFFFFF81000000, 0x10, 3, 0x078948, 1 | 4, 1),
+     "10:ffffffff81000000:48 89 07 (prot32) failed"),
+    # "mmio %s len %u gpa 0x%llx val 0x%llx", kvm_trace_symbol_mmio
+    ("kvm_mmio", (0, 8, 0xFF08D000, 0), "mmio unsatisfied-read len 8 gpa 0xff08d000 val 0x0"),
+    ("kvm_mmio", (1, 8, 0xFF08D000, 0x1F), "mmio read len 8 gpa 0xff08d000 val 0x1f"),
+    ("kvm_mmio", (2, 4, 0xFF08D008, 0xABC), "mmio write len 4 gpa 0xff08d008 val 0xabc"),
     # "addr %llx pferr %x %s", __print_flags(pferr, "|", P W U RSVD F)
     ("kvm_mmu_pagetable_walk", (0x7F0012345000, 0x1B), "addr 7f0012345000 pferr 1b P|W|RSVD|F"),
     # "pte %llx level %u"
@@ -113,12 +143,41 @@ def test_line_format_is_ftraces_default() -> None:
         "           vcpu3-1004    [003] d....     0.000020: fast_page_fault: ")
 
 
+KVM_EVENTS = {"kvm_entry", "kvm_exit", "kvm_page_fault", "kvm_cr", "kvm_emulate_insn", "kvm_mmio"}
+
+
 def test_selection() -> None:
-    assert select("*:*") == set(EVENTS) == select(["kvmmmu:*"]) == select("kvmmmu")
+    assert select("*:*") == set(EVENTS) == select(["kvmmmu:*", "kvm:*"])
+    assert select("kvmmmu") == select("kvmmmu:*") == set(EVENTS) - KVM_EVENTS
+    assert select("kvm") == KVM_EVENTS
     assert select("kvmmmu:kvm_mmu_get_page") == {"kvm_mmu_get_page"}
+    assert select("kvm:kvm_exit") == {"kvm_exit"}
     assert select("kvm_mmu_set_*_bit") == {"kvm_mmu_set_accessed_bit", "kvm_mmu_set_dirty_bit"}
     with pytest.raises(ValueError):
-        select("kvm:kvm_exit")
+        select("kvmmmu:kvm_exit")
+
+
+def test_kvm_exit_and_emulate_insn_formats() -> None:
+    exit_ = EVENTS["kvm_exit"]
+    assert exit_.system == "kvm" and exit_.size == 64
+    assert [(f.name, f.ctype, f.offset, f.size) for f in exit_.fields] == [
+        ("exit_reason", "unsigned int", 8, 4), ("guest_rip", "unsigned long", 16, 8),
+        ("isa", "u32", 24, 4), ("info1", "u64", 32, 8), ("info2", "u64", 40, 8),
+        ("intr_info", "u32", 48, 4), ("error_code", "u32", 52, 4), ("vcpu_id", "unsigned int", 56, 4)]
+    text = EVENTS["kvm_emulate_insn"].format_file()
+    assert "\tfield:__u8 insn[15];\toffset:21;\tsize:15;\tsigned:0;\n" in text
+    assert "\tfield:__u8 flags;\toffset:36;\tsize:1;\tsigned:0;\n" in text
+
+
+def test_print_fmt_shows_macros_expanded() -> None:
+    get_page = EVENTS["kvm_mmu_get_page"].format_file()
+    assert ('print fmt: "%s %s", ({ const char *saved_ptr = trace_seq_buffer_ptr(p); ' in get_page)
+    assert "role.word = REC->role; " in get_page and "KVM_MMU_PAGE_PRINTK" not in get_page
+    assert get_page.endswith('saved_ptr; }), REC->created ? "new" : "existing"\n')
+    walk = EVENTS["kvm_mmu_pagetable_walk"].format_file()
+    assert '{ (1U << 0), "P" }, { (1U << 1), "W" }' in walk and "PFERR_" not in walk
+    fast = EVENTS["fast_page_fault"].format_file()  # TRACE_DEFINE_ENUM: numbers, not names
+    assert fast.endswith("REC->ret == 4, REC->ret == 3\n") and "RET_PF" not in fast
 
 
 def _vm(seed: int = 5) -> mmud.VM:
@@ -145,6 +204,40 @@ def test_one_event_enabled_shows_only_it() -> None:
     e = events[0]
     assert e.text.startswith("sp gen 0 gfn ") and e.text.endswith(" new")
     assert e.fields["created"] == 1 and e.line.endswith(f"kvm_mmu_get_page: {e.text}")
+
+
+def test_kvm_events_follow_the_vcpus_exits() -> None:
+    """Each vCPU alternates entry and exit; a #PF exit is followed by kvm_page_fault of the
+    same address and error code; CR writes and MMIO accesses show with their values."""
+    vm = _vm()
+    with vm.trace(["kvm:*"]) as t:
+        vm.step(3000)
+        events = list(t)
+    assert {e.name for e in events} == KVM_EVENTS - {"kvm_entry"} | {"kvm_entry"}
+    stats = vm.stats
+    assert sum(e.name == "kvm_exit" for e in events) == stats["exits"]
+    assert sum(e.name == "kvm_emulate_insn" for e in events) == stats["insn_emulation"]
+    for vcpu in (0, 1):
+        mine = [e for e in events if e.vcpu == vcpu]
+        switches = [e.name for e in mine if e.name in ("kvm_entry", "kvm_exit")]
+        assert all(a != b for a, b in zip(switches, switches[1:], strict=False)), vcpu
+        for a, b in zip(mine, mine[1:], strict=False):
+            if a.name == "kvm_exit" and a.fields["exit_reason"] == 0:
+                assert b.name == "kvm_page_fault"
+                assert (b.fields["fault_address"], b.fields["error_code"]) == \
+                    (a.fields["info1"], a.fields["error_code"])
+                assert a.fields["intr_info"] == 0x80000B0E
+            if a.name == "kvm_exit" and a.fields["exit_reason"] == 28:
+                assert b.name == "kvm_cr" and b.fields["cr"] == a.fields["info1"]
+    cr3 = [e for e in events if e.name == "kvm_cr" and e.fields["cr"] == 3]
+    assert cr3 and all(e.fields["rw"] == 1 for e in cr3)
+    assert cr3[-1].fields["val"] in {v.cr3 for v in vm.vcpus} | {e.fields["val"] for e in cr3}
+    mmio = [e for e in events if e.name == "kvm_mmio"]
+    reads = [e for e in mmio if e.fields["type"] == 1]
+    assert reads and all(e.fields["len"] == 8 for e in mmio)
+    for e in reads:  # each read was first unsatisfied: it went out to the VMM's device
+        before = mmio[mmio.index(e) - 1]
+        assert before.fields["type"] == 0 and before.fields["gpa"] == e.fields["gpa"]
 
 
 def _trace_text(seed: int) -> str:

@@ -8,6 +8,8 @@ import errno
 import pytest
 
 import mmud
+import mmud.kvm.mmu.observer
+from mmud.kvm.devices import IORAM_BASE
 from mmud.kvm.kvm_main import KvmError
 from mmud.kvm.mmu import zap
 from mmud.kvm.mmu.zap import BATCH_ZAP_PAGES, ZAP_KINDS
@@ -320,3 +322,44 @@ def test_direct_zap_of_an_idle_vm_completes_at_once():
     vcpu.write_u64(BASE, 1, user=True)
     vm.zap_all("fast")
     assert not vm.zap_in_progress
+
+
+class _Listener(mmud.kvm.mmu.observer.MmuObserver):
+    """An observer that hears nothing it acts on: attached, it makes the zap drop each spte
+    one at a time (the per-entry path), as any observer does."""
+
+
+def _aliased_vm() -> mmud.VM:
+    """Leaf pages with every kind of entry: sptes whose gfn has one mapping, gfns mapped
+    twice in one page (rmap chains), a page mapped from two leaf tables, and MMIO sptes."""
+    vm, gt, vcpu = new_vm()
+    shared = gt.alloc_data()
+    for i in range(0, PAGES, 8):
+        pa = shared if i % 64 == 0 else None
+        gt.map(BASE + i * 4096, pa)
+    gt.map(BASE + (PAGES + 1) * 4096, IORAM_BASE)  # an MMIO spte once accessed
+    for i in range(0, PAGES, 8):
+        vcpu.write_u64(BASE + i * 4096, i, user=True)
+    vcpu.read_u64(BASE + (PAGES + 1) * 4096, user=True)
+    return vm
+
+
+def _rmap_state(vm: mmud.VM) -> list[tuple[int, list[int], dict[int, list[int]]]]:
+    return [(slot.id, slot.rmap.head.tolist(), {k: list(v) for k, v in slot.rmap.desc.items()})
+            for slot in vm.memslots]
+
+
+@pytest.mark.parametrize("kind", ZAP_KINDS)
+def test_a_leaf_page_zapped_at_once_leaves_what_the_per_entry_zap_leaves(kind):
+    """Zapping a last-level page with nobody observing clears its sptes together
+    (zap._drop_leaf_sptes); with an observer each goes through drop_spte(). Both leave the
+    same rmaps, statistics and pool."""
+    plain, observed = _aliased_vm(), _aliased_vm()
+    assert plain.stats["pages_4k"] == PAGES // 8 and any(s.rmap.desc for s in plain.memslots)
+    observed.mmu.attach(_Listener())
+    for vm in (plain, observed):
+        vm.zap_all(kind).finish()
+    assert _rmap_state(plain) == _rmap_state(observed)
+    assert all(not s.rmap.mapped().any() for s in plain.memslots)
+    assert plain.stats == observed.stats and plain.stats["pages_4k"] == 0
+    assert sorted(plain.mmu.pool.free) == sorted(observed.mmu.pool.free)

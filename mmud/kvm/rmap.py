@@ -66,6 +66,20 @@ class Rmap:
             del self.desc[rel]
         return True
 
+    def remove_many(self, gfns: np.ndarray, spteps: np.ndarray) -> int:
+        """remove() of each (gfn, sptep) (int64 arrays, every gfn in this slot); how many
+        were in the rmap. A head holding just that sptep is cleared in one numpy operation;
+        the rest (chains, and a sptep that is not there) go one by one, in order."""
+        rels = gfns - self.base_gfn
+        single = self.head[rels] == spteps
+        self.head[rels[single]] = EMPTY
+        removed = int(np.count_nonzero(single))
+        if removed < len(rels):
+            rest = ~single
+            for gfn, sptep in zip(gfns[rest].tolist(), spteps[rest].tolist(), strict=True):
+                removed += self.remove(gfn, sptep)
+        return removed
+
     def get(self, gfn: int) -> Sequence[int]:
         """The spteps mapping gfn (the live chain when there are several: copy to mutate)."""
         h = self._head[gfn - self.base_gfn]

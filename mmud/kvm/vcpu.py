@@ -23,6 +23,7 @@ from mmud.kvm.mmu.page_fault import kvm_mmu_page_fault
 from mmud.kvm.mmu.vcpu_mmu import VcpuMmu, allowed_kinds
 from mmud.uapi import stats
 from mmud.x86.paging import (
+    MSR_EFER,
     ACC_EXEC_MASK,
     CR0_PE,
     CR0_PG,
@@ -149,6 +150,7 @@ class Vcpu:
 
     @cr0.setter
     def cr0(self, value: int) -> None:
+        if self.vm.mmu.obs: self.vm.mmu.obs.handle_cr(self.index, 0, value)  # observer
         self._set_mode_register("_cr0", value, CR0_PG | CR0_WP)
 
     @property
@@ -157,6 +159,7 @@ class Vcpu:
 
     @cr4.setter
     def cr4(self, value: int) -> None:
+        if self.vm.mmu.obs: self.vm.mmu.obs.handle_cr(self.index, 4, value)  # observer
         self._set_mode_register("_cr4", value, CR4_PGE | CR4_PAE | CR4_SMEP | CR4_SMAP | CR4_PKE)
 
     @property
@@ -165,6 +168,7 @@ class Vcpu:
 
     @efer.setter
     def efer(self, value: int) -> None:
+        if self.vm.mmu.obs: self.vm.mmu.obs.handle_wrmsr(self.index, MSR_EFER, value)  # observer
         self._set_mode_register("_efer", value, EFER_NXE)
 
     @property
@@ -187,6 +191,7 @@ class Vcpu:
     def cr3(self, value: int) -> None:
         """kvm_set_cr3(): same value = sync + flush; new value = (fast) root switch."""
         self.stat["exits"] += 1
+        if self.vm.mmu.obs: self.vm.mmu.obs.handle_cr(self.index, 3, value)  # observer
         mmu = self.mmu
         self.lock_mmu()
         if value == self._cr3:
@@ -211,6 +216,7 @@ class Vcpu:
         """vcpu_enter_guest(): service requests, then make sure a root is loaded."""
         if self.isolation: self.isolation.enter()  # isolation
         mmu = self.mmu
+        if mmu.kvm_mmu.obs: mmu.kvm_mmu.obs.vcpu_enter_guest(self.index)  # observer
         if self.requests:
             req, self.requests = self.requests, 0
             if req & (KVM_REQ_MMU_RELOAD | KVM_REQ_MMU_SYNC):
@@ -320,6 +326,7 @@ class Vcpu:
                 return result
             self.stat["exits"] += 1
             mmu = self.mmu
+            if mmu.kvm_mmu.obs: mmu.kvm_mmu.obs.handle_exception_nmi(self.index, gva, result)  # observer
             mmu.fixed = None
             r = kvm_mmu_page_fault(mmu, gva, result)
             if self.injected is not None:
@@ -341,12 +348,18 @@ class Vcpu:
     # --- the emulator -----------------------------------------------------------------------------
 
     def _emulated_gpa(self, gva: int, kind: int) -> int:
-        """The emulator's translation (vcpu_mmio_gva_to_gpa); raises PageFault."""
+        """The emulator's translation; raises PageFault.
+
+        A data access is vcpu_mmio_gva_to_gpa(): the cached MMIO gva, if its rights allow
+        the access, else the guest walk. An instruction fetch (kvm_fetch_guest_virt) always
+        walks, with PFERR_FETCH_MASK in the access, so that NX and SMEP apply."""
         self.stat["insn_emulation"] += 1
-        error_code = (kind & 1) * PFERR_WRITE_MASK | (kind >> 1 & 1) * PFERR_USER_MASK
+        if self.vm.mmu.obs: self.vm.mmu.obs.x86_decode_emulated_instruction(self.index)  # observer
+        error_code = ((kind & 1) * PFERR_WRITE_MASK | (kind >> 1 & 1) * PFERR_USER_MASK
+                      | (kind >> 2 & 1) * PFERR_FETCH_MASK)
         mmu = self.mmu
-        if mmu.match_mmio_gva(gva) and not (
-            mmu.guest_permissions[kind & 3] >> (mmu.mmio_access | ACC_EXEC_MASK) & 1
+        if not kind & 4 and mmu.match_mmio_gva(gva) and not (
+            mmu.guest_permissions[kind] >> (mmu.mmio_access | ACC_EXEC_MASK) & 1
         ):
             return mmu.mmio_gfn << PAGE_SHIFT | (gva & ~PAGE_MASK)
         gpa = paging_tmpl.gva_to_gpa(mmu.kvm_mmu, mmu, gva, error_code)
@@ -446,12 +459,15 @@ class Vcpu:
         if src is None:  # reading a device page: one device read per word
             gpa = self._emulated_gpa(src_gva & PAGE_MASK, 0)
             self.stat["mmio_exits"] += 512
-            dst[3][dst[1]:dst[1] + 512] = self.vm.mmio_bus.read_page(gpa)
+            words = self.vm.mmio_bus.read_page(gpa)
+            if self.vm.mmu.obs: self.vm.mmu.obs.vcpu_mmio(False, gpa, words)  # observer
+            dst[3][dst[1]:dst[1] + 512] = words
         else:
             dst[3][dst[1]:dst[1] + 512] = src[3][src[1]:src[1] + 512]
 
     def invlpg(self, gva: int) -> None:
         self.stat["exits"] += 1
+        if self.vm.mmu.obs: self.vm.mmu.obs.handle_invlpg(self.index, gva)  # observer
         self.lock_mmu()
         if is_canonical(gva):
             sync.kvm_mmu_invlpg(self.mmu.kvm_mmu, self.mmu, gva)

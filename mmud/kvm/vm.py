@@ -222,9 +222,12 @@ class Kvm:
     # --- emulated devices (userspace's side of an MMIO exit) -----------------------------------
 
     def mmio_read(self, gpa: int) -> int:
-        return self.mmio_bus.read(gpa)
+        value = self.mmio_bus.read(gpa)
+        if self.mmu.obs: self.mmu.obs.vcpu_mmio(False, gpa, (value,))  # observer
+        return value
 
     def mmio_write(self, gpa: int, value: int) -> None:
+        if self.mmu.obs: self.mmu.obs.vcpu_mmio(True, gpa, (value,))  # observer
         self.mmio_bus.write(gpa, value)
 
     # --- memslots (KVM_SET_USER_MEMORY_REGION) -----------------------------------------------

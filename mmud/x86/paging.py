@@ -52,6 +52,7 @@ CR4_PGE = 1 << 7
 CR4_SMEP = 1 << 20
 CR4_SMAP = 1 << 21
 CR4_PKE = 1 << 22
+MSR_EFER = 0xC0000080  # the MSR that holds EFER (WRMSR with ECX = MSR_EFER)
 EFER_LME = 1 << 8
 EFER_LMA = 1 << 10
 EFER_NXE = 1 << 11

@@ -18,7 +18,7 @@ The benchmark's hooks-removed build deletes every `# observer` line.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
@@ -186,6 +186,37 @@ class MmuObserver(Protocol):
 
     def kvm_mmu_zap_all_fast(self, mmu_valid_gen: int, used_pages: int) -> None:
         """kvm_mmu_zap_all_fast() is about to toggle the generation."""
+        return None
+
+
+    # --- the vCPU around the MMU: exits, entries, the emulator (vmx.c, x86.c) -------------
+    def vcpu_enter_guest(self, vcpu_index: int) -> None:
+        """vcpu_enter_guest(): the vCPU is about to run guest code (requests serviced)."""
+        return None
+
+    def handle_exception_nmi(self, vcpu_index: int, address: int, error_code: int) -> None:
+        """A #PF VM exit at address with error_code (shadow paging intercepts #PF)."""
+        return None
+
+    def handle_cr(self, vcpu_index: int, cr: int, value: int) -> None:
+        """A MOV-to-CR VM exit writing value to CRcr."""
+        return None
+
+    def handle_wrmsr(self, vcpu_index: int, msr: int, value: int) -> None:
+        """A WRMSR VM exit (EFER)."""
+        return None
+
+    def handle_invlpg(self, vcpu_index: int, address: int) -> None:
+        """An INVLPG VM exit."""
+        return None
+
+    def x86_decode_emulated_instruction(self, vcpu_index: int) -> None:
+        """The emulator decodes the faulting instruction (stat insn_emulation)."""
+        return None
+
+    def vcpu_mmio(self, write: bool, gpa: int, values: Iterable[int]) -> None:
+        """Emulated 8-byte accesses to the device at gpa, gpa+8, …, served by the VMM
+        (a read's values are what the device returned)."""
         return None
 
 

@@ -1,4 +1,5 @@
-"""The kvmmmu trace events: their fields and their TP_printk text (arch/x86/kvm/mmu/mmutrace.h, v5.16).
+"""The trace events: kvmmmu (arch/x86/kvm/mmu/mmutrace.h) and the kvm events the simulation
+has (arch/x86/kvm/trace.h, include/trace/events/kvm.h), their fields and TP_printk text, v5.16.
 
 Each `Event` lists its fields as the tracefs `format` file does — the four common fields of
 `struct trace_entry` first, then the event's own at the offsets the C compiler gives them —
@@ -58,7 +59,7 @@ _CTYPES: dict[str, tuple[int, bool]] = {
     "__u8": (1, False), "u8": (1, False), "bool": (1, False), "signed char": (1, True),
     "__u32": (4, False), "u32": (4, False), "unsigned": (4, False), "unsigned int": (4, False),
     "__u64": (8, False), "u64": (8, False), "gfn_t": (8, False), "gpa_t": (8, False),
-    "void *": (8, False), "u64 *": (8, False),
+    "void *": (8, False), "u64 *": (8, False), "unsigned long": (8, False),
 }
 
 
@@ -69,10 +70,12 @@ class Field:
     offset: int
     size: int
     signed: bool
+    count: int = 0  # an array's length (`__u8 insn[15]`); 0 for a scalar
 
     def format_line(self) -> str:
         """The line of the tracefs `format` file."""
-        return (f"\tfield:{self.ctype} {self.name};\toffset:{self.offset};\tsize:{self.size};"
+        name = f"{self.name}[{self.count}]" if self.count else self.name
+        return (f"\tfield:{self.ctype} {name};\toffset:{self.offset};\tsize:{self.size};"
                 f"\tsigned:{int(self.signed)};")
 
 
@@ -91,11 +94,13 @@ def _layout(decls: tuple[tuple[str, str], ...]) -> tuple[tuple[Field, ...], int]
     fields = []
     offset = _COMMON_SIZE
     align = 4
-    for ctype, name in decls:
+    for ctype, decl in decls:
         size, signed = _CTYPES[ctype]
+        name, _, count = decl.rstrip("]").partition("[")
         offset = (offset + size - 1) // size * size
-        fields.append(Field(name, ctype, offset, size, signed))
-        offset += size
+        n = int(count) if count else 0
+        fields.append(Field(name, ctype, offset, size * max(n, 1), signed, n))
+        offset += size * max(n, 1)
         align = max(align, size)
     return tuple(fields), (offset + align - 1) // align * align
 
@@ -106,6 +111,9 @@ TRACE_FLAG_IRQS_OFF = 0x01
 CTX_NONE = (0, 0)
 CTX_MMU_LOCK = (0, 1)
 CTX_IRQS_OFF = (TRACE_FLAG_IRQS_OFF, 0)
+# kvm_entry and kvm_exit: vmx_vcpu_run(), inside vcpu_enter_guest's preempt_disable() and
+# local_irq_disable().
+CTX_GUEST_SWITCH = (TRACE_FLAG_IRQS_OFF, 1)
 
 
 @dataclass(frozen=True)
@@ -229,26 +237,128 @@ _DEFS: tuple[tuple[str, tuple[tuple[str, str], ...], _Render, tuple[int, int]], 
      lambda f: f"gfn {f['gfn']:x} pfn {f['pfn']:x} level {f['level']}", CTX_MMU_LOCK),
 )
 
+# --- the kvm system's events that the simulation has (arch/x86/kvm/trace.h and
+# include/trace/events/kvm.h, v5.16) --------------------------------------------------------------
+
+KVM_SYSTEM = "kvm"
+
+# The ISA of kvm_exit: mmud's exits are those of Intel VMX with shadow paging (enable_ept=0).
+KVM_ISA_VMX = 1
+# The VMX basic exit reasons mmud's vCPU takes (arch/x86/include/uapi/asm/vmx.h), with the
+# names VMX_EXIT_REASONS gives them.
+EXIT_REASON_EXCEPTION_NMI = 0
+EXIT_REASON_INVLPG = 14
+EXIT_REASON_CR_ACCESS = 28
+EXIT_REASON_MSR_WRITE = 32
+VMX_EXIT_REASONS = {EXIT_REASON_EXCEPTION_NMI: "EXCEPTION_NMI", EXIT_REASON_INVLPG: "INVLPG",
+                    EXIT_REASON_CR_ACCESS: "CR_ACCESS", EXIT_REASON_MSR_WRITE: "MSR_WRITE"}
+
+# kvm_trace_symbol_mmio.
+KVM_TRACE_MMIO_READ_UNSATISFIED = 0
+KVM_TRACE_MMIO_READ = 1
+KVM_TRACE_MMIO_WRITE = 2
+_MMIO_TYPES = {KVM_TRACE_MMIO_READ_UNSATISFIED: "unsatisfied-read", KVM_TRACE_MMIO_READ: "read",
+               KVM_TRACE_MMIO_WRITE: "write"}
+
+# kvm_trace_symbol_emul_flags, from KVM_EMUL_INSN_F_{CR0_PE,EFL_VM,CS_D,CS_L} (bits 0-3).
+KVM_EMUL_INSN_F_CR0_PE, KVM_EMUL_INSN_F_CS_L = 1 << 0, 1 << 3
+_EMUL_FLAGS = {0: "real", 1 | 1 << 1: "vm16", 1: "prot16", 1 | 1 << 2: "prot32", 1 | 1 << 3: "prot64"}
+
+
+def print_symbolic(value: int, table: Mapping[int, str]) -> str:
+    """__print_symbolic() (trace_print_symbols_seq): the value's name, else 0x%lx."""
+    return table.get(value, f"0x{value:x}")
+
+
+def _exit_reason(f: Mapping[str, int]) -> str:
+    """kvm_print_exit_reason() for VMX: the basic reason's name; mmud sets no flag bits."""
+    reason = f["exit_reason"]
+    flags = reason & ~0xFFFF
+    return print_symbolic(reason & 0xFFFF, VMX_EXIT_REASONS) + (f" 0x{flags:x}" if flags else "")
+
+
+def _print_hex(value: int, length: int) -> str:
+    """__print_hex() of a byte array held as a little-endian int: `%*ph`, space-separated."""
+    return " ".join(f"{value >> 8 * k & 0xFF:02x}" for k in range(length))
+
+
+_KVM_DEFS: tuple[tuple[str, tuple[tuple[str, str], ...], _Render, tuple[int, int]], ...] = (
+    ("kvm_entry", (("unsigned int", "vcpu_id"), ("unsigned long", "rip")),
+     lambda f: f"vcpu {f['vcpu_id']}, rip 0x{f['rip']:x}", CTX_GUEST_SWITCH),
+    ("kvm_exit", (("unsigned int", "exit_reason"), ("unsigned long", "guest_rip"), ("u32", "isa"),
+                  ("u64", "info1"), ("u64", "info2"), ("u32", "intr_info"), ("u32", "error_code"),
+                  ("unsigned int", "vcpu_id")),
+     lambda f: (f"vcpu {f['vcpu_id']} reason {_exit_reason(f)} rip 0x{f['guest_rip']:x} "
+                f"info1 0x{f['info1']:016x} info2 0x{f['info2']:016x} "
+                f"intr_info 0x{f['intr_info']:08x} error_code 0x{f['error_code']:08x}"),
+     CTX_GUEST_SWITCH),
+    ("kvm_page_fault", (("unsigned long", "fault_address"), ("unsigned int", "error_code")),
+     lambda f: f"address {f['fault_address']:x} error_code {f['error_code']:x}", CTX_NONE),
+    ("kvm_cr", (("unsigned int", "rw"), ("unsigned int", "cr"), ("unsigned long", "val")),
+     lambda f: f"cr_{'write' if f['rw'] else 'read'} {f['cr']:x} = 0x{f['val']:x}", CTX_NONE),
+    ("kvm_emulate_insn", (("__u64", "rip"), ("__u32", "csbase"), ("__u8", "len"),
+                          ("__u8", "insn[15]"), ("__u8", "flags"), ("__u8", "failed")),
+     lambda f: (f"{f['csbase']:x}:{f['rip']:x}:{_print_hex(f['insn'], f['len'])} "
+                f"({print_symbolic(f['flags'], _EMUL_FLAGS)}){' failed' if f['failed'] else ''}"),
+     CTX_NONE),
+    ("kvm_mmio", (("u32", "type"), ("u32", "len"), ("u64", "gpa"), ("u64", "val")),
+     lambda f: (f"mmio {print_symbolic(f['type'], _MMIO_TYPES)} len {f['len']} "
+                f"gpa 0x{f['gpa']:x} val 0x{f['val']:x}"),
+     CTX_NONE),
+)
+
 # Event ids are handed out at boot in registration order; mmud numbers them from here.
 FIRST_EVENT_ID = 1000
 
 
-def _make(k: int, name: str, decls: tuple[tuple[str, str], ...],
+def _make(k: int, system: str, name: str, decls: tuple[tuple[str, str], ...],
           render: Callable[[Mapping[str, int]], str], ctx: tuple[int, int]) -> Event:
     fields, size = _layout(decls)
-    return Event(name, FIRST_EVENT_ID + k, fields, size, render, ctx)
+    return Event(name, FIRST_EVENT_ID + k, fields, size, render, ctx, system)
 
 
-EVENTS: dict[str, Event] = {d[0]: _make(k, *d) for k, d in enumerate(_DEFS)}
+EVENTS: dict[str, Event] = {
+    d[0]: _make(k, system, *d)
+    for k, (system, d) in enumerate([*((KVM_SYSTEM, d) for d in _KVM_DEFS),
+                                     *((SYSTEM, d) for d in _DEFS)])}
+SYSTEMS: tuple[str, ...] = (KVM_SYSTEM, SYSTEM)
 
-# The `print fmt:` line of each format file: TP_printk's format string and arguments as
-# mmutrace.h writes them, `__entry->` read as `REC->`. Simplified: the kernel shows macros
-# expanded (KVM_MMU_PAGE_PRINTK's statement expression, __print_flags' table as
-# `{ (1U << 0), "P" }`…); mmud keeps KVM_MMU_PAGE_PRINTK() and the PFERR names unexpanded.
-_PFERR = '{ PFERR_PRESENT_MASK, "P" }, { PFERR_WRITE_MASK, "W" }, { PFERR_USER_MASK, "U" }, ' \
-         '{ PFERR_RSVD_MASK, "RSVD" }, { PFERR_FETCH_MASK, "F" }'
-_PAGE_FMT = '"%s", KVM_MMU_PAGE_PRINTK()'
+# The `print fmt:` line of each format file: TP_printk's format string and arguments as the
+# preprocessor leaves them (macros expanded, whitespace collapsed), `__entry->` read as
+# `REC->`, and the TRACE_DEFINE_ENUM values (RET_PF_*) replaced by their numbers as the kernel
+# does at boot. One simplification: kvm_exit keeps the names of its three long symbol tables
+# (VMX_EXIT_REASONS, SVM_EXIT_REASONS, VMX_EXIT_REASON_FLAGS) where the kernel lists them whole.
+_PFERR = '{ (1U << 0), "P" }, { (1U << 1), "W" }, { (1U << 2), "U" }, { (1U << 3), "RSVD" }, ' \
+         '{ (1U << 4), "F" }'
+KVM_MMU_PAGE_PRINTK_FMT = (
+    '({ const char *saved_ptr = trace_seq_buffer_ptr(p); static const char *access_str[] = '
+    '{ "---", "--x", "w--", "w-x", "-u-", "-ux", "wu-", "wux" }; union kvm_mmu_page_role role; '
+    'role.word = REC->role; trace_seq_printf(p, "sp gen %u gfn %llx l%u %u-byte q%u%s %s%s" '
+    '" %snxe %sad root %u %s%c", REC->mmu_valid_gen, REC->gfn, role.level, '
+    'role.gpte_is_8_bytes ? 8 : 4, role.quadrant, role.direct ? " direct" : "", '
+    'access_str[role.access], role.invalid ? " invalid" : "", role.efer_nx ? "" : "!", '
+    'role.ad_disabled ? "!" : "", REC->root_count, REC->unsync ? "unsync" : "sync", 0); '
+    'saved_ptr; })')
+_PAGE_FMT = f'"%s", {KVM_MMU_PAGE_PRINTK_FMT}'
 PRINT_FMT: dict[str, str] = {
+    "kvm_entry": '"vcpu %u, rip 0x%lx", REC->vcpu_id, REC->rip',
+    "kvm_exit": '"vcpu %u reason %s%s%s rip 0x%lx info1 0x%016llx info2 0x%016llx intr_info '
+                '0x%08x error_code 0x%08x", REC->vcpu_id, (REC->isa == 1) ? '
+                '__print_symbolic(REC->exit_reason & 0xffff, VMX_EXIT_REASONS) : '
+                '__print_symbolic(REC->exit_reason, SVM_EXIT_REASONS), (REC->isa == 1 && '
+                'REC->exit_reason & ~0xffff) ? " " : "", (REC->isa == 1) ? '
+                '__print_flags(REC->exit_reason & ~0xffff, " ", VMX_EXIT_REASON_FLAGS) : "", '
+                'REC->guest_rip, REC->info1, REC->info2, REC->intr_info, REC->error_code',
+    "kvm_page_fault": '"address %lx error_code %x", REC->fault_address, REC->error_code',
+    "kvm_cr": '"cr_%s %x = 0x%lx", REC->rw ? "write" : "read", REC->cr, REC->val',
+    "kvm_emulate_insn": '"%x:%llx:%s (%s)%s", REC->csbase, REC->rip, __print_hex(REC->insn, '
+                        'REC->len), __print_symbolic(REC->flags, { 0, "real" }, '
+                        '{ (1 << 0) | (1 << 1), "vm16" }, { (1 << 0), "prot16" }, '
+                        '{ (1 << 0) | (1 << 2), "prot32" }, { (1 << 0) | (1 << 3), "prot64" }), '
+                        'REC->failed ? " failed" : ""',
+    "kvm_mmio": '"mmio %s len %u gpa 0x%llx val 0x%llx", __print_symbolic(REC->type, '
+                '{ 0, "unsatisfied-read" }, { 1, "read" }, { 2, "write" }), REC->len, REC->gpa, '
+                'REC->val',
     "kvm_mmu_pagetable_walk":
         f'"addr %llx pferr %x %s", REC->addr, REC->pferr, __print_flags(REC->pferr, "|", {_PFERR})',
     "kvm_mmu_paging_element": '"pte %llx level %u", REC->pte, REC->level',
@@ -256,7 +366,7 @@ PRINT_FMT: dict[str, str] = {
     "kvm_mmu_set_dirty_bit": '"gpa %llx", REC->gpa',
     "kvm_mmu_walker_error":
         f'"pferr %x %s", REC->pferr, __print_flags(REC->pferr, "|", {_PFERR})',
-    "kvm_mmu_get_page": '"%s %s", KVM_MMU_PAGE_PRINTK(), REC->created ? "new" : "existing"',
+    "kvm_mmu_get_page": f'"%s %s", {KVM_MMU_PAGE_PRINTK_FMT}, REC->created ? "new" : "existing"',
     "kvm_mmu_sync_page": _PAGE_FMT,
     "kvm_mmu_unsync_page": _PAGE_FMT,
     "kvm_mmu_prepare_zap_page": _PAGE_FMT,
@@ -266,13 +376,13 @@ PRINT_FMT: dict[str, str] = {
     "fast_page_fault": '"vcpu %d gva %llx error_code %s sptep %p old %#llx new %llx spurious %d '
                        'fixed %d", REC->vcpu_id, REC->cr2_or_gpa, __print_flags(REC->error_code, '
                        f'"|", {_PFERR}), REC->sptep, REC->old_spte, REC->new_spte, '
-                       'REC->ret == RET_PF_SPURIOUS, REC->ret == RET_PF_FIXED',
+                       f'REC->ret == {_RET_PF_SPURIOUS}, REC->ret == {_RET_PF_FIXED}',
     "kvm_mmu_zap_all_fast": '"kvm-mmu-valid-gen %u used_pages %x", REC->mmu_valid_gen, '
                             'REC->mmu_used_pages',
     "check_mmio_spte": '"spte %llx kvm_gen %x spte-gen %x valid %d", REC->spte, REC->kvm_gen, '
                        'REC->spte_gen, REC->kvm_gen == REC->spte_gen',
     "kvm_mmu_set_spte": '"gfn %llx spte %llx (%s%s%s%s) level %d at %llx", REC->gfn, REC->spte, '
-                        'REC->r ? "r" : "-", REC->spte & PT_WRITABLE_MASK ? "w" : "-", '
+                        'REC->r ? "r" : "-", REC->spte & (1ULL << 1) ? "w" : "-", '
                         'REC->x ? "x" : "-", REC->u == -1 ? "" : (REC->u ? "u" : "-"), '
                         'REC->level, REC->sptep',
     "kvm_mmu_spte_requested": '"gfn %llx pfn %llx level %d", REC->gfn, REC->pfn, REC->level',

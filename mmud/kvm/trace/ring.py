@@ -66,6 +66,7 @@ class CpuRing:
         self.entries = 0  # events in the buffer
         self.written = 0
         self.read_events = 0
+        self.bytes = 0  # event bytes in the buffer, not yet read (per_cpu/cpu*/stats `bytes`)
 
     def resize(self, size: int) -> None:
         """buffer_size_kb: `size` bytes, rounded up to whole pages, at least two."""
@@ -78,7 +79,9 @@ class CpuRing:
             length += RB_LEN_TIME_EXTEND
         if not self.pages or self.tail_used + length > BUF_PAGE_SIZE:
             if len(self.pages) == self.nr_pages:
-                lost = len(self.pages.popleft())
+                dropped = self.pages.popleft()
+                lost = len(dropped)
+                self.bytes -= sum(event_length(r.event.size) for r in dropped)
                 self.overrun += lost
                 self.missed += lost
                 self.entries -= lost
@@ -87,6 +90,7 @@ class CpuRing:
             length = event_length(record.event.size)  # a page starts with a full time stamp
         self.pages[-1].append(record)
         self.tail_used += length
+        self.bytes += event_length(record.event.size)
         self.last_ts = record.ts
         self.entries += 1
         self.written += 1
@@ -103,6 +107,7 @@ class CpuRing:
             if not self.pages:
                 self.tail_used = 0
         self.entries -= 1
+        self.bytes -= event_length(record.event.size)
         self.read_events += 1
         missed, self.missed = self.missed, 0
         return record, missed
@@ -115,3 +120,4 @@ class CpuRing:
         self.pages.clear()
         self.tail_used = 0
         self.overrun = self.missed = self.entries = self.written = self.read_events = 0
+        self.bytes = 0

@@ -11,9 +11,9 @@ import errno
 import re
 from collections import deque
 
-from mmud.kvm.trace.events import COMMON_FIELDS, EVENTS, SYSTEM, select
+from mmud.kvm.trace.events import COMMON_FIELDS, EVENTS, SYSTEMS, select
 from mmud.kvm.trace.filter import FilterError, compile_filter
-from mmud.kvm.trace.tracer import ModuleTrace, format_line, lost_line
+from mmud.kvm.trace.tracer import ModuleTrace, format_line, lost_line, trace_ts
 
 # err_text[] of kernel/trace/trace_events_filter.c (v5.16), for the messages filter.py raises.
 _FILTER_ERRORS = (
@@ -36,7 +36,27 @@ _HEADER = (
     "#              | |         |   |||||     |         |\n"
 )
 
-_EVENT_FILE = re.compile(rf"events/{SYSTEM}/(\w+)/(enable|format|filter)")
+_EVENT_FILE = re.compile(r"events/(\w+)/(\w+)/(enable|format|filter)")
+_SYSTEM_ENABLE = re.compile(r"events/(\w+)/enable")
+_CPU_STATS = re.compile(r"per_cpu/cpu(\d+)/stats")
+
+
+def _enable_set(file: str) -> set[str] | None:
+    """The events an `events/enable` or `events/<system>/enable` file covers (None: neither)."""
+    if file == "events/enable":
+        return set(EVENTS)
+    m = _SYSTEM_ENABLE.fullmatch(file)
+    if m is None or m[1] not in SYSTEMS:
+        return None
+    return {n for n, e in EVENTS.items() if e.system == m[1]}
+
+
+def _event_file(file: str) -> tuple[str, str] | None:
+    """(event, file kind) of `events/<system>/<event>/<kind>`, None if there is no such file."""
+    m = _EVENT_FILE.fullmatch(file)
+    if m is None or m[2] not in EVENTS or EVENTS[m[2]].system != m[1]:
+        return None
+    return m[2], m[3]
 
 
 def _einval(message: str) -> OSError:
@@ -73,19 +93,22 @@ class TraceFs:
             return "".join(f"{e.system}:{n}\n" for n, e in EVENTS.items())
         if file == "set_event":
             return "".join(f"{e.system}:{n}\n" for n, e in EVENTS.items() if n in top.enabled)
-        if file in ("events/enable", f"events/{SYSTEM}/enable"):
-            on = len(top.enabled & EVENTS.keys())
-            return "0\n" if not on else "1\n" if on == len(EVENTS) else "X\n"
+        covered = _enable_set(file)
+        if covered is not None:
+            on = len(top.enabled & covered)
+            return "0\n" if not on else "1\n" if on == len(covered) else "X\n"
         if file == "tracing_on":
             return f"{int(top.tracing_on)}\n"
         if file == "buffer_size_kb":
             return f"{top.buffer_size_kb}\n"
         if file == "trace":
             return self._trace()
-        m = _EVENT_FILE.fullmatch(file)
-        if m is None or m[1] not in EVENTS:
+        if (m := _CPU_STATS.fullmatch(file)) is not None:
+            return self._cpu_stats(int(m[1]))
+        found = _event_file(file)
+        if found is None:
             raise OSError(errno.ENOENT, file)
-        name, kind = m[1], m[2]
+        name, kind = found
         if kind == "enable":
             return f"{int(name in top.enabled)}\n"
         if kind == "format":
@@ -94,6 +117,16 @@ class TraceFs:
 
     def _cpus(self) -> int:
         return max([len(vm.mmu.vcpus) for vm in self.module.vms()] + [*(c + 1 for c in self.top.rings), 1])
+
+    def _cpu_stats(self, cpu: int) -> str:
+        """per_cpu/cpu<N>/stats (tracing_stats_read, v5.16): the CPU's ring, its oldest event
+        and the clock now (the newest VM clock of the module; the trace clock is simulated)."""
+        ring = self.top.ring(cpu)
+        oldest = ring.peek()
+        now = max([vm.clock() for vm in self.module.vms()] + [0])
+        return (f"entries: {ring.entries}\noverrun: {ring.overrun}\ncommit overrun: 0\n"
+                f"bytes: {ring.bytes}\noldest event ts: {trace_ts(0 if oldest is None else oldest.ts)}\n"
+                f"now ts: {trace_ts(now)}\ndropped events: 0\nread events: {ring.read_events}\n")
 
     def _trace(self) -> str:
         rings = self.top.rings.values()
@@ -146,8 +179,8 @@ class TraceFs:
                 except ValueError as e:
                     raise _einval(str(e)) from None
                 top.set_enabled(names, on)
-        elif file in ("events/enable", f"events/{SYSTEM}/enable"):
-            top.set_enabled(set(EVENTS), _zero_one(text))
+        elif (covered := _enable_set(file)) is not None:
+            top.set_enabled(covered, _zero_one(text))
         elif file == "tracing_on":
             top.tracing_on = bool(_number(text))
         elif file == "buffer_size_kb":
@@ -157,11 +190,11 @@ class TraceFs:
             top.buffer_size_kb = kb
         elif file == "trace":
             self.truncate("trace")  # the write itself is ignored (tracing_write_stub)
-        elif (m := _EVENT_FILE.fullmatch(file)) is not None and m[1] in EVENTS and m[2] != "format":
-            if m[2] == "enable":
-                top.set_enabled({m[1]}, _zero_one(text))
+        elif (found := _event_file(file)) is not None and found[1] != "format":
+            if found[1] == "enable":
+                top.set_enabled({found[0]}, _zero_one(text))
             else:
-                self._set_filter(m[1], text)
+                self._set_filter(found[0], text)
         else:
             raise OSError(errno.EACCES, file)
 

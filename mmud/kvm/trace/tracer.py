@@ -1,4 +1,4 @@
-"""Recording kvmmmu events: trace instances, the per-VM tracer, and `vm.trace()`.
+"""Recording trace events (kvmmmu and kvm): trace instances, the per-VM tracer, and `vm.trace()`.
 
 The module (`KvmModule.trace`, a `ModuleTrace`) holds the trace instances — the top-level one
 that tracefs will show, and one per open `vm.trace()` session (ftrace's `instances/`), each
@@ -16,14 +16,31 @@ pids 1000·(n+1) for the VMM thread and 1000·(n+1) + 1 + k for vCPU k.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from mmud.kvm.mmu.mmu import SET_SPTE_SPURIOUS
 from mmud.kvm.mmu.observer import MmuObserver
 from mmud.kvm.mmu.spte import get_mmio_spte_generation
-from mmud.kvm.trace.events import EVENTS, COMMON_FIELDS, Event, select, sptep_address, virt_to_phys
+from mmud.kvm.trace.events import (
+    COMMON_FIELDS,
+    EVENTS,
+    EXIT_REASON_CR_ACCESS,
+    EXIT_REASON_EXCEPTION_NMI,
+    EXIT_REASON_INVLPG,
+    EXIT_REASON_MSR_WRITE,
+    KVM_EMUL_INSN_F_CR0_PE,
+    KVM_EMUL_INSN_F_CS_L,
+    KVM_ISA_VMX,
+    KVM_TRACE_MMIO_READ,
+    KVM_TRACE_MMIO_READ_UNSATISFIED,
+    KVM_TRACE_MMIO_WRITE,
+    Event,
+    select,
+    sptep_address,
+    virt_to_phys,
+)
 from mmud.kvm.trace.filter import Predicate, compile_filter
 from mmud.kvm.trace.ring import TRACE_BUF_SIZE_DEFAULT, CpuRing, Record
 from mmud.x86.paging import ACC_ALL, PT64_NX_MASK, PT_ACCESSED_MASK, PT_DIRTY_MASK, PT_USER_MASK
@@ -33,6 +50,14 @@ if TYPE_CHECKING:
     from mmud.kvm.mmu.page import ShadowPage
 
 PID_STRIDE = 1000
+
+# VM-exit interruption information of a #PF intercepted by shadow paging: valid, hardware
+# exception, error code delivered, vector 14 (SDM vol. 3C §24.9.2).
+PF_INTR_INFO = 0x80000000 | 3 << 8 | 1 << 11 | 14
+# mmud's guest runs no instruction stream: RIP reads 0 and the emulator shows no bytes; the
+# guest is always in 64-bit mode (CR0.PE, CS.L).
+GUEST_RIP = 0
+EMUL_FLAGS_PROT64 = KVM_EMUL_INSN_F_CR0_PE | KVM_EMUL_INSN_F_CS_L
 VMM_COMM = "vmm"
 VMM_CPU = 0
 
@@ -100,6 +125,65 @@ class Tracer(MmuObserver):
     def __init__(self, vm: VmTrace, on: frozenset[str]) -> None:
         self.vm = vm
         self.on = on  # the events some instance records
+        self.in_guest: set[int] = set()  # vCPUs entered and not exited since
+
+    # --- the kvm system: entries, exits and the emulator ---------------------------------------
+
+    def vcpu_enter_guest(self, vcpu_index: int) -> None:
+        if vcpu_index not in self.in_guest:
+            self.in_guest.add(vcpu_index)
+            if "kvm_entry" in self.on:
+                self.vm.emit(EVENTS["kvm_entry"], (vcpu_index, GUEST_RIP))
+
+    def _exit(self, vcpu_index: int, reason: int, info1: int, intr_info: int = 0,
+              error_code: int = 0) -> None:
+        """kvm_exit with what vmx_get_exit_info() reads: the exit qualification as info1;
+        info2 (the IDT-vectoring information) is 0, no event was being delivered.
+
+        A vCPU that exits again without having passed vcpu_enter_guest (two CR writes in a
+        row: mmud re-enters only when the next access needs it) was re-entered in between."""
+        self.vcpu_enter_guest(vcpu_index)
+        self.in_guest.discard(vcpu_index)
+        if "kvm_exit" in self.on:
+            self.vm.emit(EVENTS["kvm_exit"], (reason, GUEST_RIP, KVM_ISA_VMX, info1, 0, intr_info,
+                                              error_code, vcpu_index))
+
+    def handle_exception_nmi(self, vcpu_index: int, address: int, error_code: int) -> None:
+        self._exit(vcpu_index, EXIT_REASON_EXCEPTION_NMI, address, PF_INTR_INFO, error_code)
+        if "kvm_page_fault" in self.on:
+            self.vm.emit(EVENTS["kvm_page_fault"], (address, error_code))
+
+    def handle_cr(self, vcpu_index: int, cr: int, value: int) -> None:
+        # Exit qualification: CR number, access type 0 (MOV to CR), register 0 (RAX).
+        self._exit(vcpu_index, EXIT_REASON_CR_ACCESS, cr)
+        if "kvm_cr" in self.on:
+            self.vm.emit(EVENTS["kvm_cr"], (1, cr, value))
+
+    def handle_wrmsr(self, vcpu_index: int, msr: int, value: int) -> None:
+        self._exit(vcpu_index, EXIT_REASON_MSR_WRITE, 0)
+
+    def handle_invlpg(self, vcpu_index: int, address: int) -> None:
+        self._exit(vcpu_index, EXIT_REASON_INVLPG, address)
+
+    def x86_decode_emulated_instruction(self, vcpu_index: int) -> None:
+        if "kvm_emulate_insn" in self.on:
+            self.vm.emit(EVENTS["kvm_emulate_insn"], (GUEST_RIP, 0, 0, 0, EMUL_FLAGS_PROT64, 0))
+
+    def vcpu_mmio(self, write: bool, gpa: int, values: Iterable[int]) -> None:
+        """A write is traced before it goes out (write_mmio); a read that no in-kernel device
+        serves is traced unsatisfied when it exits to the VMM, then with its value when the
+        emulator completes it (read_exit_mmio, read_prepare)."""
+        if "kvm_mmio" not in self.on:
+            return
+        event = EVENTS["kvm_mmio"]
+        for k, value in enumerate(values):
+            if write:
+                self.vm.emit(event, (KVM_TRACE_MMIO_WRITE, 8, gpa + 8 * k, int(value)))
+            else:
+                self.vm.emit(event, (KVM_TRACE_MMIO_READ_UNSATISFIED, 8, gpa + 8 * k, 0))
+                self.vm.emit(event, (KVM_TRACE_MMIO_READ, 8, gpa + 8 * k, int(value)))
+
+    # --- kvmmmu ----------------------------------------------------------------------------------
 
     def walk_addr(self, addr: int, pferr: int) -> None:
         if "kvm_mmu_pagetable_walk" in self.on:
@@ -317,13 +401,17 @@ def lat_flags(flags: int, preempt_count: int) -> str:
     return f"{irqs_off}..{depth}{migrate}"
 
 
+def trace_ts(ns: int) -> str:
+    """A trace timestamp, `%5lu.%06lu` of ns2usecs() (which rounds to the microsecond)."""
+    secs, usec = divmod((ns + 500) // 1000, 1_000_000)
+    return f"{secs:5d}.{usec:06d}"
+
+
 def format_line(record: Record) -> str:
     """The default ftrace line (trace_print_context + the event's output), without newline:
     `%16s-%-7d [%03d] <flags> %5lu.%06lu: <event>: <TP_printk text>`."""
-    usecs = (record.ts + 500) // 1000  # ns2usecs() rounds
-    secs, usec = divmod(usecs, 1_000_000)
     return (f"{record.comm:>16}-{record.pid:<7} [{record.cpu:03d}] "
-            f"{lat_flags(record.flags, record.preempt_count)} {secs:5d}.{usec:06d}: "
+            f"{lat_flags(record.flags, record.preempt_count)} {trace_ts(record.ts)}: "
             f"{record.event.name}: {record.event.text(record.values)}")
 
 
