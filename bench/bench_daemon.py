@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -21,18 +20,19 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from bench._common import figure, interleaved, median, percentile
+from bench._common import figure, interleaved, median, percentile, put
 
 START_TIMEOUT_SECONDS = 60.0
 
 
 @contextlib.contextmanager
-def running_daemon() -> Iterator[tuple[Path, Path, int]]:
-    """A `python -m mmud run` on a scratch mount point; yields (mount point, its log, its pid)."""
+def running_daemon(*args: str) -> Iterator[tuple[Path, Path, int]]:
+    """A `python -m mmud run [args]` on a scratch mount point; yields (mount point, its log,
+    its pid)."""
     with tempfile.TemporaryDirectory(prefix="mmud-bench-") as tmp:
         mnt, log = Path(tmp, "mnt"), Path(tmp, "daemon.log")
         with open(log, "wb") as out:
-            proc = subprocess.Popen([sys.executable, "-m", "mmud", "run", "--mount", str(mnt)],
+            proc = subprocess.Popen([sys.executable, "-m", "mmud", "run", "--mount", str(mnt), *args],
                                     stdout=out, stderr=subprocess.STDOUT)
         try:
             deadline = time.monotonic() + START_TIMEOUT_SECONDS
@@ -46,16 +46,8 @@ def running_daemon() -> Iterator[tuple[Path, Path, int]]:
             proc.wait(10)
 
 
-def _write(path: Path, text: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        os.write(fd, text)
-    finally:
-        os.close(fd)
-
-
 def _read_latencies(mnt: Path, state: bytes, n: int) -> list[float]:
-    _write(mnt / "vm0/state", state)
+    put(mnt / "vm0/state", state)
     path = mnt / "parameters/mmu_audit"
     samples = []
     for _ in range(n):
@@ -74,13 +66,13 @@ def _applied_ns(log: Path) -> list[int]:
 
 
 def _toggle_delays(mnt: Path, log: Path, n: int) -> list[float]:
-    _write(mnt / "vm0/state", b"run")
+    put(mnt / "vm0/state", b"run")
     already = len(_applied_ns(log))
     starts = []
     for i in range(n):
         time.sleep(0.005)  # let the loop get back into a step batch
         starts.append(time.monotonic_ns())
-        _write(mnt / "parameters/mmu_audit", b"1\n" if i % 2 == 0 else b"0\n")
+        put(mnt / "parameters/mmu_audit", b"1\n" if i % 2 == 0 else b"0\n")
     applied = _applied_ns(log)[already:]
     return [(a - s) / 1e6 for s, a in zip(starts, applied, strict=True)]
 

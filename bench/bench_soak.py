@@ -17,7 +17,6 @@ is replaced each time), and reads statistics, states and statuses in between.
 from __future__ import annotations
 
 import errno
-import os
 import random
 import re
 import threading
@@ -26,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench._common import figure
+from bench._common import figure, put
 from bench.bench_daemon import running_daemon
 
 CLIENTS = 8
@@ -62,14 +61,6 @@ def _op(tally: Tally, what: str, allowed: frozenset[int], fn: Callable[..., obje
     tally.count(what, time.monotonic() - t0, error, allowed)
 
 
-def _write(path: Path, text: str) -> None:
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        os.write(fd, text.encode())
-    finally:
-        os.close(fd)
-
-
 def _read(path: Path) -> bytes:
     with open(path, "rb") as f:
         return f.read()
@@ -96,24 +87,24 @@ def _client(mnt: Path, k: int, tally: Tally, stop: float) -> None:
     while time.monotonic() < stop:
         action = rng.randrange(9)
         if action == 0:
-            _op(tally, "create", frozenset({errno.EEXIST}), _write, mnt / "vms",
+            _op(tally, "create", frozenset({errno.EEXIST}), put, mnt / "vms",
                 f"create {name} mem=16M seed={k}\n")
         elif action == 1:
-            _op(tally, "destroy", vm_gone, _write, mnt / "vms", f"destroy {name}\n")
+            _op(tally, "destroy", vm_gone, put, mnt / "vms", f"destroy {name}\n")
         elif action == 2:
-            _op(tally, "restart", vm_gone, _write, mnt / name / "state", "restart\n")
+            _op(tally, "restart", vm_gone, put, mnt / name / "state", "restart\n")
         elif action == 3:
-            _op(tally, "inject", vm_gone, _write, mnt / name / "inject", f"{rng.choice(BUGS)}\n")
-            _op(tally, "disarm", vm_gone, _write, mnt / name / "inject", "none\n")
+            _op(tally, "inject", vm_gone, put, mnt / name / "inject", f"{rng.choice(BUGS)}\n")
+            _op(tally, "disarm", vm_gone, put, mnt / name / "inject", "none\n")
         elif action == 4:
-            _op(tally, "memslot add", frozenset({errno.EEXIST}), _write, mnt / "vm0/memslots",
+            _op(tally, "memslot add", frozenset({errno.EEXIST}), put, mnt / "vm0/memslots",
                 f"add {slot} {gpa:#x} 0x10000\n")
-            _op(tally, "memslot delete", frozenset({errno.EINVAL}), _write, mnt / "vm0/memslots",
+            _op(tally, "memslot delete", frozenset({errno.EINVAL}), put, mnt / "vm0/memslots",
                 f"delete {slot}\n")
         elif action == 5:
             # A migration needs a running source; one under way is EBUSY.
-            _op(tally, "run", vm_gone | {errno.EINVAL}, _write, mnt / name / "state", "run\n")
-            _op(tally, "migrate", vm_gone | {errno.EBUSY}, _write, mnt / name / "migrate", "start\n")
+            _op(tally, "run", vm_gone | {errno.EINVAL}, put, mnt / name / "state", "run\n")
+            _op(tally, "migrate", vm_gone | {errno.EBUSY}, put, mnt / name / "migrate", "start\n")
         else:
             rel = rng.choice(["kvm/pf_fixed", "kvm/exits", "vm0/status", "vm0/state", "vms",
                               f"{name}/status", "kvm/mmu_shadow_zapped", "parameters/mmu_audit"])

@@ -16,6 +16,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from mmud.daemon.replay import replay
     from mmud.kvm.memslot import Memslot
     from mmud.kvm.mmu.roots import TripleFault
     from mmud.kvm.module import KvmModule
@@ -40,6 +41,7 @@ _LAZY: dict[str, str] = {
     "TripleFault": "mmud.kvm.mmu.roots",
     "Vcpu": "mmud.kvm.vcpu",
     "migrate": "mmud.migration",
+    "replay": "mmud.daemon.replay",
 }
 
 __all__ = [
@@ -56,6 +58,7 @@ __all__ = [
     "TripleFault",
     "Vcpu",
     "migrate",
+    "replay",
 ]
 
 

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import structlog
 
-from mmud.daemon import service
+from mmud.campaign import cli as campaign_cli
+from mmud.daemon import replay, service
 from mmud.daemon.client import SimClient, SimError
 from mmud.daemon.mountpoint import MountPointError
 from mmud.daemon.protocol import SimConfig, VmConfig
@@ -64,6 +65,16 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--state-dir", type=Path, default=None,
                      help="directory for persisted state (created if missing)")
     run.add_argument("--log-level", choices=LEVELS, default="info")
+    rp = sub.add_parser("replay", help="replay a run's recording and compare it (docs/replay.md)")
+    rp.add_argument("file", type=Path, help="<state-dir>/recordings/<start>.jsonl")
+    rp.add_argument("--until", type=int, metavar="STEP", help="stop at this step of the first VM")
+    rp.add_argument("--mount", type=Path, metavar="DIR",
+                    help="serve the replayed VMs' control files on DIR, paused at the stop")
+    rp.add_argument("--trace", metavar="EVENTS", help="print these trace events (kvmmmu:*)")
+    rp.add_argument("--audit", action="store_true", help="audit at every point")
+    rp.add_argument("--log-level", choices=LEVELS, default="critical",
+                    help="the replayed run's own events (default: only the report)")
+    campaign_cli.add_parser(sub)
     return p
 
 
@@ -77,19 +88,34 @@ def run(args: argparse.Namespace) -> int:
                        load=load, log_level=args.log_level,
                        state_dir=str(args.state_dir) if args.state_dir else None)
     structlog.get_logger("mmud").info("starting", mountpoint=str(args.mount), config=repr(config))
+    return service.run(config, args.mount, serve_tree(params))
 
+
+def serve_tree(params: Params) -> service.Serve:
+    """Serve the control tree, with `params` as the parameter block the FUSE side parses."""
     def serve(client: SimClient, mountpoint: Path, ready: Callable[[], None]) -> None:
         fuse.serve(Tree(client, params), client, mountpoint, ready)
 
-    return service.run(config, args.mount, serve)
+    return serve
+
+
+def replay_run(args: argparse.Namespace) -> int:
+    """`mmud replay FILE`: mmud.daemon.replay; `--mount` serves the replayed VMs."""
+    def mount(config: SimConfig) -> int:
+        return service.run(config, args.mount, serve_tree(Params(config.load)))
+
+    return replay.command(args.file, until=args.until, audit=args.audit, trace=args.trace,
+                          mount=mount if args.mount else None)
 
 
 def main(argv: list[str] | None = None) -> int:
     faulthandler.enable()
     args = parser().parse_args(argv)
+    if args.command == "campaign":
+        return campaign_cli.main(args)
     setup_logging(args.log_level)
     try:
-        return run(args)
+        return replay_run(args) if args.command == "replay" else run(args)
     except (ParamError, MountPointError, SimError) as e:
         print(f"mmud: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -79,11 +79,15 @@ def test_no_citation_of_files_outside_the_repository():
     assert not bad, "cites the design folder outside the repository:\n" + "\n".join(bad)
 
 
+# Markdown files mmud writes rather than cites: a campaign's report (docs/campaigns.md).
+OUTPUTS = {"summary.md"}
+
+
 def test_cited_markdown_files_exist():
     """Relative names resolve against docs/ or the repository root, as the docs use them."""
     bad = [f"{_where(p, n)}: {token}" for p in _text_files() for n, line in _lines(p)
            for token in md_tokens(line)
-           if not _exists_in_repo(token, REPO / "docs", REPO)]
+           if Path(token).name not in OUTPUTS and not _exists_in_repo(token, REPO / "docs", REPO)]
     assert not bad, "cites a .md file that is not in the repository:\n" + "\n".join(bad)
 
 

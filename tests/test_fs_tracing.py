@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import signal
 import subprocess
 import time
 from collections import Counter
@@ -35,9 +36,10 @@ def reset(d):
     t = d.path("tracing")
     subprocess.run(["sh", "-c", 'echo 0 > "$0"/events/enable; echo 1 > "$0"/tracing_on; '
                     'echo 1408 > "$0"/buffer_size_kb; echo > "$0"/trace', str(t)], check=True)
-    for name in os.listdir(t / "events/kvmmmu"):
-        if name != "enable":
-            assert echo(t / f"events/kvmmmu/{name}/filter", "0").returncode == 0
+    for system in ("kvmmmu", "kvm"):
+        for name in os.listdir(t / "events" / system):
+            if name != "enable":
+                assert echo(t / f"events/{system}/{name}/filter", "0").returncode == 0
 
 
 def entries(text: str) -> list[re.Match[str]]:
@@ -56,9 +58,11 @@ def zap(d: Daemon) -> None:
 def test_available_events_and_set_event_truncate_vs_append(d):
     t = d.path("tracing")
     avail = cat(t / "available_events").splitlines()
-    assert "kvmmmu:kvm_mmu_get_page" in avail and len(avail) == 16
-    assert sorted(os.listdir(t / "events/kvmmmu")) == sorted(
-        ["enable", *(a.split(":")[1] for a in avail)])
+    assert "kvmmmu:kvm_mmu_get_page" in avail and "kvm:kvm_exit" in avail and len(avail) == 22
+    assert sorted(os.listdir(t / "events")) == ["enable", "kvm", "kvmmmu"]
+    for system in ("kvm", "kvmmmu"):
+        assert sorted(os.listdir(t / "events" / system)) == sorted(
+            ["enable", *(a.split(":")[1] for a in avail if a.startswith(f"{system}:"))])
     assert cat(t / "set_event") == ""
     assert cat(t / "events/kvmmmu/enable") == "0\n"
     assert echo(t / "set_event", "kvmmmu:kvm_mmu_get_page").returncode == 0
@@ -73,6 +77,11 @@ def test_available_events_and_set_event_truncate_vs_append(d):
     assert_refused(shell_write(t / "set_event", "kvmmmu:no_such_event\n"))
     assert echo(t / "set_event", ALL).returncode == 0
     assert cat(t / "events/kvmmmu/enable") == "1\n" and len(cat(t / "set_event").splitlines()) == 16
+    assert cat(t / "events/kvm/enable") == "0\n" and cat(t / "events/enable") == "X\n"
+    assert echo(t / "events/kvm/enable", "1").returncode == 0
+    assert cat(t / "events/enable") == "1\n" and len(cat(t / "set_event").splitlines()) == 22
+    assert sh('echo "!kvm:*" >> "$1"', str(t / "set_event")).returncode == 0
+    assert cat(t / "events/kvm/enable") == "0\n"
     assert_refused(shell_write(t / "events/kvmmmu/enable", "2\n"))
     assert_refused(shell_write(t / "events/kvmmmu/kvm_mmu_get_page/enable", "y\n"))
     assert cat(t / "events/kvmmmu/enable") == "1\n"
@@ -97,6 +106,28 @@ def test_one_event_enabled_shows_only_it_in_trace(d):
     assert echo(t / "tracing_on", "0").returncode == 0
     assert sh('echo > "$1"', str(t / "trace")).returncode == 0
     assert entries(cat(t / "trace")) == []
+
+
+def test_kvm_exit_lines_through_the_mount(d):
+    """`echo kvm:kvm_exit kvm:kvm_page_fault > set_event`: a #PF exit and its fault, in the
+    kernel's text, with the vCPU's guest-switch flags (irqs off, preempt depth 1)."""
+    t = d.path("tracing")
+    assert echo(t / "set_event", "kvm:kvm_exit kvm:kvm_page_fault").returncode == 0
+    zap(d)  # the vCPUs fault their shadow tables back in
+    wait_for(lambda: any(x[6] == "kvm_page_fault" for x in entries(cat(t / "trace"))), 10,
+             "kvm_page_fault lines")
+    lines = entries(cat(t / "trace"))
+    assert {x[6] for x in lines} == {"kvm_exit", "kvm_page_fault"}
+    exits = [x for x in lines if x[6] == "kvm_exit"]
+    assert all(x[4] == "d..1." and x[1].startswith("vcpu") for x in exits)
+    assert all(re.fullmatch(r"vcpu \d+ reason (EXCEPTION_NMI|CR_ACCESS|INVLPG|MSR_WRITE) rip 0x0 "
+                            r"info1 0x[0-9a-f]{16} info2 0x0{16} intr_info 0x[0-9a-f]{8} "
+                            r"error_code 0x[0-9a-f]{8}", x[7]) for x in exits)
+    faults = [x for x in lines if x[6] == "kvm_page_fault"]
+    assert all(re.fullmatch(r"address [0-9a-f]+ error_code [0-9a-f]+", x[7]) for x in faults)
+    fmt = cat(t / "events/kvm/kvm_page_fault/format")
+    assert fmt.splitlines()[-1] == ('print fmt: "address %lx error_code %x", REC->fault_address, '
+                                    'REC->error_code')
 
 
 def test_format_parses_and_matches_the_lines(d):
@@ -209,3 +240,53 @@ def test_tracing_on_0_stops_recording(d):
         os.close(fd)
     assert echo(t / "tracing_on", "1").returncode == 0
     wait_for(lambda: entries(cat(t / "trace")), 10, "recording again")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
+def test_a_killed_blocked_reader_stops_reading(d, sig):
+    """A `cat trace_pipe` blocked on an empty buffer and then killed gives up its read (the
+    kernel interrupts the FUSE request): the next event stays in the buffer for the next
+    reader instead of going to the dead one."""
+    t = d.path("tracing")
+    reader = subprocess.Popen(["cat", str(t / "trace_pipe")], stdout=subprocess.DEVNULL)
+    time.sleep(0.3)
+    assert reader.poll() is None  # blocked: every event is off
+    reader.send_signal(sig)
+    assert reader.wait(5) == -sig
+    time.sleep(0.1)
+    assert echo(t / "events/kvmmmu/kvm_mmu_zap_all_fast/enable", "1").returncode == 0
+    zap(d)
+    time.sleep(0.3)  # a dead reader still polling would take the line within 5 ms
+    assert [x[6] for x in entries(cat(t / "trace"))] == ["kvm_mmu_zap_all_fast"]
+    fd = os.open(t / "trace_pipe", os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        assert b"kvm_mmu_zap_all_fast: " in os.read(fd, 4096)
+    finally:
+        os.close(fd)
+
+
+def test_per_cpu_stats_count_the_cpus_events(d):
+    """per_cpu/cpu0/stats has the kernel's fields; entries grow as events are recorded and
+    `read events` as trace_pipe consumes them."""
+    t = d.path("tracing")
+    stats = t / "per_cpu/cpu0/stats"
+
+    def fields() -> dict[str, str]:
+        return dict(line.split(": ", 1) for line in cat(stats).splitlines())
+
+    assert list(fields()) == ["entries", "overrun", "commit overrun", "bytes", "oldest event ts",
+                              "now ts", "dropped events", "read events"]
+    assert fields()["entries"] == "0"
+    assert echo(t / "events/kvmmmu/kvm_mmu_zap_all_fast/enable", "1").returncode == 0
+    zap(d)
+    wait_for(lambda: fields()["entries"] == "1", 10, "one entry")
+    before = fields()
+    assert int(before["bytes"]) > 0 and re.fullmatch(r" *\d+\.\d{6}", before["oldest event ts"])
+    fd = os.open(t / "trace_pipe", os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        os.read(fd, 4096)
+    finally:
+        os.close(fd)
+    after = fields()
+    assert (after["entries"], after["bytes"]) == ("0", "0")
+    assert int(after["read events"]) == int(before["read events"]) + 1

@@ -26,8 +26,8 @@ from tests.fakebackend import FakeBackend, snapshot, vm_snapshot
 VM0_DIR, VM1_DIR = "4242-7", "4242-9"
 # The instant stats (STATS_DESC_ICOUNTER in v5.16's x86.c): 0444, no setter.
 GAUGES = {"mmu_unsync", "pages_4k", "pages_2m", "pages_1g", "nx_lpage_splits", "guest_mode"}
-VM_FILES = {"memory", "dirty_log", "migrate", "state", "inject", "status", "memslots", "zap_all",
-            "mmu"}
+VM_FILES = {"memory", "dirty_log", "migrate", "state", "break", "inject", "status", "recording",
+            "memslots", "zap_all", "mmu"}
 
 
 @pytest.fixture
@@ -812,7 +812,14 @@ def traced(tree: Tree) -> Snapshot:
 def test_tracing_layout_follows_the_snapshots_events(tree):
     snap = traced(tree)
     assert children(tree, "/tracing") == ["available_events", "set_event", "events", "tracing_on",
-                                          "buffer_size_kb", "trace", "trace_pipe"]
+                                          "buffer_size_kb", "trace", "trace_pipe", "per_cpu"]
+    assert children(tree, "/tracing/per_cpu", snap) == ["cpu0"]  # no VM config: one CPU
+    two = dataclasses.replace(snap, vms=(
+        vm_snapshot("vm0", VM0_DIR, config=VmConfig("vm0", 64, 1, 0, "kernel")),
+        vm_snapshot("vm7", VM1_DIR, config=VmConfig("vm7", 64, 3, 0, None))))
+    assert children(tree, "/tracing/per_cpu", two) == ["cpu0", "cpu1", "cpu2"]  # vCPU indices
+    assert children(tree, "/tracing/per_cpu/cpu2", two) == ["stats"]
+    assert lookup(tree, "/tracing/per_cpu/cpu2/stats", two).mode == 0o444
     assert children(tree, "/tracing/events", snap) == ["enable", "kvmmmu"]
     assert children(tree, "/tracing/events/kvmmmu", snap) == [
         "enable", "kvm_mmu_get_page", "kvm_mmu_set_spte"]
@@ -841,9 +848,13 @@ def test_tracing_number_writes_are_checked_before_any_request(tree, path, data):
     assert refused(tree, path, data) == errno.EINVAL
 
 
-def test_trace_pipe_nonblocking_read_of_an_empty_pipe_is_eagain(tree):
+@pytest.mark.parametrize("flags", [os.O_RDONLY | os.O_NONBLOCK, os.O_RDONLY])
+def test_trace_pipe_read_of_an_empty_pipe_is_eagain(tree, flags):
+    """An empty pipe is EAGAIN for every open; only a blocking one (`blocks`) is then made to
+    wait, by the FUSE adapter (tests/test_fs_tracing.py)."""
     fake(tree).results["tracefs_read"] = ""
-    handle = lookup(tree, "/tracing/trace_pipe").open_flags(os.O_RDONLY | os.O_NONBLOCK)
+    handle = lookup(tree, "/tracing/trace_pipe").open_flags(flags)
+    assert handle.blocks == (not flags & os.O_NONBLOCK)
     with pytest.raises(OSError) as e:
         handle.read(0, 4096)
     assert e.value.errno == errno.EAGAIN

@@ -32,7 +32,7 @@ from typing import Any
 
 import structlog
 
-from mmud.daemon import sim
+from mmud.daemon import replay, sim
 from mmud.daemon.notify import sd_notify, watchdog_interval
 from mmud.daemon.protocol import Reply, Request, SimConfig, Snapshot, VmConfig
 from mmud.daemon.status import render_failed_status
@@ -74,7 +74,7 @@ class _LastWords:
 def _sim_main(config: SimConfig, requests: Connection, out: Connection) -> None:
     """The spawned process's entry point: the simulation, and its last words if it raises."""
     try:
-        sim.main(config, requests, out)
+        sim.main(config, requests, out, replay.serve_paused if config.replay else None)
     except Exception as e:
         with contextlib.suppress(Exception):
             out.send(_LastWords(f"{type(e).__name__}: {e}"))

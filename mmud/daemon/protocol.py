@@ -32,7 +32,9 @@ class SimConfig:
     vms: tuple[VmConfig, ...] = (VmConfig(),)
     load: dict[str, str | None] = field(default_factory=dict)  # module parameters at load time
     log_level: str = "info"
-    state_dir: str | None = None  # where persisted logs go (fault_log.jsonl)
+    state_dir: str | None = None  # where persisted logs go (fault_log.jsonl, recordings/)
+    replay: str | None = None  # `mmud replay --mount`: a recording to replay, then serve paused
+    replay_until: int | None = None  # ... stopped at this step of the first VM
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,7 @@ class VmSnapshot:
     memslots: str = ""  # the vm<N>/memslots table
     config: VmConfig | None = None  # what built the VM: a restart of the simulation rebuilds it
     ram_end: int = 0  # the end of the highest memslot: vm<N>/memory's st_size
+    breaks: str = "none\n"  # the vm<N>/break text: the armed condition, the last hit
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,8 @@ from typing import Any
 import structlog
 
 from mmud.daemon import vmctl, vmio
+from mmud.daemon.recording import Recorder, Recording
+from mmud.daemon.breakpoints import RunControl
 from mmud.daemon.protocol import Reply, Request, SimConfig, Snapshot, VmConfig, VmSnapshot
 from mmud.daemon.faultlog import FaultLogPublisher
 from mmud.daemon.status import RateMeter, render_status
@@ -38,6 +40,7 @@ from mmud.kvm.trace.tracefs import TraceFs
 from mmud.machine import VM
 from mmud.migration import Migration, MigrationResult
 from mmud.uapi.params import ParamError
+from mmud.uapi.runcontrol import STEP, render_break
 from mmud.uapi.vms import KVM_MAX_VCPUS, NO_WORKLOAD, WORKLOADS, is_vm_name
 from mmud.log import setup_logging
 
@@ -49,9 +52,17 @@ PUBLISH_SECONDS = 0.05
 STEP_CHUNK = 32  # steps between two looks at the batch deadline
 # Requests that only read: nothing a snapshot shows changes, so none is published after
 # them (a blocked trace_pipe reader asks every 5 ms).
-READ_OPS = frozenset({"memory_read", "mmu_pages", "mmu_rmaps_stat", "mmu_walk", "tracefs_read"})
+READ_OPS = frozenset({"memory_read", "mmu_pages", "mmu_rmaps_stat", "mmu_walk", "tracefs_read",
+                      "recording_read"})
 # tracing/events/<system>/<event>/: the snapshot lists the events, which never change.
 TRACE_EVENTS = tuple(f"{e.system}:{n}" for n, e in EVENTS.items())
+
+
+def chunk(vm: VM) -> int:
+    """A VM's steps per `vm.step` call: STEP_CHUNK, or 1 while the audit is on — a burst of
+    audit runs can take tens of milliseconds a step, and a request waits up to one chunk.
+    A function of the simulation's state alone, so a replay cuts the same chunks."""
+    return 1 if vm.mmu.audit_enabled else STEP_CHUNK
 
 
 class VmState(StrEnum):
@@ -79,6 +90,7 @@ class _Slot:
     precopy: Generator[None, None, MigrationResult] | None = None  # its run(): a round per turn
     migrated: MigrationResult | None = None  # the last migration's: what vm<N>/migrate shows
     dest_of: str | None = None  # a destination: the source whose next migration replaces it
+    control: RunControl = field(default_factory=RunControl)  # vm<N>/break, `step N`
 
     def migrate_text(self) -> str:
         return self.migrated.render() if self.migrated else ""
@@ -109,6 +121,7 @@ class Simulation:
             "param": self.set_param,
             "clear_stat": self.clear_stat,
             "state": self.set_state,
+            "break": self.set_break,
             "isolation_map": self.isolation_map,
             "inject": self.inject,
             "memory_read": lambda vm, gpa, size: vmio.memory_read(self._slot(vm).vm, gpa, size),
@@ -127,12 +140,16 @@ class Simulation:
             # tracing/: rendered at open, applied here; trace_pipe drains between batches.
             "tracefs": self.tracefs_op,
             "tracefs_read": self.tracefs_op,
+            # The loop's own: one pre-copy round, recorded as an event for a replay.
+            "precopy": self.precopy_round,
+            "recording_read": lambda offset, size: self.recorder.read(offset, size),
         }
         self.tracefs = TraceFs(self.module.trace)
         self.isolation = FaultLogPublisher(self.module.isolation, config.state_dir)
+        # Every event that changes the run, and checkpoints (docs/replay.md).
+        self.recorder = Recording(config.state_dir, config) if config.state_dir else Recorder()
         self.logs: dict[str, tuple[str, ...]] = {}
         self._seq = 0
-        self._batch = 1
         self._stopping = False
 
     def _create(self, name: str, c: VmConfig) -> _Slot:
@@ -156,23 +173,45 @@ class Simulation:
             if time.monotonic() - published >= PUBLISH_SECONDS:
                 self.publish()
                 published = time.monotonic()
+        self.recorder.close(self.slots, self.step_counts())
 
     def _step_batch(self, running: list[_Slot]) -> None:
-        """Step every running VM `_batch` steps, resizing the batch toward BATCH_SECONDS."""
-        t0 = time.perf_counter()
-        deadline = t0 + BATCH_SECONDS
-        for s in running:
+        """Step the running VMs in rounds until BATCH_SECONDS have passed (at least one).
+
+        Only whole rounds, so that where a batch ends changes nothing a replay could see:
+        each VM runs one chunk per round — one `vm.step` call, one KVM_RUN, which returns
+        to userspace at its end — and the VMs take their turns in slot order (they share the
+        module: the audit's rate limiter and logs).  A chunk is short (`chunk`), so a
+        stretch of slow steps still ends the batch on time and a waiting request is served."""
+        deadline = time.perf_counter() + BATCH_SECONDS
+        while True:
+            self.step_round(running)
+            if time.perf_counter() >= deadline or not any(s.running for s in running):
+                return
+
+    def step_round(self, slots: list[_Slot]) -> None:
+        """One chunk of each running VM of `slots`, in order (a replay steps with it too)."""
+        for s in slots:
+            if not s.running:
+                continue
             try:
-                # In chunks, so that a stretch of slow steps (an audit at every point, a
-                # zap) ends the batch on time and a waiting request is served.
-                done = 0
-                while done < self._batch and time.perf_counter() < deadline:
-                    done += s.vm.step(min(STEP_CHUNK, self._batch - done)) or 1
+                if s.control.armed:  # a break or a `step N`: stop exactly where it holds
+                    if why := s.control.run(s.vm, chunk(s.vm)):
+                        s.running = False
+                        log.info("vm_paused", vm=s.name, steps=s.vm.steps, why=why)
+                        self.recorder.event("paused", {"vm": s.name, "why": why},
+                                            self.step_counts(), 0)
+                else:
+                    s.vm.step(chunk(s.vm))
             except Exception as e:  # noqa: BLE001 - any VM failure stops that VM, not the host
+                self.recorder.event("crash", {"vm": s.name}, self.step_counts(), 0)
                 self._crash(s, e)
-        elapsed = time.perf_counter() - t0
-        scale = BATCH_SECONDS / elapsed if elapsed > 0 else 2.0
-        self._batch = max(1, min(self._batch * 2, int(self._batch * scale)))
+                continue
+            self.recorder.chunk_done(s, self.step_counts())
+
+    def step_counts(self) -> dict[str, int]:
+        """Every VM's step count: where an event lands."""
+        return {s.name: s.vm.steps for s in self.slots}
 
     def _crash(self, s: _Slot, e: Exception) -> None:
         """Stop a VM whose simulation raised, as KVM stops a VM on an internal error.
@@ -182,6 +221,8 @@ class Simulation:
         """
         s.running, s.failure = False, f"{type(e).__name__}: {e}"
         log.error("vm_crashed", vm=s.name, steps=s.vm.steps, seed=s.config.seed, exc_info=e)
+        if why := s.control.crashed(s.vm.steps):
+            log.info("vm_break_hit", vm=s.name, steps=s.vm.steps, why=why)
 
     def _drain(self, timeout: float) -> None:
         """Apply every pending request; EOF means the main process is gone."""
@@ -196,11 +237,7 @@ class Simulation:
         if req.op == "stop":
             self._stopping = True
             return
-        step = self.slots[0].vm.steps
-        try:
-            reply = Reply(req.id, result=self.handlers[req.op](**req.args), step=step)
-        except (ParamError, OSError) as e:
-            reply = Reply(req.id, errno=e.errno or errno.EINVAL, message=str(e), step=step)
+        reply = self.dispatch(req)
         if req.op not in READ_OPS:
             self.publish()  # the change is visible before the writer's write(2) returns
         if self._freed:
@@ -211,6 +248,18 @@ class Simulation:
             self._freed = False
             gc.collect()
         self.out.send(reply)
+
+    def dispatch(self, req: Request) -> Reply:
+        """Apply one request; one that may change state is recorded with where it landed."""
+        step = self.slots[0].vm.steps
+        steps = None if req.op in READ_OPS else self.step_counts()
+        try:
+            reply = Reply(req.id, result=self.handlers[req.op](**req.args), step=step)
+        except (ParamError, OSError) as e:
+            reply = Reply(req.id, errno=e.errno or errno.EINVAL, message=str(e), step=step)
+        if steps is not None:
+            self.recorder.event(req.op, req.args, steps, reply.errno)
+        return reply
 
     def publish(self) -> None:
         self._seq += 1
@@ -226,11 +275,13 @@ class Simulation:
         stats = s.vm.stats
         status = render_status(s.vm, s.state, s.rates.update(s.vm.steps, stats), s.failure,
                                pid=os.getpid(),
-                               state_write_failures=self.isolation.state_write_failures)
+                               state_write_failures=self.isolation.state_write_failures,
+                               recording=self._recording_status(),
+                               run_control=s.control.status_lines(s.running))
         return VmSnapshot(s.name, s.debugfs_dir, s.state.value, s.vm.steps, stats, status,
                           s.vm.render_inject(), vmio.dirty_log_slots(s.vm), s.migrate_text(),
                           memslots=vmctl.render_memslots(s.vm.memslots), config=s.config,
-                          ram_end=vmio.ram_end(s.vm))
+                          ram_end=vmio.ram_end(s.vm), breaks=s.control.render())
 
     # -- request handlers ---------------------------------------------------------------
 
@@ -384,26 +435,42 @@ class Simulation:
             (t.vm.isolation for t in reversed(self.slots) if t is not without and t.vm.isolation),
             None)
 
+    def _recording_status(self) -> str | None:
+        r = self.recorder
+        if r.path is None:
+            return None
+        return f"{r.path} (stopped: {r.stopped})" if r.stopped else str(r.path)
+
     def _advance_migrations(self) -> None:
-        for s in self.slots:
-            if s.precopy is None:
-                continue
-            try:
-                next(s.precopy)
-            except StopIteration as done:
-                s.migration, s.precopy, s.running = None, None, False
-                log.info("migration_done", vm=s.name, step=s.vm.steps,
-                         identical=done.value.identical, pages_sent=done.value.pages_sent)
-            except Exception as e:  # noqa: BLE001 - a failing migration stops the source only
-                s.migration = s.precopy = None
-                self._crash(s, e)
+        """A pre-copy round of each migration: when one comes depends on the batches'
+        wall-clock sizes, so each goes through `dispatch` and is recorded as an event."""
+        for s in [s for s in self.slots if s.precopy is not None]:
+            self.dispatch(Request(0, "precopy", {"vm": s.name}))
+
+    def precopy_round(self, vm: str) -> None:
+        """One step of a migration's run(): a chunk of the first copy or one round."""
+        s = self._slot(vm)
+        if s.precopy is None:
+            return
+        try:
+            next(s.precopy)
+        except StopIteration as done:
+            s.migration, s.precopy, s.running = None, None, False
+            log.info("migration_done", vm=s.name, step=s.vm.steps,
+                     identical=done.value.identical, pages_sent=done.value.pages_sent)
+        except Exception as e:  # noqa: BLE001 - a failing migration stops the source only
+            s.migration = s.precopy = None
+            self._crash(s, e)
 
     def isolation_map(self, text: bytes) -> None:
         """`kvm/isolation/map`: extend the KVM address space (EINVAL: unknown symbol)."""
         isolation_map(self.module.isolation, parse_map(text))
         log.info("isolation_map", text=text.decode("latin-1").rstrip("\n"))
 
-    def set_state(self, vm: str, action: str) -> None:
+    def set_state(self, vm: str, action: str, steps: int | None = None) -> None:
+        """vm<N>/state: `run`, `pause`, `restart`, `destroy`, or `step N`: run N more steps
+        and pause (RunControl).  A crashed VM refuses `run` and `step N` (EINVAL) until a
+        restart."""
         s = self._slot(vm)
         if action == "destroy":
             self.destroy(vm)
@@ -414,20 +481,30 @@ class Simulation:
             fresh = self._create(s.name, s.config)
             fresh.running = s.running or s.failure is not None  # a paused VM restarts paused
             fresh.dest_of = s.dest_of
+            fresh.control = s.control.restarted()
             self.slots[i] = s = fresh
-        elif action == "run" and s.failure:
+        elif action in ("run", STEP) and s.failure:
             raise OSError(errno.EINVAL, f"{vm} crashed; restart it")
         else:
-            s.running = action == "run"
-        log.info("vm_state", vm=vm, action=action, steps=s.vm.steps)
+            s.running = action != "pause"
+            s.control.stop_at = s.vm.steps + steps if steps is not None else None
+        log.info("vm_state", vm=vm, action=action, steps=s.vm.steps, step_by=steps)
+
+    def set_break(self, vm: str, kind: str, step: int | None = None) -> None:
+        """vm<N>/break: arm `audit_error`, `guest_crash` or `step=N` (`none` disarms)."""
+        s = self._slot(vm)
+        s.control.arm(kind, step)
+        log.info("vm_break", vm=vm, condition=render_break(kind, step), steps=s.vm.steps)
 
 
-def main(config: SimConfig, requests: Connection, out: Connection) -> None:
+def main(config: SimConfig, requests: Connection, out: Connection,
+         prepare: Callable[[Simulation], None] | None = None) -> None:
     """Entry point of the spawned process.
 
     It ignores SIGINT and SIGTERM: a terminal's Ctrl-C or systemd's stop signal reaches the
     whole process group, but only the main process decides when the simulation ends (it
-    sends `stop`, or its death closes the pipe).
+    sends `stop`, or its death closes the pipe).  `prepare` runs on the simulation before
+    it serves (`mmud replay --mount` replays the recording into it there).
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -437,4 +514,6 @@ def main(config: SimConfig, requests: Connection, out: Connection) -> None:
     except (ValueError, ParamError) as e:  # a configuration the VM refuses
         out.send(Reply(0, errno=errno.EINVAL, message=str(e)))
         return
+    if prepare is not None:
+        prepare(sim)
     sim.run()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any
 
 # Rates are averaged over at least this long, so the figures do not flicker between reads.
@@ -32,12 +33,16 @@ class RateMeter:
 
 
 def render_status(vm: Any, state: str, rates: dict[str, float], failure: str | None, *, pid: int,
-                  state_write_failures: int | None = None) -> str:
+                  state_write_failures: int | None = None,
+                  run_control: Sequence[tuple[str, str]] = (), recording: str | None = None) -> str:
     """One `key: value` line each, like /proc/meminfo, so both people and scripts can read it.
 
     `pid` is the process that holds the VM (the simulation's): the `<pid>` of its
     `kvm/<pid>-<fd>/` directory, what `kvm_stat -p` takes.  `state_write_failures`, with a
     state directory, is how many records it refused so far (a full disk: docs/isolation.md).
+    `run_control` are the lines of vm<N>/break and `step N` (mmud/daemon/breakpoints.py),
+    after the step count they concern.  `recording` names the run's recording file
+    (docs/replay.md), with why it stopped if it did.
     """
     lines = [
         ("state", state),
@@ -47,10 +52,13 @@ def render_status(vm: Any, state: str, rates: dict[str, float], failure: str | N
         ("workload", vm.workload_name or "none"),
         ("seed", str(vm.seed)),
         ("steps", str(vm.steps)),
+        *run_control,
         ("shadow pages", f"{vm.mmu.n_used_mmu_pages} / {vm.mmu.n_max_mmu_pages}"),
     ]
     if state_write_failures is not None:
         lines.append(("state write failures", str(state_write_failures)))
+    if recording is not None:
+        lines.append(("recording", recording))
     if failure:
         lines.append(("failure", failure))
     lines += [(f"{n}/s", f"{rates.get(n, 0.0):.0f}") for n in ("steps", *RATE_STATS)]

@@ -27,6 +27,7 @@ from __future__ import annotations
 import errno
 import functools
 import itertools
+import ctypes
 import os
 import time
 from collections.abc import Callable
@@ -34,6 +35,7 @@ from pathlib import Path
 from stat import S_IFDIR, S_IFREG
 from typing import Any, TypeVar
 
+import mfusepy
 import structlog
 from mfusepy import FUSE, Operations
 
@@ -51,6 +53,14 @@ PARAMETERS = "/parameters/"  # module parameters: module_sysfs_ops has a store f
 # utimensat's special nanosecond values, as libfuse 2 passes them on (tv_sec 0).
 UTIME_NOW, UTIME_OMIT = (1 << 30) - 1, (1 << 30) - 2
 _MESSAGE_MAX = 200  # fs_callback_error keeps this much of an exception's message
+# How often a blocked trace_pipe read asks the simulation for lines again.
+PIPE_POLL_SECONDS = 0.005
+# libfuse's fuse_interrupted(): true in the thread serving a request whose caller was
+# interrupted (a signal, a kill) — with the `intr` mount option, libfuse signals that thread
+# when the kernel sends FUSE_INTERRUPT. mfusepy loads libfuse but does not wrap this call.
+_fuse_interrupted = mfusepy._libfuse.fuse_interrupted
+_fuse_interrupted.restype = ctypes.c_int
+_fuse_interrupted.argtypes = []
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -195,8 +205,23 @@ class ControlFS(Operations):
     @_guarded
     def read(self, path: str, size: int, offset: int, fi: Any) -> bytes:
         if (handle := self.handles.get(fi.fh)) is not None:
-            return handle.read(offset, size)
+            return self._read_handle(handle, offset, size)
         return self.snaps.get(fi.fh, b"")[offset:offset + size]
+
+    @staticmethod
+    def _read_handle(handle: Handle, offset: int, size: int) -> bytes:
+        """A handle's read; a blocking pipe waits for data as the kernel's wait_event does,
+        and gives up with EINTR when its reader is interrupted or killed — so a dead reader
+        does not go on consuming lines that a new reader should get."""
+        while True:
+            try:
+                return handle.read(offset, size)
+            except BlockingIOError:
+                if not getattr(handle, "blocks", False):
+                    raise
+            if _fuse_interrupted():
+                raise OSError(errno.EINTR, "interrupted")
+            time.sleep(PIPE_POLL_SECONDS)
 
     @_guarded
     def write(self, path: str, data: bytes, offset: int, fi: Any) -> int:
@@ -308,4 +333,4 @@ def serve(tree: Tree, backend: Backend, mountpoint: Path, ready: Callable[[], No
     signal handlers are the ones that stop it.
     """
     FUSE(ControlFS(tree, backend, ready), str(mountpoint), foreground=True, raw_fi=True,
-         allow_other=True, default_permissions=True, fsname="mmud", subtype="mmud")
+         allow_other=True, default_permissions=True, fsname="mmud", subtype="mmud", intr=True)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import errno
 import os
 import re
-import time
 from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any, Protocol
@@ -126,20 +125,25 @@ class _MemoryHandle:
         self.backend, self.vm = backend, vm
 
     def read(self, offset: int, size: int) -> bytes:
-        chunks: list[bytes] = []
-
-        def step(done: int) -> int:
-            got = self.backend.request("memory_read", vm=self.vm, gpa=offset + done,
-                                       size=size - done).result
-            chunks.append(got)
-            return len(got)
-
-        _transfer(step, size)
-        return b"".join(chunks)
+        return _read_chunks(lambda done: self.backend.request(
+            "memory_read", vm=self.vm, gpa=offset + done, size=size - done).result, size)
 
     def write(self, offset: int, data: bytes) -> int:
         return _transfer(lambda done: self.backend.request(
             "memory_write", vm=self.vm, gpa=offset + done, data=data[done:]).result, len(data))
+
+
+def _read_chunks(request: Callable[[int], bytes], size: int) -> bytes:
+    """Read `size` bytes by requests, each returning some from offset `done` on (_transfer)."""
+    chunks: list[bytes] = []
+
+    def step(done: int) -> int:
+        got = request(done)
+        chunks.append(got)
+        return len(got)
+
+    _transfer(step, size)
+    return b"".join(chunks)
 
 
 def _transfer(step: Callable[[int], int], total: int) -> int:
@@ -176,6 +180,26 @@ class _DirtyLogHandle:
 
     def write(self, offset: int, data: bytes) -> int:
         raise OSError(errno.EACCES, "read-only")
+
+
+class _RecordingHandle:
+    """vm<N>/recording: the run's recording so far, read from the simulation (which writes
+    it) in chunks, so a remote user can `cp` it (docs/replay.md)."""
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+
+    def read(self, offset: int, size: int) -> bytes:
+        return _read_chunks(lambda done: self.backend.request(
+            "recording_read", offset=offset + done, size=size - done).result, size)
+
+    def write(self, offset: int, data: bytes) -> int:
+        raise OSError(errno.EACCES, "read-only")
+
+
+def recording_file(backend: Backend) -> BinaryFile:
+    """vm<N>/recording (0444): empty without a state directory."""
+    return BinaryFile(lambda: _RecordingHandle(backend), 0o444)
 
 
 def memory_file(backend: Backend, vm: str) -> BinaryFile:
@@ -420,26 +444,19 @@ class LiveFile(File):
         self.backend.request(self.op, action="truncate", **self.args)
 
 
-# How often a blocked trace_pipe read asks the simulation for lines.
-PIPE_POLL_SECONDS = 0.005
-
-
 class _PipeHandle:
     """One open of a consuming pipe (trace_pipe): each read takes lines off the one stream
-    every reader shares; it blocks (polling the simulation) until there is at least one and
-    returns as soon as there is; with O_NONBLOCK an empty pipe is EAGAIN."""
+    every reader shares; an empty pipe is EAGAIN. A blocking open (`blocks`) waits in the
+    FUSE adapter, which asks again until there is a line or the reader is interrupted."""
 
     def __init__(self, backend: Backend, op: str, nonblock: bool) -> None:
-        self.backend, self.op, self.nonblock = backend, op, nonblock
+        self.backend, self.op, self.blocks = backend, op, not nonblock
 
     def read(self, offset: int, size: int) -> bytes:
-        while True:
-            got = requested_text(self.backend, f"{self.op}_read", action="pipe", size=size)
-            if got:
-                return got.encode()
-            if self.nonblock:
-                raise OSError(errno.EAGAIN, "trace_pipe is empty")
-            time.sleep(PIPE_POLL_SECONDS)
+        got = requested_text(self.backend, f"{self.op}_read", action="pipe", size=size)
+        if not got:
+            raise OSError(errno.EAGAIN, "trace_pipe is empty")
+        return got.encode()
 
     def write(self, offset: int, data: bytes) -> int:
         raise OSError(errno.EACCES, "read-only")

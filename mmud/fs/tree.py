@@ -6,6 +6,8 @@
     kvm/audit_log, vm<N>/inject                   the MMU audit's log; bug injection
     kvm/<pid>-<fd>/<stat>       one directory per VM, named as KVM names it
     vm<N>/state, vm<N>/status   simulator control, one directory per VM
+    vm<N>/break                 pause at an audit error, a guest crash, a step (issue 15)
+    vm<N>/recording             the run's recording so far (docs/replay.md)
     vm<N>/memory, vm<N>/dirty_log/<slot>, vm<N>/migrate   guest RAM, dirty logs, live migration
     vm<N>/memslots, vm<N>/zap_all   memslot changes, zap of every shadow page (issue 6)
     vm<N>/mmu/{pages,walk}, kvm/<pid>-<fd>/mmu_rmaps_stat   the shadow tables on view (issue 14)
@@ -30,11 +32,13 @@ from mmud.fs.nodes import (
     LiveFile,
     Node,
     PipeFile,
+    RequestFile,
     choice_file,
     dirty_log_dir,
     isolation_dir,
     log_file,
     memory_file,
+    recording_file,
     mmu_debug_file,
     param_file,
     requested_file,
@@ -44,11 +48,10 @@ from mmud.fs.nodes import (
 from mmud.fs.memslots import memslots_file, zap_all_file
 from mmud.uapi.bugs import INJECTABLE_BUGS
 from mmud.uapi.params import Params
+from mmud.uapi.runcontrol import parse_break, parse_state
 from mmud.uapi.stats import STATS
 from mmud.uapi.tracefs import parse_buffer_size, parse_enable, parse_number, parse_text
 from mmud.uapi.vms import parse_vms_line, render_vm_line
-
-VM_STATE_ACTIONS = ("run", "pause", "restart", "destroy")  # destroy: any VM but vm0 (EPERM)
 
 
 class Tree:
@@ -96,16 +99,23 @@ class Tree:
             one = snap.vm(vm)
             return one.migrate.encode() if one else b""
 
+        def breaks(snap: Snapshot) -> bytes:
+            one = snap.vm(vm)
+            return one.breaks.encode() if one else b""
+
         return {
             "memory": memory_file(self.backend, vm),
             "dirty_log": dirty_log_dir(self.backend, vm),
             "migrate": choice_file(self.backend, migrate, "migrate", "action", ("start",),
                                    {"vm": vm}),
-            "state": choice_file(self.backend, state, "state", "action", VM_STATE_ACTIONS,
-                                 {"vm": vm}),
+            "state": RequestFile(self.backend, state, "state",
+                                 lambda data: {"vm": vm, **parse_state(data)}),
+            "break": RequestFile(self.backend, breaks, "break",
+                                 lambda data: {"vm": vm, **parse_break(data)}),
             "inject": choice_file(self.backend, inject, "inject", "name",
                                   ("none", *INJECTABLE_BUGS), {"vm": vm}),
             "status": File(status),
+            "recording": recording_file(self.backend),
             "memslots": memslots_file(self.backend, vm),
             "zap_all": zap_all_file(self.backend, vm),
             "mmu": Dir({"pages": requested_file(self.backend, "mmu_pages", {"vm": vm}),
@@ -157,6 +167,18 @@ class Tree:
 
         events = Dir(lambda snap: {"enable": live("events/enable", parse_enable),
                                    **{s: system_dir(s) for s in systems(snap)}})
+        cpu_dirs: dict[int, Dir] = {}
+
+        def cpu_dir(cpu: int) -> Dir:
+            """per_cpu/cpu<N>/: the trace CPUs are the vCPU indices (docs/tracing.md)."""
+            d = cpu_dirs.get(cpu)
+            if d is None:
+                d = cpu_dirs[cpu] = Dir({"stats": live(f"per_cpu/cpu{cpu}/stats", None, 0o444)})
+            return d
+
+        per_cpu = Dir(lambda snap: {
+            f"cpu{k}": cpu_dir(k)
+            for k in range(max([v.config.vcpus for v in snap.vms if v.config] + [1]))})
         return Dir({
             "available_events": live("available_events", None, 0o444),
             "set_event": live("set_event", parse_text),
@@ -165,6 +187,7 @@ class Tree:
             "buffer_size_kb": live("buffer_size_kb", parse_buffer_size),
             "trace": live("trace", parse_text),
             "trace_pipe": PipeFile(b, "tracefs"),
+            "per_cpu": per_cpu,
         })
 
     def lookup(self, path: str, snap: Snapshot) -> Node:
