@@ -1,6 +1,7 @@
-# Two commands on a fresh Debian machine:
+# On a fresh Debian machine:
 #   make run    install what is missing, then run the daemon on ./mountpoint
 #   make test   install what is missing plus the test extras, then run the tests
+#   make campaign   the detect campaign on a local cluster (docs/campaigns.md)
 # Debian's python3 is externally managed (PEP 668), so the package goes into a virtualenv;
 # it sees the system site-packages, so whatever is installed already is reused.
 
@@ -9,7 +10,7 @@ PY      := $(VENV)/bin/python
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 MOUNT   ?= mountpoint
 
-.PHONY: run test deps clean
+.PHONY: run test deps clean campaign
 
 deps:
 	@if ! command -v fusermount >/dev/null 2>&1 || ! /sbin/ldconfig -p | grep -q 'libfuse\.so\.2 '; then \
@@ -27,7 +28,7 @@ $(VENV)/.run: pyproject.toml | $(PY)
 	touch $@
 
 $(VENV)/.test: pyproject.toml | $(PY)
-	$(PY) -m pip install -e '.[test]'
+	$(PY) -m pip install -e '.[test,campaign]'
 	touch $@
 
 # Address-space isolation is off by default, as in the RFC series; `make run` and the systemd
@@ -37,6 +38,12 @@ run: deps $(VENV)/.run
 
 test: deps $(VENV)/.test
 	$(PY) -m pytest -q
+
+# The detect campaign (campaigns/detect.toml) on a local cluster of one worker per core;
+# results in ./campaign-detect (docs/campaigns.md); run again, it goes on where it stopped.
+# QUICK=1 runs its reduced grid (into ./campaign-detect-quick).
+campaign: deps $(VENV)/.test
+	$(VENV)/bin/mmud campaign run campaigns/detect.toml --resume $(if $(QUICK),--quick)
 
 clean:
 	rm -rf $(VENV)

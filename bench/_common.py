@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
+
+from mmud.campaign.measure import interleaved, paired_ratio
+
+__all__ = ["figure", "interleaved", "median", "paired_ratio", "percentile", "put", "save"]
 
 RESULTS = Path(__file__).with_name("results.json")
 
@@ -26,30 +31,19 @@ def save() -> Path:
     return RESULTS
 
 
+def put(path: Path, text: str | bytes) -> None:
+    """One write(2) of `text` to a control file, as `echo` or `dd` makes it."""
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.write(fd, text.encode() if isinstance(text, str) else text)
+    finally:
+        os.close(fd)
+
+
 def percentile(samples: Sequence[float], p: float) -> float:
     """The p-th percentile (0-100), nearest rank: with 100 samples p99 is the second largest."""
     ordered = sorted(samples)
     return ordered[min(len(ordered) - 1, max(0, round(p / 100 * len(ordered)) - 1))]
-
-
-def interleaved(variants: dict[str, Callable[[], list[float]]],
-                rounds: int) -> dict[str, list[float]]:
-    """Run each variant once per round, alternating, so drift in the machine hits all alike;
-    odd rounds run them in reverse order (ABBA), so that a drift within a round does too.
-
-    Each call returns a batch of samples; the result pools every variant's samples.
-    """
-    pooled: dict[str, list[float]] = {name: [] for name in variants}
-    for r in range(rounds):
-        for name in list(variants)[:: -1 if r % 2 else 1]:
-            pooled[name].extend(variants[name]())
-    return pooled
-
-
-def paired_ratio(samples: dict[str, list[float]], a: str, b: str) -> float:
-    """Median over rounds of a's sample over b's sample from the same round (one sample per
-    variant and round): the machine's drift between rounds cancels out."""
-    return statistics.median(x / y for x, y in zip(samples[a], samples[b], strict=True))
 
 
 def median(samples: Sequence[float]) -> float:

@@ -25,25 +25,14 @@ a ratio is the median over rounds of the two variants' ratio within the round:
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import mmud
 from bench._common import figure, interleaved, median, paired_ratio
 from bench._stripped import kernel_vm, without_hooks
-from mmud.kvm.dirty_log import kvm_get_dirty_log_protect
+from mmud.campaign.kinds.detect import MODES, detect
+from mmud.campaign.kinds.overhead import touched_vm
 from mmud.uapi.bugs import BUGS
-from mmud.sched import TaskFailed
-
-DIRECT_VA = 0xFFFF888000000000
-MODES = {
-    "ratelimited": {"mmu_audit": "1"},
-    "every": {"mmu_audit": "1", "mmu_audit_ratelimit_ms": "0"},
-    "incremental": {
-        "mmu_audit": "1",
-        "mmu_audit_ratelimit_ms": "0",
-        "mmu_audit_scope": "incremental",
-    },
-}
 
 def _stepper(vm: mmud.VM, steps: int) -> Callable[[], list[float]]:
     def measure() -> list[float]:
@@ -72,17 +61,6 @@ def throughput(quick: bool) -> None:
     sizes = ((64, "64M"),) if quick else ((64, "64M"), (256, "256M"), (1024, "1G"))
     for mem_mb, label in sizes:
         figure(f"audit_full_ratio[{label}]", full_ratio(mem_mb, 3 if quick else 10), "ratio")
-
-
-def touched_vm(mem_mb: int) -> mmud.VM:
-    """A kernel-workload VM whose RAM was read once through the guest's direct map, so the
-    shadow MMU holds a page per 4 KiB of RAM: the size a full audit must walk."""
-    vm = mmud.VM(mem_mb=mem_mb, seed=7, workload="kernel")
-    vm.step(200)
-    vcpu = vm.vcpus[0]
-    for gpa in range(0, vm.mem_bytes, 4096):
-        vcpu.read_u64(DIRECT_VA + gpa)
-    return vm
 
 
 def full_ratio(mem_mb: int, runs: int) -> float:
@@ -121,39 +99,20 @@ def full_audit_speed(quick: bool) -> None:
     figure("audit_full_sptes_per_s", pages * 512 / median(times), "sptes/s")
 
 
-def _harvester(vm: mmud.VM) -> Iterator[None]:
-    """Userspace's dirty-log thread: KVM_GET_DIRTY_LOG of slot 0 a bitmap word at a time, so
-    that the vCPUs run inside the harvest, then a pause of 200 steps; over and over."""
-    while True:
-        yield from kvm_get_dirty_log_protect(vm, 0, words_per_step=1)
-        for _ in range(200):
-            yield
-
-
 def detection(quick: bool) -> None:
+    """The detect campaign's job (mmud/campaign/kinds/detect.py) for seed 11, with a wall-time
+    budget besides the step budget."""
     budget_steps = 3000 if quick else 60000
     budget_s = 10 if quick else 60
     bugs = BUGS[:2] if quick else BUGS
     for bug in bugs:
-        for mode, params in MODES.items():
-            vm = mmud.VM(mem_mb=64, vcpus=2, seed=11, workload="kernel", params=params)
-            if bug.name.startswith("dirty_"):  # they live in the harvest: log slot 0, harvest it
-                vm.set_memslot(0, 0, vm.mem_bytes, log_dirty=True)
-                vm.scheduler.add("harvest", _harvester(vm))
-            vm.step(500)
-            exits = vm.stats["exits"]
-            vm.inject(bug.name)
-            steps, deadline = 0, time.monotonic() + budget_s
-            unit = "ops (>, not reported)"
-            try:
-                while (not vm.stats["mmu_audit_errors"] and steps < budget_steps
-                       and time.monotonic() < deadline):
-                    steps += vm.step(10)
-            except TaskFailed:  # the bug broke the guest kernel before anything reported it
-                unit = "ops (>, the guest crashed first)"
-            if vm.stats["mmu_audit_errors"]:
-                unit = "ops"
-            figure(f"detect_ops[{bug.name},{mode}]", vm.stats["exits"] - exits, unit)
+        for mode in MODES:
+            deadline = time.monotonic() + budget_s
+            d = detect(bug.name, mode, seed=11, budget_steps=budget_steps,
+                       give_up=lambda: time.monotonic() >= deadline)  # noqa: B023 - called now
+            unit = ("ops" if d.reported else "ops (>, the guest crashed first)" if d.crashed
+                    else "ops (>, not reported)")
+            figure(f"detect_ops[{bug.name},{mode}]", d.ops, unit)
 
 
 def run(quick: bool = False) -> None:

@@ -4,6 +4,12 @@ The fuzzer, the access-rights matrix and the tests compare every answer of mmud'
 with this walk. It shares no code with the MMU it judges: it imports nothing from mmud (not
 mmud.kvm, not mmud.x86), reads guest memory through a callable and takes the control
 registers as numbers. 4-level paging, 4 KiB and 2 MiB pages, MAXPHYADDR 46, CR4.PKE off.
+
+Besides the outcome it says which accessed/dirty bits the access leaves in the guest's
+entries (SDM §4.8): a successful access sets A in every entry it used and D in the leaf when
+it writes. A faulting one sets nothing: hardware may set A in the upper entries it used
+before the fault, but under shadow paging the guest sees KVM's walker, which updates A/D only
+after the whole walk and its permission checks succeeded (docs/x86-paging.md §7).
 """
 
 from __future__ import annotations
@@ -27,11 +33,19 @@ def idx(va: int, level: int) -> int:
 
 @dataclass(frozen=True)
 class Expect:
-    """What an access does: a #PF with its error code, or the guest-physical address."""
+    """What an access does: a #PF with its error code, or the guest-physical address; and
+    `ad`, the bits it sets in the guest's entries as (entry gpa, bits), one pair for every
+    entry the walk used, root first and leaf last (empty for a fault)."""
 
     fault: bool
     error_code: int = 0
     gpa: int | None = None
+    ad: tuple[tuple[int, int], ...] = ()
+
+
+def outcome(fault: bool, error_code: int, gpa: int | None) -> str:
+    """An access's outcome as a mismatch report prints it (mmud's or the reference's)."""
+    return f"#PF error code {error_code:#x}" if fault else f"gpa {gpa:#x}" if gpa is not None else "no fault"
 
 
 @dataclass(frozen=True)
@@ -57,8 +71,10 @@ def reference_walk(read_u64: Callable[[int], int], regs: Regs, va: int, *,
     rw = us = True
     xd = False
     large = False
+    used: list[int] = []  # the gpa of each entry the walk read
     for level in (4, 3, 2, 1):
-        entry = read_u64(table + 8 * idx(va, level))
+        used.append(table + 8 * idx(va, level))
+        entry = read_u64(used[-1])
         if not entry & P:
             return Expect(True, access_bits)
         rsvd = ((1 << 52) - 1) & ~((1 << 46) - 1)
@@ -86,6 +102,7 @@ def reference_walk(read_u64: Callable[[int], int], regs: Regs, va: int, *,
         denied = smap_denies or (write and bool(regs.cr0 & CR0_WP) and not rw)
     if denied:
         return Expect(True, access_bits | PFERR_PRESENT)
+    ad = tuple((gpa, A) for gpa in used[:-1]) + ((used[-1], A | D if write else A),)
     if large:
-        return Expect(False, 0, (entry & ADDR & ~((1 << 21) - 1)) | (va & ((1 << 21) - 1)))
-    return Expect(False, 0, (entry & ADDR) | (va & 0xFFF))
+        return Expect(False, 0, (entry & ADDR & ~((1 << 21) - 1)) | (va & ((1 << 21) - 1)), ad)
+    return Expect(False, 0, (entry & ADDR) | (va & 0xFFF), ad)
