@@ -30,7 +30,11 @@ def _journald_json(logger: WrappedLogger, method: str, event: EventDict) -> str:
 
 
 def setup_logging(level: str = "info") -> None:
-    """Configure structlog and stdlib logging once per process (the simulation process too)."""
+    """Configure structlog and stdlib logging once per process (the simulation process too).
+
+    Loggers are not cached on first use: a cached module-level logger would keep this
+    configuration for good, where a later `structlog.configure` (a test's capture_logs, a
+    process that configures again) must take effect. mmud logs events, not a hot path."""
     numeric = logging.getLevelName(level.upper())
     render: Processor = structlog.dev.ConsoleRenderer() if sys.stdout.isatty() else _journald_json
     shared: list[Processor] = [structlog.processors.add_log_level,
@@ -38,8 +42,7 @@ def setup_logging(level: str = "info") -> None:
               structlog.processors.format_exc_info]
     structlog.configure(processors=[structlog.contextvars.merge_contextvars, *shared, render],
                         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-                        logger_factory=structlog.WriteLoggerFactory(file=sys.stdout),
-                        cache_logger_on_first_use=True)
+                        logger_factory=structlog.WriteLoggerFactory(file=sys.stdout))
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=shared,

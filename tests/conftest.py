@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 
 from mmud.daemon.mountpoint import is_mounted
 from tests.fusemount import Daemon
@@ -38,3 +39,13 @@ def daemon(workdir: Path) -> Iterator[Daemon]:
     if d.proc.poll() is None:
         assert d.stop() == 0, d.log()
     assert not is_mounted(d.mount)
+
+
+@pytest.fixture(autouse=True)
+def _structlog_config() -> Iterator[None]:
+    """Every test starts with the structlog configuration the previous one found: a test
+    that runs a command in-process (`cli.main`, which configures logging for its process)
+    must not change what a later test's capture_logs sees."""
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)

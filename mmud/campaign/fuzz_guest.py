@@ -334,8 +334,6 @@ class Guest:
     def check_access(self, vcpu: Vcpu, va: int, kind: int) -> None:
         """One access through the vCPU, judged by the reference walk of the tables now."""
         write, fetch, user = KINDS[kind]
-        if fetch and not self._is_ram(self._frame(vcpu.cr3, va)):
-            return  # a kernel never executes device memory (or a hole)
         regs = Regs(cr0=vcpu.cr0, cr3=vcpu.cr3, cr4=vcpu.cr4, efer=vcpu.efer, rflags=vcpu.rflags)
         want = reference_walk(self.read, regs, va, write=write, fetch=fetch, user=user)
         got = vcpu.access(va, write=write, fetch=fetch, user=user)
@@ -348,18 +346,6 @@ class Guest:
                            f"reference {outcome(want.fault, want.error_code, want.gpa)}")
         if want.gpa is not None and self._is_ram(want.gpa):
             _check_ad(self.read, want, what)
-
-    def _frame(self, cr3: int, va: int) -> int | None:
-        """Where va's tables lead, whatever the rights: the guest kernel's own lookup."""
-        table = cr3 & ADDR
-        for level in (4, 3, 2, 1):
-            entry = self.read(table + 8 * idx(va, level))
-            if not entry & P:
-                return None
-            if level == 1 or (level == 2 and entry & PS):
-                return entry & ADDR
-            table = entry & ADDR
-        return None
 
     def _is_ram(self, gpa: int | None) -> bool:
         return gpa is not None and self.vm.memslots.lookup(gpa >> 12) is not None
