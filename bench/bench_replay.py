@@ -19,6 +19,7 @@ from bench._common import figure, interleaved, paired_ratio
 from mmud.daemon.protocol import Request, SimConfig, VmConfig
 from mmud.daemon.replay import Replay
 from mmud.daemon.sim import Simulation
+from mmud.log import setup_logging
 
 REQUESTS_PER_SECOND = 100
 VM = VmConfig(mem_mb=64, vcpus=1, seed=1)  # what `mmud run` starts by default
@@ -70,11 +71,12 @@ def _record_and_replay(directory: Path, seconds: float) -> list[float]:
 
 
 def run(quick: bool) -> None:
+    setup_logging("warning")  # the load's 100 requests/s would each log a line
     seconds, rounds = (0.5, 1) if quick else (4.0, 4)
     with tempfile.TemporaryDirectory(prefix="mmud-bench-replay-") as tmp:
         recorded, plain = _simulation(str(Path(tmp, "overhead"))), _simulation(None)
         samples = interleaved({"on": lambda: [_drive(recorded, seconds)],
                                "off": lambda: [_drive(plain, seconds)]}, rounds)
-        figure("record_overhead_ratio", paired_ratio(samples, "on", "off"), "x")
+        figure("record_overhead_ratio", paired_ratio(samples, "on", "off"), "ratio")
         ratios = [_record_and_replay(Path(tmp, f"replay{i}"), seconds)[0] for i in range(rounds)]
-        figure("replay_speed_ratio", sorted(ratios)[len(ratios) // 2], "x")
+        figure("replay_speed_ratio", sorted(ratios)[len(ratios) // 2], "ratio")
