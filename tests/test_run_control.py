@@ -10,7 +10,6 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,14 +19,6 @@ from mmud.sched import TaskFailed
 from tests.fusemount import Daemon, assert_refused, echo, shell_write, status_fields, wait_for
 
 PAUSE_TIMEOUT = 60.0
-
-
-@pytest.fixture(scope="module")
-def daemon(workdir: Path) -> Iterator[Daemon]:
-    d = Daemon(workdir / "runctl").start()
-    yield d
-    if d.proc.poll() is None:
-        assert d.stop() == 0, d.log()
 
 
 def write(d: Daemon, rel: str, word: str) -> None:

@@ -46,27 +46,26 @@ def _word(data: bytes) -> tuple[str, str]:
     return text, text[:-1] if text.endswith("\n") else text
 
 
-def parse_state(data: bytes) -> dict[str, Any]:
-    """One `vm<N>/state` write -> the request's arguments: `action`, and `steps` for a step.
-
-    The words are a choice file's (one word, at most one trailing newline); `step N` is the
-    word, one space and N (the newline then belongs to N, as kstrtoull takes it)."""
+def _parse(data: bytes, words: tuple[str, ...], key: str, sep: str, count_key: str,
+           what: str) -> dict[str, Any]:
+    """A choice file's write: one of `words` (at most one trailing newline), or `step` and
+    `sep` and N (the newline then belongs to N, as kstrtoull takes it)."""
     text, word = _word(data)
-    if word in STATE_ACTIONS:
-        return {"action": word}
-    if text.startswith(STEP + " "):
-        return {"action": STEP, "steps": _count(text[len(STEP) + 1:], "step N")}
-    raise _refuse(f"expected one of {', '.join(STATE_ACTIONS)} or `step N`")
+    if word in words:
+        return {key: word}
+    if text.startswith(STEP + sep):
+        return {key: STEP, count_key: _count(text[len(STEP) + 1:], what)}
+    raise _refuse(f"expected one of {', '.join(words)} or `{what}`")
+
+
+def parse_state(data: bytes) -> dict[str, Any]:
+    """One `vm<N>/state` write -> the request's arguments: `action`, and `steps` for a step."""
+    return _parse(data, STATE_ACTIONS, "action", " ", "steps", "step N")
 
 
 def parse_break(data: bytes) -> dict[str, Any]:
     """One `vm<N>/break` write -> the request's arguments: `kind`, and `step` for `step=N`."""
-    text, word = _word(data)
-    if word in BREAK_WORDS:
-        return {"kind": word}
-    if text.startswith(STEP + "="):
-        return {"kind": STEP, "step": _count(text[len(STEP) + 1:], "step=N")}
-    raise _refuse(f"expected one of {', '.join(BREAK_WORDS)} or `step=N`")
+    return _parse(data, BREAK_WORDS, "kind", "=", "step", "step=N")
 
 
 def render_break(kind: str, step: int | None = None) -> str:
