@@ -20,9 +20,10 @@ import contextlib
 import importlib.metadata
 import logging
 import platform
+import signal
 import sys
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -71,9 +72,26 @@ def allowed_failures(client: Client) -> int:
     return int(client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.allowed_failures))
 
 
+def _ignore_sigint() -> Any:
+    """A worker plugin that makes its worker process ignore SIGINT (made here, so that the
+    module imports distributed only when a cluster is started)."""
+    from distributed.diagnostics.plugin import WorkerPlugin
+
+    class IgnoreSigint(WorkerPlugin):
+        def setup(self, worker: Any) -> None:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    return IgnoreSigint()
+
+
 @contextlib.contextmanager
 def local(workers: int) -> Iterator[Client]:
-    """A LocalCluster of `workers` single-threaded worker processes, and its client."""
+    """A LocalCluster of `workers` single-threaded worker processes, and its client.
+
+    A Ctrl-C in the terminal reaches the whole process group, the local workers too. The
+    campaign's own process stops the campaign on it (engine.Stop) and then closes the
+    cluster, so the workers ignore SIGINT — one that died of it first could leave the
+    cluster's close waiting for it. Workers a nanny restarts get the plugin too."""
     import dask
     from distributed import Client, LocalCluster
 
@@ -81,6 +99,7 @@ def local(workers: int) -> Iterator[Client]:
         cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                                dashboard_address=":0", silence_logs=logging.ERROR)
     client = Client(cluster)
+    client.register_plugin(_ignore_sigint())
     try:
         yield client
     finally:
