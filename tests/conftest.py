@@ -16,7 +16,7 @@ import pytest
 import structlog
 
 from mmud.daemon.mountpoint import is_mounted
-from tests.fusemount import Daemon
+from tests.fusemount import Daemon, serving
 
 
 @pytest.fixture(scope="module")
@@ -34,11 +34,7 @@ def workdir() -> Iterator[Path]:
 @pytest.fixture(scope="module")
 def daemon(workdir: Path) -> Iterator[Daemon]:
     """A daemon shared by a test module; stopped with SIGTERM, which must unmount it."""
-    d = Daemon(workdir / "mnt").start()
-    yield d
-    if d.proc.poll() is None:
-        assert d.stop() == 0, d.log()
-    assert not is_mounted(d.mount)
+    yield from serving(workdir / "mnt")
 
 
 @pytest.fixture(autouse=True)

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from mmud.daemon.mountpoint import is_mounted
@@ -87,6 +88,16 @@ class Daemon:
                 if event.get("event") == name:
                     out.append(event)
         return out
+
+
+def serving(mount: Path, *args: str) -> Iterator[Daemon]:
+    """A test module's daemon: `yield from serving(mount, *args)` in a fixture. At the end it
+    must stop on SIGTERM with exit 0 and leave no mount behind."""
+    d = Daemon(mount, *args).start()
+    yield d
+    if d.proc is not None and d.proc.poll() is None:
+        assert d.stop() == 0, d.log()
+    assert not is_mounted(d.mount)
 
 
 def status_fields(text: str) -> dict[str, str]:

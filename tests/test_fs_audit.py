@@ -6,18 +6,13 @@ import stat
 
 import pytest
 
-from mmud.daemon.mountpoint import is_mounted
-from tests.fusemount import Daemon, assert_refused, cat, echo, shell_write, wait_for
+from tests.fusemount import Daemon, assert_refused, cat, echo, serving, shell_write, wait_for
 
 
 @pytest.fixture(scope="module")
 def audited(workdir):
-    d = Daemon(workdir / "audit", "--seed", "2", "--param", "mmu_audit_ratelimit_ms=0",
-               "--param", "mmu_audit_scope=incremental").start()
-    yield d
-    if d.proc.poll() is None:
-        assert d.stop() == 0, d.log()
-    assert not is_mounted(d.mount)
+    yield from serving(workdir / "audit", "--seed", "2", "--param", "mmu_audit_ratelimit_ms=0",
+               "--param", "mmu_audit_scope=incremental")
 
 
 def stat_value(d: Daemon, name: str) -> int:

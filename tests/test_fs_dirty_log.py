@@ -10,23 +10,18 @@ import multiprocessing
 
 import pytest
 
-from mmud.daemon.mountpoint import is_mounted
 from mmud.daemon.protocol import Reply
 from mmud.daemon.protocol import SimConfig, VmConfig
 from mmud.daemon.sim import Simulation
 from mmud.fs.nodes import dirty_log_dir
-from tests.fusemount import Daemon, echo, wait_for
+from tests.fusemount import echo, serving, wait_for
 
 PAGE = 4096
 
 
 @pytest.fixture(scope="module")
 def daemon(workdir):
-    d = Daemon(workdir / "dirty", "--seed", "4", "--mem", "16M").start()
-    yield d
-    if d.proc.poll() is None:
-        assert d.stop() == 0, d.log()
-    assert not is_mounted(d.mount)
+    yield from serving(workdir / "dirty", "--seed", "4", "--mem", "16M")
 
 
 def test_memory_reads_and_writes_guest_ram(daemon):

@@ -10,8 +10,7 @@ import time
 
 import pytest
 
-from mmud.daemon.mountpoint import is_mounted
-from tests.fusemount import Daemon, assert_refused, echo, shell_write, wait_for
+from tests.fusemount import Daemon, assert_refused, echo, serving, shell_write, wait_for
 
 ENTRY = "KVM isolation: page fault #"
 ON = ("--param", "address_space_isolation=1")  # explicit: the default may change
@@ -19,11 +18,7 @@ ON = ("--param", "address_space_isolation=1")  # explicit: the default may chang
 
 @pytest.fixture(scope="module")
 def iso(workdir):
-    d = Daemon(workdir / "iso", *ON, "--state-dir", str(workdir / "state"), "--seed", "3").start()
-    yield d
-    if d.proc.poll() is None:
-        assert d.stop() == 0, d.log()
-    assert not is_mounted(d.mount)
+    yield from serving(workdir / "iso", *ON, "--state-dir", str(workdir / "state"), "--seed", "3")
 
 
 def entry_lines(d: Daemon) -> list[str]:

@@ -21,8 +21,7 @@ import pytest
 
 import mmud
 from mmud.daemon import vmio
-from mmud.daemon.mountpoint import is_mounted
-from tests.fusemount import Daemon, echo, wait_for
+from tests.fusemount import echo, serving, wait_for
 
 MIB = 1 << 20
 RAM = 16 * MIB  # --mem 16M: one memslot, [0, 16 MiB)
@@ -31,11 +30,7 @@ HOLE_SLOT = (9, 0x1000_0000, 0x1_0000)  # `add 9 0x10000000 0x10000`: RAM after 
 
 @pytest.fixture(scope="module")
 def daemon(workdir):
-    d = Daemon(workdir / "memory", "--seed", "2", "--mem", "16M").start()
-    yield d
-    if d.proc.poll() is None:
-        assert d.stop() == 0, d.log()
-    assert not is_mounted(d.mount)
+    yield from serving(workdir / "memory", "--seed", "2", "--mem", "16M")
 
 
 @pytest.fixture

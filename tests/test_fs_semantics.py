@@ -17,20 +17,15 @@ from pathlib import Path
 
 import pytest
 
-from mmud.daemon.mountpoint import is_mounted
-from tests.fusemount import Daemon, assert_refused, echo, shell_write
+from tests.fusemount import assert_refused, echo, serving, shell_write
 
 HUGE = "9" * 10240  # past Python's 4300-digit conversion limit
 
 
 @pytest.fixture(scope="module")
 def daemon(workdir):
-    d = Daemon(workdir / "semantics", "--seed", "3", "--mem", "16M",
-               "--param", "address_space_isolation=1").start()
-    yield d
-    if d.proc.poll() is None:
-        assert d.stop() == 0, d.log()
-    assert not is_mounted(d.mount)
+    yield from serving(workdir / "semantics", "--seed", "3", "--mem", "16M",
+               "--param", "address_space_isolation=1")
 
 
 def run(*cmd: str) -> subprocess.CompletedProcess:

@@ -13,8 +13,7 @@ from collections import Counter
 
 import pytest
 
-from mmud.daemon.mountpoint import is_mounted
-from tests.fusemount import Daemon, assert_refused, cat, echo, shell_write, wait_for
+from tests.fusemount import Daemon, assert_refused, cat, echo, serving, shell_write, wait_for
 
 ALL = "kvmmmu:*"
 LINE = re.compile(r"^\s*(\S+)-(\d+)\s+\[(\d{3})\] (\S{5})\s+(\d+\.\d{6}): (\w+): (.*)$")
@@ -22,11 +21,7 @@ LINE = re.compile(r"^\s*(\S+)-(\d+)\s+\[(\d{3})\] (\S{5})\s+(\d+\.\d{6}): (\w+):
 
 @pytest.fixture(scope="module")
 def d(workdir):
-    dm = Daemon(workdir / "tracing", "--seed", "3", "--param", "address_space_isolation=0").start()
-    yield dm
-    if dm.proc.poll() is None:
-        assert dm.stop() == 0, dm.log()
-    assert not is_mounted(dm.mount)
+    yield from serving(workdir / "tracing", "--seed", "3", "--param", "address_space_isolation=0")
 
 
 @pytest.fixture(autouse=True)

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from mmud.daemon.mountpoint import is_mounted
-from tests.fusemount import Daemon, assert_refused, shell_write, wait_for
+from tests.fusemount import Daemon, assert_refused, serving, shell_write, wait_for
 
 # The daemon's command line: what a `create` line leaves out.
 DEFAULTS = "mem=32M vcpus=2 seed=7 workload=kernel"
@@ -22,11 +21,7 @@ MiB = 1 << 20
 
 @pytest.fixture(scope="module")
 def daemon(workdir: Path) -> Iterator[Daemon]:
-    d = Daemon(workdir / "vms", "--mem", "32M", "--vcpus", "2", "--seed", "7").start()
-    yield d
-    if d.proc.poll() is None:
-        assert d.stop() == 0, d.log()
-    assert not is_mounted(d.mount)
+    yield from serving(workdir / "vms", "--mem", "32M", "--vcpus", "2", "--seed", "7")
 
 
 def vm_lines(d: Daemon) -> list[str]:
