@@ -13,7 +13,6 @@ from __future__ import annotations
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 from bench._common import figure, interleaved, paired_ratio
 from mmud.daemon.protocol import Request, SimConfig, VmConfig
@@ -30,14 +29,8 @@ LOAD = [
 ]
 
 
-class _Out:
-    def send(self, message: Any) -> None:
-        pass
-
-
 def _simulation(state_dir: str | None) -> Simulation:
-    return Simulation(SimConfig(vms=(VM,), state_dir=state_dir, log_level="warning"),
-                      None, _Out())  # type: ignore[arg-type]
+    return Simulation.offline(SimConfig(vms=(VM,), state_dir=state_dir, log_level="warning"))
 
 
 def _drive(sim: Simulation, seconds: float) -> float:

@@ -7,7 +7,6 @@ MMU's structure, the audit and fault logs.
 
 from __future__ import annotations
 
-from typing import Any
 
 import pytest
 
@@ -29,11 +28,6 @@ class _Vm:
         self.vm, self.name, self.failure, self.state = vm, "vm0", None, "running"
 
 
-class _Out:
-    def send(self, message: Any) -> None:
-        pass
-
-
 @pytest.mark.parametrize("workload", ALL_WORKLOADS)
 def test_stepping_n_then_m_is_stepping_n_plus_m(workload: str) -> None:
     """The VM API: one VM.step(N+M) and VM.step(N) then VM.step(M) run the same guest
@@ -51,7 +45,7 @@ def test_stepping_n_then_m_is_stepping_n_plus_m(workload: str) -> None:
 def _simulation(workload: str) -> Simulation:
     config = SimConfig(vms=(VmConfig(mem_mb=16, vcpus=2, seed=3, workload=workload),),
                        load={"address_space_isolation": "1", "mmu_audit": "1"})
-    sim = Simulation(config, None, _Out())  # type: ignore[arg-type]
+    sim = Simulation.offline(config)
     # A second VM: both share the module's audit limiter and log, so their interleaving
     # must be the same too.
     assert sim.dispatch(Request(1, "create", {"name": "vm1", "seed": 4})).errno == 0
@@ -87,9 +81,8 @@ def test_daemon_batches_do_not_change_the_run(workload: str, monkeypatch: pytest
 def test_a_round_is_one_step_while_the_audit_is_on(audit: str) -> None:
     """A request waits for at most one chunk: with the audit on (whose runs can take tens of
     milliseconds a step) a chunk is one step, else STEP_CHUNK."""
-    sim = Simulation(SimConfig(vms=(VmConfig(mem_mb=16, seed=1),),
-                               load={"mmu_audit": audit, "mmu_audit_ratelimit_ms": "0"}),
-                     None, _Out())  # type: ignore[arg-type]
+    sim = Simulation.offline(SimConfig(vms=(VmConfig(mem_mb=16, seed=1),),
+                                       load={"mmu_audit": audit, "mmu_audit_ratelimit_ms": "0"}))
     vm = sim.slots[0].vm
     for _ in range(20):
         before = vm.steps

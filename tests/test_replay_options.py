@@ -36,16 +36,10 @@ WRITES = [
 END = 2000
 
 
-class _Out:
-    def send(self, message: Any) -> None:
-        pass
-
-
 @pytest.fixture(scope="module")
 def recording(tmp_path_factory: pytest.TempPathFactory) -> Path:
     state = tmp_path_factory.mktemp("state")
-    sim = Simulation(SimConfig(vms=(VmConfig(mem_mb=16, vcpus=2, seed=9),), state_dir=str(state)),
-                     None, _Out())  # type: ignore[arg-type]
+    sim = Simulation.offline(SimConfig(vms=(VmConfig(mem_mb=16, vcpus=2, seed=9),), state_dir=str(state)))
     pending = list(WRITES)
     while sim.slots[0].vm.steps < END:
         sim._step_batch(sim.slots)
@@ -101,8 +95,7 @@ def test_trace_prints_the_replayed_span(recording: Path) -> None:
 def test_the_cap_stops_the_recording_once_and_it_still_replays(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(recording_module, "CAP_BYTES", 3000)
-    sim = Simulation(SimConfig(vms=(VmConfig(mem_mb=16, seed=2),), state_dir=str(tmp_path)),
-                     None, _Out())  # type: ignore[arg-type]
+    sim = Simulation.offline(SimConfig(vms=(VmConfig(mem_mb=16, seed=2),), state_dir=str(tmp_path)))
     with capture_logs() as logs:
         for word in b"10" * 30:  # about 100 bytes a line
             sim._step_batch(sim.slots)
@@ -121,8 +114,7 @@ def test_the_cap_stops_the_recording_once_and_it_still_replays(
 def test_run_control_pauses_replay_where_they_happened(tmp_path: Path) -> None:
     """`step N` and an `audit_error` break pause the VM inside the loop's stepping; the
     replay's stepping, through the same run control, pauses it at the same steps."""
-    sim = Simulation(SimConfig(vms=(VmConfig(mem_mb=16, vcpus=2, seed=9),), state_dir=str(tmp_path)),
-                     None, _Out())  # type: ignore[arg-type]
+    sim = Simulation.offline(SimConfig(vms=(VmConfig(mem_mb=16, vcpus=2, seed=9),), state_dir=str(tmp_path)))
     sim._step_batch(sim.slots)
     sim._apply(Request(1, "state", {"vm": "vm0", "action": "step", "steps": 77}))
     while sim.slots[0].running:

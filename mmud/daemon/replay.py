@@ -20,7 +20,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import structlog
 
@@ -165,7 +165,7 @@ class Replay:
         if audit:
             config = SimConfig(vms=config.vms, load={**config.load, **{
                 n: v.decode() for n, v in AUDIT_PARAMS.items()}})
-        self.sim = sim or Simulation(config, cast(Any, None), cast(Any, _Discard()))
+        self.sim = sim or Simulation.offline(config)
         self.checker = _Checker(audit, emit)
         self.sim.recorder = self.checker
         if trace:
@@ -269,13 +269,6 @@ class Replay:
 
 def _print(text: str) -> None:
     sys.stdout.write(text)
-
-
-class _Discard:
-    """The output pipe of a simulation nobody reads: a replay publishes nothing."""
-
-    def send(self, message: Any) -> None:
-        pass
 
 
 def replay(path: str | Path, until: int | None = None) -> dict[str, VM]:

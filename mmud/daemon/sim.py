@@ -21,7 +21,7 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from enum import StrEnum
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, cast
 
 import structlog
 
@@ -106,8 +106,21 @@ class _Slot:
         return f"{os.getpid()}-{self.fd}"
 
 
+class _Discard:
+    """The output pipe of a simulation nobody reads."""
+
+    def send(self, message: object) -> None:
+        pass
+
+
 class Simulation:
     """The loop, the VMs and the request handlers (`op` name -> method)."""
+
+    @classmethod
+    def offline(cls, config: SimConfig) -> Simulation:
+        """A simulation with no main process: no request pipe, and snapshots and replies
+        that go nowhere — a replay's (docs/replay.md), a benchmark's, a test's."""
+        return cls(config, cast(Connection, None), cast(Connection, _Discard()))
 
     def __init__(self, config: SimConfig, requests: Connection, out: Connection) -> None:
         self.module = KvmModule(config.load)  # one kvm module, shared by every VM
