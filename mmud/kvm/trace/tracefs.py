@@ -13,6 +13,7 @@ from collections import deque
 
 from mmud.kvm.trace.events import COMMON_FIELDS, EVENTS, SYSTEMS, select
 from mmud.kvm.trace.filter import FilterError, compile_filter
+from mmud.kvm.trace.ring import CpuRing
 from mmud.kvm.trace.tracer import ModuleTrace, format_line, lost_line, trace_ts
 
 # err_text[] of kernel/trace/trace_events_filter.c (v5.16), for the messages filter.py raises.
@@ -120,8 +121,9 @@ class TraceFs:
 
     def _cpu_stats(self, cpu: int) -> str:
         """per_cpu/cpu<N>/stats (tracing_stats_read, v5.16): the CPU's ring, its oldest event
-        and the clock now (the newest VM clock of the module; the trace clock is simulated)."""
-        ring = self.top.ring(cpu)
+        and the clock now (the newest VM clock of the module; the trace clock is simulated).
+        Reading creates no ring: a CPU that recorded nothing shows an empty one."""
+        ring = self.top.rings.get(cpu) or CpuRing(cpu, self.top.buffer_size)
         oldest = ring.peek()
         now = max([vm.clock() for vm in self.module.vms()] + [0])
         return (f"entries: {ring.entries}\noverrun: {ring.overrun}\ncommit overrun: 0\n"
