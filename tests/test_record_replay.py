@@ -188,7 +188,7 @@ def test_a_newer_major_version_is_refused(recorded: dict, tmp_path: Path) -> Non
     newer.write_text("".join(json.dumps(r) + "\n" for r in records))
     done = replay_cli(newer)
     assert done.returncode == 2
-    assert "version 2.0 is newer than this mmud reads (1.0)" in done.stderr, done.stderr
+    assert "version 2.0 is newer than this mmud reads (1.1)" in done.stderr, done.stderr
     records[0]["version"] = "1.7"  # a newer minor version only adds fields: read
     newer.write_text("".join(json.dumps(r) + "\n" for r in records))
     assert read(newer) == (records[0], records[1:])

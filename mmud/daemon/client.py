@@ -11,7 +11,8 @@ publishing for `HANG_SECONDS` (then it is killed), the supervisor logs `simulati
 once and replaces the snapshot with a failed one: every VM reads `failed`, its status names
 the cause, statistics and logs keep their last values.  Requests that need the simulation
 then fail with EIO at once; parameter stores keep working, because the parameter block lives
-here (`self.params`) and is only forwarded to a live simulation; `restart` on any vm<N>/state
+here (`self.params`) and is only forwarded to a live simulation (on the store channel, which
+a running step looks at: `StoreChannel`); `restart` on any vm<N>/state
 spawns a fresh simulation with the last configuration of every VM and the current parameters
 as its load-time values (docs/daemon.md, "When the simulation dies").
 """
@@ -34,7 +35,7 @@ import structlog
 
 from mmud.daemon import replay, sim
 from mmud.daemon.notify import sd_notify, watchdog_interval
-from mmud.daemon.protocol import Reply, Request, SimConfig, Snapshot, VmConfig
+from mmud.daemon.protocol import Reply, Request, SimConfig, Snapshot, StoreChannel, VmConfig
 from mmud.daemon.status import render_failed_status
 from mmud.uapi.params import ParamError, Params, Value
 
@@ -71,10 +72,10 @@ class _LastWords:
     error: str
 
 
-def _sim_main(config: SimConfig, requests: Connection, out: Connection) -> None:
+def _sim_main(config: SimConfig, requests: Connection, out: Connection, stores: StoreChannel) -> None:
     """The spawned process's entry point: the simulation, and its last words if it raises."""
     try:
-        sim.main(config, requests, out, replay.serve_paused if config.replay else None)
+        sim.main(config, requests, out, replay.serve_paused if config.replay else None, stores)
     except Exception as e:
         with contextlib.suppress(Exception):
             out.send(_LastWords(f"{type(e).__name__}: {e}"))
@@ -97,15 +98,18 @@ class _Pending:
 
 
 class _SimProcess:
-    """One spawned simulation process and the two pipes to it."""
+    """One spawned simulation process, the two pipes to it and its store channel."""
 
     def __init__(self, config: SimConfig) -> None:
         ctx = multiprocessing.get_context("spawn")  # a clean interpreter: no FUSE threads, no locks
         child_requests, self.requests = ctx.Pipe(duplex=False)  # (receiving end, sending end)
         self.out, child_out = ctx.Pipe(duplex=False)
+        child_stores, self.stores = ctx.Pipe(duplex=False)
+        self.posted = ctx.RawValue("Q", 0)  # shared memory: stores sent on `stores` so far
         self.proc = ctx.Process(target=_sim_main, name="mmud-sim", daemon=True,
-                                args=(config, child_requests, child_out))
-        self._child_ends = (child_requests, child_out)
+                                args=(config, child_requests, child_out,
+                                      StoreChannel(child_stores, self.posted)))
+        self._child_ends = (child_requests, child_out, child_stores)
         self.heard = 0.0  # time.monotonic() of the last message
         self.last_words: str | None = None
 
@@ -174,8 +178,14 @@ class _SimProcess:
             self.requests.send(Request(0, "stop", {}))
         self.reap()
 
+    def send_store(self, req: Request) -> None:
+        """A parameter store: on its own pipe, then counted in shared memory, where the
+        simulation looks for it even inside a step (StoreChannel)."""
+        self.stores.send(req)
+        self.posted.value += 1
+
     def close(self) -> None:
-        for conn in (self.requests, self.out):
+        for conn in (self.requests, self.out, self.stores):
             conn.close()
 
 
@@ -225,7 +235,8 @@ class SimClient:
             return self._restart()
         return self._forward(op, args)
 
-    def _forward(self, op: str, args: dict[str, Any]) -> Reply:
+    def _forward(self, op: str, args: dict[str, Any], store: bool = False) -> Reply:
+        """Send a request (a parameter store on the store channel) and wait for its reply."""
         p = _Pending()
         rid = next(self._ids)
         with self._lock:
@@ -236,7 +247,10 @@ class SimClient:
         try:
             try:
                 with self._send_lock:
-                    sim_proc.requests.send(Request(rid, op, args))
+                    if store:
+                        sim_proc.send_store(Request(rid, op, args))
+                    else:
+                        sim_proc.requests.send(Request(rid, op, args))
             except (OSError, ValueError):  # BrokenPipeError: it died, not noticed yet
                 raise SimDead(errno.EIO, "the simulation process is gone") from None
             if not p.done.wait(REQUEST_TIMEOUT_SECONDS):
@@ -260,7 +274,7 @@ class SimClient:
             reply: Reply | None = None
             if self.failure is None:
                 with contextlib.suppress(SimDead):  # died meanwhile: the block still takes it
-                    reply = self._forward("param", {"name": name, "text": text})
+                    reply = self._forward("param", {"name": name, "text": text}, store=True)
             self.params[name] = text
             with self._lock:
                 if self.failure is not None and self.snapshot is not None:

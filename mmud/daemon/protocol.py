@@ -5,12 +5,14 @@ control files show.  The main process swaps the latest one into a single referen
 is rendered without a lock and without waiting on the simulation.  Anything that changes
 state travels the other way as a `Request`, which the simulation applies between step
 batches (that keeps runs deterministic) and answers with a `Reply`; the snapshot that shows
-the change is always sent before the reply.
+the change is always sent before the reply.  Parameter stores travel on a `StoreChannel` of
+their own, so that a running step can take one at an audit point (docs/daemon.md).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
 from typing import Any
 
 
@@ -84,3 +86,17 @@ class Reply:
     message: str = ""
     result: Any = None
     step: int = 0  # the VM step count at which the request was applied
+
+
+@dataclass(frozen=True)
+class StoreChannel:
+    """The way a parameter store reaches the simulation, even in the middle of a step.
+
+    The FUSE side sends the store's `Request` on `conn` (a pipe of its own), then bumps
+    `posted`, a counter in shared memory (a `multiprocessing.RawValue`).  The simulation
+    compares that counter with the stores it took at every place a store may land inside a
+    step (`mmud.kvm.mmu.audit.store_point`): one memory read, no system call, so looking
+    costs nothing measurable even at every audit point."""
+
+    conn: Connection  # the simulation's receiving end
+    posted: Any  # a ctypes unsigned 64-bit value in shared memory: stores sent so far

@@ -8,9 +8,10 @@ simulation each write landed.  The simulation process therefore writes, while it
   "mmud": …, "started": …, "checkpoint_steps": K, "load": {…}, "vms": [{…}, …]}`;
 - then one line per event that changed the simulation, in the order it was applied: every
   request that is not a read (`sim.READ_OPS`), with its arguments exactly as dispatched, the
-  errno it got, a global sequence number and every VM's step count at that moment; and the
-  loop's own events that depend on wall-clock time (a pre-copy round of a migration, a VM
-  that crashed in its chunk);
+  errno it got, a global sequence number and every VM's step count at that moment — for a
+  parameter store taken inside a step, also the VM stepping (`in`) and the module's count of
+  audit store points passed (`point`); and the loop's own events that depend on wall-clock
+  time (a pre-copy round of a migration, a VM that crashed in its chunk);
 - a checkpoint line each time a VM's step count passes a multiple of K, and one per VM at
   the stop: a digest of its state (`digest`), a dict of named parts so that a replay that
   differs names what differs.
@@ -45,7 +46,7 @@ from mmud.daemon.protocol import SimConfig, VmConfig
 from mmud.machine import VM
 
 FORMAT = "mmud-recording"
-VERSION = "1.0"  # a reader refuses a newer major version; a minor one only adds fields
+VERSION = "1.1"  # a reader refuses a newer major version; a minor one only adds fields
 # A checkpoint every this many steps of a VM: about one per second of a running VM at the
 # loop's usual speed, each costing one pass over guest RAM (docs/replay.md).
 CHECKPOINT_STEPS = 50_000
@@ -193,8 +194,10 @@ class Recorder:
     path: Path | None = None
     stopped: str | None = None  # why a recording stopped early
 
-    def event(self, op: str, args: dict[str, Any], steps: dict[str, int], err: int) -> None:
-        """One event that changed the simulation, applied at `steps`."""
+    def event(self, op: str, args: dict[str, Any], steps: dict[str, int], err: int,
+              at: dict[str, Any] | None = None) -> None:
+        """One event that changed the simulation, applied at `steps` (and, inside a
+        step, at `at`: `{"in": vm, "point": n}`)."""
 
     def chunk_done(self, s: SlotView, steps: dict[str, int]) -> None:
         """A VM ran one chunk of steps; `steps` are every VM's counts now."""
@@ -236,10 +239,11 @@ class Recording(Recorder):
         if self._fd is not None:
             log.info("recording_started", path=str(self.path))
 
-    def event(self, op: str, args: dict[str, Any], steps: dict[str, int], err: int) -> None:
+    def event(self, op: str, args: dict[str, Any], steps: dict[str, int], err: int,
+              at: dict[str, Any] | None = None) -> None:
         self.seq += 1
         self._write({"seq": self.seq, "op": op, "args": encode(args), "steps": steps,
-                     "errno": err})
+                     "errno": err, **(at or {})})
 
     def chunk_done(self, s: SlotView, steps: dict[str, int]) -> None:
         due = self._next.setdefault(id(s.vm), CHECKPOINT_STEPS)

@@ -4,7 +4,8 @@ A replay builds the simulation the first line describes and feeds it the recorde
 through the simulation's own code: requests through `Simulation.dispatch`, the stepping
 through `Simulation.step_round` — so no operation has a second implementation here.
 Before each event every VM is stepped, chunk by chunk as the run stepped it, to the step
-count recorded with the event; VMs couple only through events (a migration), and the
+count recorded with the event (a store the run took inside a step is applied inside the same
+chunk, at the same audit store point); VMs couple only through events (a migration), and the
 round order is the run's, so what the VMs share in the module (the audit's limiter and log)
 comes out the same.  At each checkpoint line the VM's digest is compared with the recorded
 one; the first difference is the divergence, reported with the part that differs and the
@@ -172,38 +173,98 @@ class Replay:
             self.checker.sessions = [s.vm.trace(trace.split(",")) for s in self.sim.slots]
         self.first = self.sim.slots[0].name  # the service's VM: --until and `through` count its steps
         self.missed: str | None = None  # the first event applied off its recorded step
+        self.events = 0  # events applied as recorded
 
     def run(self) -> Outcome:
         out = Outcome(code_differs=self.head.get("code") != code_digest())
+        audit = self.sim.module.audit
+        notice, audit.notice = audit.notice, None  # only recorded stores land (`mount`)
+        k = 0
         try:
-            for line in self.lines:
+            while k < len(self.lines):
+                line = self.lines[k]
                 if self.until is not None and line["steps"].get(self.first, 0) > self.until:
                     self._advance({self.first: self.until})
                     out.stopped_at = self.sim.slots[0].vm.steps
                     break
-                out.divergence = (self._event(line) if "op" in line else self._checkpoint(line, out))
+                group = self._one_chunk(k) if "point" in line else [line]
+                out.divergence = (self._event(group) if "op" in line else self._checkpoint(line, out))
                 if out.divergence is not None:
                     break
-                if "op" in line:
-                    out.events += 1
-                    self.checker.last_event = line
+                k += len(group)
             else:
                 out.complete = any(line.get("final") for line in self.lines)
         finally:
+            audit.notice = notice
             self.checker.watch(self.sim.slots)
             for session in self.checker.sessions:
                 session.close()
+        out.events = self.events
         out.audit_error = self.checker.first_error
         return out
 
+    def _one_chunk(self, k: int) -> list[dict[str, Any]]:
+        """The stores from line k on that the run took inside one chunk: same VM, same
+        step counts (recorded in the order they landed)."""
+        first = self.lines[k]
+        group = [first]
+        for line in self.lines[k + 1:]:
+            if line.get("in") != first["in"] or line["steps"] != first["steps"]:
+                break
+            group.append(line)
+        return group
+
     # -- one line -------------------------------------------------------------------------
 
-    def _event(self, line: dict[str, Any]) -> Divergence | None:
-        """Apply one event where it was recorded.  An event that cannot land on its step
-        (the replay already differs) is applied at the first chunk boundary past it; the
-        next checkpoint then reports the divergence, with this as its first sign."""
+    def _event(self, group: list[dict[str, Any]]) -> Divergence | None:
+        """Apply one event (or the stores taken inside one chunk) where it was recorded.
+        An event that cannot land on its step (the replay already differs) is applied at
+        the first chunk boundary past it; the next checkpoint then reports the divergence,
+        with this as its first sign."""
+        line = group[0]
         if (missed := self._advance(line["steps"])) is not None and self.missed is None:
             self.missed = f"event {line['seq']} applied off its step: {missed}"
+        if "point" in line:
+            return self._in_step(group)
+        return self._apply(line)
+
+    def _in_step(self, group: list[dict[str, Any]]) -> Divergence | None:
+        """Stores the run took inside a step: run the chunk they landed in and apply each
+        at its recorded store point.  With `--audit` the audit runs at other points (their
+        count differs), so they are applied when the chunk ends."""
+        s = next((s for s in self.sim.slots if s.name == group[0]["in"]), None)
+        audit = self.sim.module.audit
+        todo = list(group)
+        found: list[Divergence] = []
+
+        def notice() -> None:
+            while todo and not found and audit.points == todo[0]["point"]:
+                if (d := self._apply(todo.pop(0))) is not None:
+                    found.append(d)
+
+        if s is not None:
+            audit.notice = None if self.audit else notice
+            try:
+                self.sim.step_round([s])
+            finally:
+                audit.notice = None
+        if todo and not found and not self.audit and self.missed is None:
+            self.missed = (f"event {todo[0]['seq']} applied after its chunk: store point "
+                           f"{todo[0]['point']} in {todo[0]['in']} not reached")
+        while todo and not found:
+            if (d := self._apply(todo.pop(0))) is not None:
+                found.append(d)
+        return found[0] if found else None
+
+    def _apply(self, line: dict[str, Any]) -> Divergence | None:
+        """An event through the simulation's own code; its errno must be the recorded one."""
+        result = self._dispatch(line)
+        if result is None:
+            self.events += 1
+            self.checker.last_event = line
+        return result
+
+    def _dispatch(self, line: dict[str, Any]) -> Divergence | None:
         op, args = line["op"], decode(line["args"])
         if op in ("crash", "paused"):
             s = next((s for s in self.sim.slots if s.name == args["vm"]), None)

@@ -5,8 +5,11 @@ GIL and makes every control-file access wait for the 5 ms switch interval (docs/
 The loop steps each running VM in batches of about `BATCH_SECONDS`, and between batches —
 never inside one, so that the same seed and the same writes at the same steps give the same
 run — it drains the request pipe, applies each request, publishes a fresh snapshot and
-answers.  While running it also publishes every `PUBLISH_SECONDS`, which doubles as the
-liveness signal the main process turns into WATCHDOG=1.
+answers.  Parameter stores come on a channel of their own (`StoreChannel`) and land sooner:
+after any round, and inside a step at each place the audit looks for one (`store_point`),
+recorded with that place, so a write never waits for a long step or a whole audit run.
+While running it also publishes every `PUBLISH_SECONDS`, which doubles as the liveness
+signal the main process turns into WATCHDOG=1.
 """
 
 from __future__ import annotations
@@ -18,9 +21,9 @@ import os
 import signal
 import time
 from collections.abc import Callable, Generator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
-from multiprocessing.connection import Connection
+from multiprocessing.connection import Connection, wait
 from typing import Any, cast
 
 import structlog
@@ -28,7 +31,8 @@ import structlog
 from mmud.daemon import vmctl, vmio
 from mmud.daemon.recording import Recorder, Recording
 from mmud.daemon.breakpoints import RunControl
-from mmud.daemon.protocol import Reply, Request, SimConfig, Snapshot, VmConfig, VmSnapshot
+from mmud.daemon.protocol import (Reply, Request, SimConfig, Snapshot, StoreChannel, VmConfig,
+                                  VmSnapshot)
 from mmud.daemon.faultlog import FaultLogPublisher
 from mmud.daemon.status import RateMeter, render_status
 from mmud.kvm.isolation import isolation_map
@@ -117,15 +121,21 @@ class Simulation:
     """The loop, the VMs and the request handlers (`op` name -> method)."""
 
     @classmethod
-    def offline(cls, config: SimConfig) -> Simulation:
+    def offline(cls, config: SimConfig, stores: StoreChannel | None = None) -> Simulation:
         """A simulation with no main process: no request pipe, and snapshots and replies
-        that go nowhere — a replay's (docs/replay.md), a benchmark's, a test's."""
-        return cls(config, cast(Connection, None), cast(Connection, _Discard()))
+        that go nowhere — a replay's (docs/replay.md), a benchmark's, a test's (which may
+        post parameter stores on a channel of its own)."""
+        return cls(config, cast(Connection, None), cast(Connection, _Discard()), stores)
 
-    def __init__(self, config: SimConfig, requests: Connection, out: Connection) -> None:
+    def __init__(self, config: SimConfig, requests: Connection, out: Connection,
+                 stores: StoreChannel | None = None) -> None:
         self.module = KvmModule(config.load)  # one kvm module, shared by every VM
         self.params = self.module.params
-        self.requests, self.out = requests, out
+        self.requests, self.out, self.stores = requests, out, stores
+        self._taken = 0  # stores taken from the store channel
+        self._stepping: _Slot | None = None  # the VM inside its chunk: where a store lands
+        self._chunk_from = 0  # its step count when the chunk began
+        self._last: Snapshot | None = None  # the last snapshot published
         self.config = config  # its first VM's configuration gives what a `create` leaves out
         self.protected = config.vms[0].name  # the service's own VM: restarted, never destroyed
         self._freed = False  # a VM went away: collect before the reply (see _apply)
@@ -164,6 +174,8 @@ class Simulation:
         self.logs: dict[str, tuple[str, ...]] = {}
         self._seq = 0
         self._stopping = False
+        if stores is not None:
+            self.module.audit.notice = self._store_point
 
     def _create(self, name: str, c: VmConfig) -> _Slot:
         vm = VM(mem_mb=c.mem_mb, vcpus=c.vcpus, seed=c.seed, workload=c.workload, module=self.module)
@@ -199,6 +211,7 @@ class Simulation:
         deadline = time.perf_counter() + BATCH_SECONDS
         while True:
             self.step_round(running)
+            self._take_stores()
             if time.perf_counter() >= deadline or not any(s.running for s in running):
                 return
 
@@ -207,6 +220,7 @@ class Simulation:
         for s in slots:
             if not s.running:
                 continue
+            self._stepping, self._chunk_from = s, s.vm.steps
             try:
                 if s.control.armed:  # a break or a `step N`: stop exactly where it holds
                     if why := s.control.run(s.vm, chunk(s.vm)):
@@ -220,6 +234,8 @@ class Simulation:
                 self.recorder.event("crash", {"vm": s.name}, self.step_counts(), 0)
                 self._crash(s, e)
                 continue
+            finally:
+                self._stepping = None
             self.recorder.chunk_done(s, self.step_counts())
 
     def step_counts(self) -> dict[str, int]:
@@ -238,20 +254,47 @@ class Simulation:
             log.info("vm_break_hit", vm=s.name, steps=s.vm.steps, why=why)
 
     def _drain(self, timeout: float) -> None:
-        """Apply every pending request; EOF means the main process is gone."""
+        """Apply every pending request and store; EOF means the main process is gone."""
+        conns = [self.requests] if self.stores is None else [self.requests, self.stores.conn]
         try:
-            while self.requests.poll(timeout):
-                self._apply(self.requests.recv())
+            while not self._stopping and wait(conns, timeout):
+                self._take_stores(posted_or_not=True)
+                while self.requests.poll(0):
+                    self._apply(self.requests.recv())
                 timeout = 0
         except EOFError:
             self._stopping = True
 
-    def _apply(self, req: Request) -> None:
+    def _take_stores(self, posted_or_not: bool = False) -> None:
+        """Apply the parameter stores waiting on the store channel, wherever the loop or
+        the audit stands (`store_point` calls it inside a step).  The shared counter says
+        whether one is waiting, unless `posted_or_not`: the pipe is then asked directly
+        (the loop's wait found it readable, the counter may not be bumped yet)."""
+        ch = self.stores
+        if ch is None or not (posted_or_not or ch.posted.value > self._taken):
+            return
+        try:
+            while ch.conn.poll(0):
+                self._taken += 1
+                self._apply(ch.conn.recv(), in_step=self._stepping is not None)
+        except EOFError:
+            self._stopping = True
+
+    def _store_point(self) -> None:
+        """A store point inside a VM's chunk takes the waiting stores; one reached by a
+        request's handler (a memory write's pte write) leaves them to the loop, so that
+        each store is recorded at a place a replay can find."""
+        if self._stepping is not None:
+            self._take_stores()
+
+    def _apply(self, req: Request, in_step: bool = False) -> None:
         if req.op == "stop":
             self._stopping = True
             return
         reply = self.dispatch(req)
-        if req.op not in READ_OPS:
+        if in_step:
+            self._publish_params()  # the VMs are inside a step: only the parameters changed
+        elif req.op not in READ_OPS:
             self.publish()  # the change is visible before the writer's write(2) returns
         if self._freed:
             # A VM went away: its objects form cycles (vCPUs, MMU and guest point back at
@@ -263,26 +306,53 @@ class Simulation:
         self.out.send(reply)
 
     def dispatch(self, req: Request) -> Reply:
-        """Apply one request; one that may change state is recorded with where it landed."""
+        """Apply one request; one that may change state is recorded with where it landed:
+        every VM's step count, and inside a step, the VM stepping and the store point."""
         step = self.slots[0].vm.steps
         steps = None if req.op in READ_OPS else self.step_counts()
+        at = None
+        if self._stepping is not None:
+            at = self.position()
+            if steps is not None:  # the count its chunk began at: a replay steps to it
+                steps[self._stepping.name] = self._chunk_from
         try:
             reply = Reply(req.id, result=self.handlers[req.op](**req.args), step=step)
         except (ParamError, OSError) as e:
             reply = Reply(req.id, errno=e.errno or errno.EINVAL, message=str(e), step=step)
         if steps is not None:
-            self.recorder.event(req.op, req.args, steps, reply.errno)
+            self.recorder.event(req.op, req.args, steps, reply.errno, at)
         return reply
+
+    def position(self) -> dict[str, object]:
+        """Where inside a step a store lands: the VM in its chunk and the module's count of
+        store points passed (`ModuleAudit.points`)."""
+        assert self._stepping is not None
+        return {"in": self._stepping.name, "point": self.module.audit.points}
+
+    def _publish_params(self) -> None:
+        """The last snapshot with the current parameters: a store taken inside a step is
+        visible before its write(2) returns; the rest of the picture follows at the
+        loop's next publish."""
+        if self._last is None:  # nothing published yet (an offline simulation)
+            self.publish()
+            return
+        self._seq += 1
+        self._last = replace(self._last, seq=self._seq, params=self._rendered_params())
+        self.out.send(self._last)
+
+    def _rendered_params(self) -> dict[str, bytes]:
+        return {n: self.params.render(n) for n in self.params.names()}
 
     def publish(self) -> None:
         self._seq += 1
-        self.out.send(Snapshot(
+        self._last = Snapshot(
             seq=self._seq,
-            params={n: self.params.render(n) for n in self.params.names()},
+            params=self._rendered_params(),
             vms=tuple(self._vm_snapshot(s) for s in self.slots),
             logs={**self.logs, **self.isolation.logs(self._fault_context),
                   "audit_log": tuple(line.rstrip("\n") for line in self.module.audit.lines)},
-            trace_events=TRACE_EVENTS))
+            trace_events=TRACE_EVENTS)
+        self.out.send(self._last)
 
     def _vm_snapshot(self, s: _Slot) -> VmSnapshot:
         stats = s.vm.stats
@@ -306,8 +376,9 @@ class Simulation:
 
     def set_param(self, name: str, text: bytes) -> bytes:
         self.params[name] = text
+        inside = {**self.position(), "where": self.module.audit.where} if self._stepping else {}
         log.info("param_set", name=name, value=self.params[name], step=self.slots[0].vm.steps,
-                 applied_ns=time.monotonic_ns())
+                 **inside, applied_ns=time.monotonic_ns())
         return self.params.render(name)
 
     def clear_stat(self, name: str, vm: str | None = None) -> None:
@@ -511,7 +582,8 @@ class Simulation:
 
 
 def main(config: SimConfig, requests: Connection, out: Connection,
-         prepare: Callable[[Simulation], None] | None = None) -> None:
+         prepare: Callable[[Simulation], None] | None = None,
+         stores: StoreChannel | None = None) -> None:
     """Entry point of the spawned process.
 
     It ignores SIGINT and SIGTERM: a terminal's Ctrl-C or systemd's stop signal reaches the
@@ -523,7 +595,7 @@ def main(config: SimConfig, requests: Connection, out: Connection,
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     setup_logging(config.log_level)
     try:
-        sim = Simulation(config, requests, out)
+        sim = Simulation(config, requests, out, stores)
     except (ValueError, ParamError) as e:  # a configuration the VM refuses
         out.send(Reply(0, errno=errno.EINVAL, message=str(e)))
         return

@@ -23,7 +23,7 @@ the simulation, gives the same run for the same seed.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -76,6 +76,24 @@ class ModuleAudit:
     error_log_limit: Ratelimit = field(
         default_factory=lambda: Ratelimit("mmu_audit_error", ERROR_LOG_INTERVAL_MS, ERROR_LOG_BURST)
     )
+    # The places inside a step where a parameter store may land (`store_point`): how many
+    # have passed, module-wide — with the step counts, a recording's position of such a
+    # store — and who looks for a pending store there (the daemon's simulation; None: nobody).
+    points: int = 0
+    where: str = ""  # the last one: an audit point, or "<point> before <check>" inside a run
+    notice: Callable[[], None] | None = None
+
+
+def store_point(mmu: KvmMmu, where: str) -> bool:
+    """A place where a pending store to the audit's parameters lands: at each audit point
+    and between the checks of a run, so that no store waits for a whole run (a full run
+    over gigabytes of guest takes tens of milliseconds). Whether the audit is still on."""
+    state = mmu.module_audit
+    state.points += 1
+    state.where = where
+    if state.notice is not None:
+        state.notice()
+    return mmu.audit_enabled
 
 
 class AuditTrack(MmuObserver):
@@ -187,11 +205,12 @@ def _run(mmu: KvmMmu, point: str, pages: list[ShadowPage], tree: list[ShadowPage
          gfns: set[int] | None, synced: set[ShadowPage] | None = None,
          skip_gfn: int | None = None, neighbours: Sequence[ShadowPage] = (),
          entries: list[set[int] | None] | None = None,
-         impl: type[PageArrays] | type[PageEntries] | None = None) -> list[str]:
+         impl: type[PageArrays] | type[PageEntries] | None = None,
+         go_on: Callable[[str], bool] = lambda check: True) -> list[str] | None:
     """The checks over `pages` (active-page checks; per-entry checks limited to `entries`)
     and `tree` (walk checks); `neighbours` get the link checks too. A full run (gfns None)
     is vectorised; an incremental one goes entry by entry unless it is large. `impl`
-    chooses instead (the tests compare the two)."""
+    chooses instead (the tests compare the two). None: `go_on` stopped it."""
     checked: C.CheckedEntries
     if impl is not None:
         checked = impl(mmu, pages, gfns, entries)
@@ -206,7 +225,7 @@ def _run(mmu: KvmMmu, point: str, pages: list[ShadowPage], tree: list[ShadowPage
         walked = type(checked)(mmu, tree, gfns)
         rows = list(range(len(tree)))
     return C.run_checks(mmu, checked, walked, rows, point, PT64_ROOT_4LEVEL, gfns, synced,
-                        skip_gfn, [*pages, *neighbours])
+                        skip_gfn, [*pages, *neighbours], go_on)
 
 
 def _limit_rmap_reports(messages: list[str], state: ModuleAudit, now_ns: int, notes: list[str]) -> list[str]:
@@ -228,8 +247,11 @@ def _limit_rmap_reports(messages: list[str], state: ModuleAudit, now_ns: int, no
 def kvm_mmu_audit(mmu: KvmMmu, vmmu: VcpuMmu | None, point: str, written_gfn: int | None = None) -> list[str]:
     """One audit run at `point`; returns (and logs) its error lines.
 
-    written_gfn: at `pre pte write`, the table the guest has just written.
+    written_gfn: at `pre pte write`, the table the guest has just written. A store that
+    switches the audit off here, or between the run's checks, ends it without a report.
     """
+    if not store_point(mmu, point):
+        return []
     if mmu.audit_track is not None and point in _PRE_POINTS:
         return []  # incremental: a pre point opens the operation its post point checks
     state = mmu.module_audit
@@ -262,7 +284,10 @@ def kvm_mmu_audit(mmu: KvmMmu, vmmu: VcpuMmu | None, point: str, written_gfn: in
         track.clear()
         if point == AUDIT_POST_SYNC:
             synced = {sp for sp in pages for v in vcpus if v.root and C.reaches(mmu, sp, v.root)}
-    messages = _run(mmu, point, pages, tree, gfns, synced, written_gfn, neighbours, entries)
+    messages = _run(mmu, point, pages, tree, gfns, synced, written_gfn, neighbours, entries,
+                    go_on=lambda check: store_point(mmu, f"{point} before {check}"))
+    if messages is None:
+        return []
     messages = _limit_rmap_reports(messages, state, now, notes := [])
     _log_lines(state, notes, point, now, warning=True)
     lines = [f"audit: ({point}) error: {m}" for m in messages]
@@ -295,4 +320,6 @@ def audit_full(mmu: KvmMmu, vcpus: list[VcpuMmu], point: str) -> list[str]:
     """A full run now, outside the limiter and the log (vm.audit(), tests)."""
     pages = list(reversed(mmu.active_mmu_pages))
     tree = [sp for v in vcpus if v.root is not None for sp in C.reachable_pages(mmu, v.root)]
-    return [f"audit: ({point}) error: {m}" for m in _run(mmu, point, pages, tree, None)]
+    messages = _run(mmu, point, pages, tree, None)
+    assert messages is not None  # nothing stops it
+    return [f"audit: ({point}) error: {m}" for m in messages]

@@ -29,7 +29,7 @@ dominate. Both give the same messages in the same order (tests/test_audit_paths.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
 import numpy as np
@@ -55,6 +55,9 @@ class CheckedEntries(Protocol):
     Constructed as `(mmu, sps, gfns, entries=None)`."""
 
     sps: list[ShadowPage]
+
+    def stages(self) -> Sequence[tuple[str, Callable[[], object]]]:
+        """The work a run does before its checks, in named parts (a store point before each)."""
 
     def entry_reports(self, root_level: int) -> tuple[Messages, Messages]:
         """Checks 2 and 1 over every present leaf."""
@@ -376,18 +379,38 @@ def run_checks(
     synced: set[ShadowPage] | None,
     skip_gfn: int | None,
     linked: list[ShadowPage],
-) -> list[str]:
+    go_on: Callable[[str], bool] = lambda check: True,
+) -> list[str] | None:
     """One run: the active-page checks over `checked`, the walk checks over `tree_rows` of
     `tree` (which may be `checked` itself), the extended checks over `checked` — rmaps of
-    gfns only (None: every rmap) — and the link checks over `linked`."""
+    gfns only (None: every rmap) — and the link checks over `linked`.
+
+    `go_on(check)` is asked before each check: a parameter store may land there
+    (docs/audit.md), and if it says stop, the run ends without a result (None)."""
+    for stage, work in checked.stages():
+        if not go_on(stage):
+            return None
+        work()
+    if not go_on("entry_reports"):
+        return None
     check2, check1 = checked.entry_reports(root_level)
+    if not go_on("walk entry_reports"):
+        return None
     check3, check1_tree = (check2, check1) if tree is checked else tree.entry_reports(root_level)
-    out = active_page_checks(mmu, checked.sps, check2)
-    out += walk_checks(tree.sps, tree_rows, check3, check1_tree, point, synced)
-    out += checked.rmap_exact()
-    out += check_parent_links(mmu, linked)
-    out += checked.translation(skip_gfn)
-    out += checked.spte_bits()
-    out += check_write_tracking(mmu, linked)
-    out += check_dirty_log(mmu, gfns)
+    parts: tuple[tuple[str, Callable[[], list[str]]], ...] = (
+        ("check_mappings_rmap", lambda: active_page_checks(mmu, checked.sps, check2)),
+        ("audit_sptes_have_rmaps",
+         lambda: walk_checks(tree.sps, tree_rows, check3, check1_tree, point, synced)),
+        ("rmap_exact", checked.rmap_exact),
+        ("parent_links", lambda: check_parent_links(mmu, linked)),
+        ("translation", lambda: checked.translation(skip_gfn)),
+        ("spte_bits", checked.spte_bits),
+        ("write_tracking", lambda: check_write_tracking(mmu, linked)),
+        ("dirty_log", lambda: check_dirty_log(mmu, gfns)),
+    )
+    out: list[str] = []
+    for check, part in parts:
+        if not go_on(check):
+            return None
+        out += part()
     return out

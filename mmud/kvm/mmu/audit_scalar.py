@@ -9,6 +9,8 @@ gives the same messages in the same order as `audit_vector.PageArrays`
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from mmud.kvm.mmu import audit_checks as C
@@ -91,6 +93,10 @@ class PageEntries:
                 if S.is_last_spte(spte, sp.level):
                     self.leaves.append((row, i, sp.gfn_of(i), spte))
         self.size = sum(map(len, self.present))
+
+    def stages(self) -> tuple[tuple[str, Callable[[], object]], ...]:
+        """None: each entry asks its rmap when it is checked."""
+        return ()
 
     def entry_reports(self, root_level: int) -> tuple[C.Messages, C.Messages]:
         check2: C.Messages = {}

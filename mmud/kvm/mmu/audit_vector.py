@@ -10,7 +10,7 @@ per reported error and per link of an upper-level page.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from functools import cached_property
 
 import numpy as np
@@ -26,6 +26,11 @@ _PRESENT = _U(S.SPTE_MMU_PRESENT)
 _ADDR = _U(S.SPTE_BASE_ADDR_MASK)
 _IDX = np.arange(512, dtype=np.int64)
 _W, _USER, _EXEC = _U(pg.PT_WRITABLE_MASK), _U(pg.PT_USER_MASK), _U(pg.ACC_EXEC_MASK)
+# The low 16 bits of an spte hold every flag the per-entry masks test (present, page size,
+# W, MMU- and Host-writable): masks over them are computed on a uint16 copy, a quarter of
+# the memory traffic of the sptes themselves.
+_LOW = np.uint16
+assert max(S.SPTE_MMU_PRESENT, pg.PT_PAGE_SIZE_MASK, C.SPTE_BITS_MASK) < 1 << 16
 
 
 def rmap_arrays(mmu: KvmMmu, gfns: Iterable[int] | None) -> tuple[np.ndarray, np.ndarray]:
@@ -96,63 +101,126 @@ class PageArrays:
         self.mmu = mmu
         self.sps = sps
         self.rmap_gfns = gfns
+        self.entries = entries
         self.index = np.fromiter((sp.index for sp in sps), dtype=np.int64, count=n)
         self.level = np.fromiter((sp.level for sp in sps), dtype=np.int64, count=n)
-        self.sptes = np.stack([sp.sptes for sp in sps]) if n else np.zeros((0, 512), dtype=np.uint64)
-        self.present = (self.sptes & _PRESENT) != 0
-        self.leaf = self.present.copy()
-        upper = np.flatnonzero(self.level > 1)
-        self.leaf[upper] &= (self.sptes[upper] & _U(pg.PT_PAGE_SIZE_MASK)) != 0
+        self.upper = np.flatnonzero(self.level > 1)
         # Every active page, every entry: leaves of these are all the live leaves there are.
         self.complete = entries is None and len(sps) == len(mmu.active_mmu_pages) and all(
             sp in mmu.active_mmu_pages for sp in sps
         )
+
+    def stages(self) -> tuple[tuple[str, Callable[[], object]], ...]:
+        """The arrays are computed when first used; a run computes them in these stages
+        first, each a few numpy operations over all pages, with a store point before each
+        (run_checks): at 4 GiB of guest each is still tens of megabytes of memory traffic."""
+        return (("gathering sptes", lambda: self.sptes), ("flags", lambda: self.leaf),
+                ("gfns", lambda: self.gfns), ("frames", lambda: self._offset),
+                ("rmap entries", lambda: self._rmap_entries),
+                ("registering", lambda: self._registered), ("missing", lambda: self._missing))
+
+    @cached_property
+    def sptes(self) -> np.ndarray:
+        if not self.sps:
+            return np.zeros((0, 512), dtype=np.uint64)
+        return np.stack([sp.sptes for sp in self.sps])
+
+    @cached_property
+    def _flags(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Present entries, leaves (both limited to the run's entries) and each spte's
+        W/MMU-writable/Host-writable bits, from the low 16 bits of the sptes."""
+        low = self.sptes.astype(_LOW)  # truncated: bits 0-15
+        present = (low & _LOW(S.SPTE_MMU_PRESENT)) != 0
+        leaf = present.copy()
+        leaf[self.upper] &= (low[self.upper] & _LOW(pg.PT_PAGE_SIZE_MASK)) != 0
+        bits = low & _LOW(C.SPTE_BITS_MASK)  # spte_bits reads only these
+        entries = self.entries
         if entries is not None and any(e is not None for e in entries):
             # Only the entries an operation changed: the per-entry checks look at those.
-            wanted = np.ones((n, 512), dtype=bool)
+            wanted = np.ones((len(self.sps), 512), dtype=bool)
             for row, chosen in enumerate(entries):
                 if chosen is not None:
                     wanted[row] = False
                     wanted[row, list(chosen)] = True
-            self.present &= wanted
-            self.leaf &= wanted
-        # The gfn of each entry (kvm_mmu_page_get_gfn()): computed for direct pages (as if all
-        # were level 1, then fixed), recorded for indirect ones.
-        base = np.fromiter((sp.gfn for sp in sps), dtype=np.int64, count=n)
-        self.gfns = np.add(base[:, None], _IDX[None, :])
-        indirect = [row for row, sp in enumerate(sps) if not sp.direct]
-        if indirect:
-            self.gfns[indirect] = np.stack([sps[r]._gfns_np for r in indirect]).view(np.int64)
-        direct_upper = [row for row in upper.tolist() if sps[row].direct]
-        if direct_upper:
-            shift = 9 * (self.level[direct_upper] - 1)[:, None]
-            self.gfns[direct_upper] = base[direct_upper, None] + (_IDX << shift)
+            present &= wanted
+            leaf &= wanted
+        return present, leaf, bits
+
+    @property
+    def present(self) -> np.ndarray:
+        return self._flags[0]
+
+    @property
+    def leaf(self) -> np.ndarray:
+        return self._flags[1]
 
     @cached_property
-    def _rmap(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Which leaves are not registered under their gfn (a superset: an sptep found in
-        two rmaps may show here); the (sptep, gfn) rmap entries of the run's gfns and the
-        leaves' gfns; and the gfn registered at each (pool page, entry), which rmap_exact
-        then reuses as its scratch array. Checks 2 and rmap_exact both start from it."""
+    def gfns(self) -> np.ndarray:
+        """The gfn of each entry (kvm_mmu_page_get_gfn()): computed for direct pages (as if
+        all were level 1, then fixed), recorded for indirect ones. The more numerous kind
+        fills the array, the other is written over it: one pass over most rows, not two."""
+        sps = self.sps
+        base = np.fromiter((sp.gfn for sp in sps), dtype=np.int64, count=len(sps))
+        direct = [row for row, sp in enumerate(sps) if sp.direct]
+        if 2 * len(direct) >= len(sps):
+            gfns = np.add(base[:, None], _IDX[None, :])
+            indirect = [row for row, sp in enumerate(sps) if not sp.direct]
+            if indirect:
+                gfns[indirect] = np.stack([sps[r]._gfns_np for r in indirect]).view(np.int64)
+        else:
+            gfns = np.stack([sp._gfns_np for sp in sps]).view(np.int64)
+            gfns[direct] = base[direct, None] + _IDX[None, :]
+        direct_upper = [row for row in self.upper.tolist() if sps[row].direct]
+        if direct_upper:
+            shift = 9 * (self.level[direct_upper] - 1)[:, None]
+            gfns[direct_upper] = base[direct_upper, None] + (_IDX << shift)
+        return gfns
+
+    @cached_property
+    def _offset(self) -> np.ndarray:
+        """Frame minus gfn of each entry: a leaf's is its slot's offset (check 1)."""
+        offset = self.sptes & _ADDR  # in place from here: one temporary, not three
+        offset >>= _U(pg.PAGE_SHIFT)
+        offset = offset.view(np.int64)
+        offset -= self.gfns
+        return offset
+
+    @cached_property
+    def _rmap_entries(self) -> tuple[np.ndarray, np.ndarray]:
+        """The (sptep, gfn) rmap entries of the run's gfns and the leaves' gfns."""
         gfns = self.rmap_gfns
         wanted = None if gfns is None else set(gfns) | set(self.gfns[self.leaf].tolist())
-        r_sptep, r_gfn = rmap_arrays(self.mmu, wanted)
+        return rmap_arrays(self.mmu, wanted)
+
+    @cached_property
+    def _registered(self) -> np.ndarray:
+        """The gfn registered at each (pool page, entry), -1 for none; rmap_exact then
+        reuses it as its scratch array."""
+        r_sptep, r_gfn = self._rmap_entries
         registered = np.full((len(self.mmu.pool.pages), 512), -1, dtype=np.int64)
         registered.reshape(-1)[r_sptep] = r_gfn
-        return self.leaf & (registered[self.index] != self.gfns), r_sptep, r_gfn, registered
+        return registered
+
+    @cached_property
+    def _missing(self) -> np.ndarray:
+        """Which leaves are not registered under their gfn (a superset: an sptep found in
+        two rmaps may show here). Checks 2 and rmap_exact both start from it."""
+        return self.leaf & (self._registered[self.index] != self.gfns)
 
     def entry_reports(self, root_level: int) -> tuple[C.Messages, C.Messages]:
         # Check 2 can fail only where the exact rmap check fails: Python looks at those.
         check2: C.Messages = {}
-        for r, i in _coords(self._rmap[0]):
+        for r, i in _coords(self._missing):
             spte = int(self.sptes[r, i])
             for text in C.inspect_spte_has_rmap(self.mmu, self.sps[r], i, int(self.gfns[r, i]), spte):
                 C.add_message(check2, r, i, text)
         check1: C.Messages = {}
-        got = ((self.sptes & _ADDR) >> _U(pg.PAGE_SHIFT)).view(np.int64)
         for slot in self.mmu.memslots:
-            inside = self.leaf & (self.gfns >= slot.base_gfn) & (self.gfns < slot.end_gfn)
-            bad = inside & (got != self.gfns + (slot.backing.base_pfn - slot.base_gfn))
+            # A leaf maps the frame of its gfn in its slot: frame - gfn is the slot's offset.
+            bad = self.leaf & (self._offset != slot.backing.base_pfn - slot.base_gfn)
+            if not bad.any():
+                continue  # with one slot, the usual case: nothing more to look at
+            bad &= (self.gfns >= slot.base_gfn) & (self.gfns < slot.end_gfn)
             for r, i in _coords(bad):
                 pfn = int(self.gfns[r, i]) - slot.base_gfn + slot.backing.base_pfn
                 C.add_message(check1, int(r), int(i), C.msg_mapping(root_level, pfn, int(self.sptes[r, i])))
@@ -163,14 +231,21 @@ class PageArrays:
     def rmap_exact(self) -> list[str]:
         mmu = self.mmu
         pages = mmu.pool.pages
-        missing, r_sptep, r_gfn, scratch = self._rmap
+        missing, scratch = self._missing, self._registered
+        r_sptep, r_gfn = self._rmap_entries
         out: list[str] = []
-        for r, i in _coords(missing):
+        found = _coords(missing)
+        for r, i in found:
             # An sptep in two rmaps shows one of them above: confirm against the gfn's own.
             sp, gfn = self.sps[r], int(self.gfns[r, i])
             if not C.in_own_rmap(mmu, sp, i, gfn):
                 out.append(C.msg_not_in_rmap(sp, i, gfn))
         gfns = self.rmap_gfns
+        if not found and self.complete and gfns is None and len(r_sptep) == np.count_nonzero(self.leaf):
+            # Every live leaf (sptep, gfn) is registered, and the rmaps hold no more entries
+            # than there are leaves: they hold exactly the leaves (distinct spteps, since each
+            # leaf's is set), so no rmap entry is stale.
+            return out
         if gfns is not None:
             keep = np.isin(r_gfn, np.fromiter(gfns, dtype=np.int64, count=len(gfns)))
             r_sptep, r_gfn = r_sptep[keep], r_gfn[keep]
@@ -267,13 +342,12 @@ class PageArrays:
         return out
 
     def spte_bits(self) -> list[str]:
-        sptes = self.sptes
-        bits = sptes & _U(C.SPTE_BITS_MASK)
-        ok = bits == _U(C.SPTE_BITS_OK[0])
+        bits = self._flags[2]
+        ok = bits == _LOW(C.SPTE_BITS_OK[0])
         for value in C.SPTE_BITS_OK[1:]:
-            ok |= bits == _U(value)
+            ok |= bits == _LOW(value)
         bad = self.leaf & ~ok
         return [
-            C.msg_spte_bits(self.sps[row], i, int(sptes[row, i]))
+            C.msg_spte_bits(self.sps[row], i, int(self.sptes[row, i]))
             for row, i in _coords(bad)
         ]

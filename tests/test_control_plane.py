@@ -1,0 +1,180 @@
+"""The control plane under load (docs/daemon.md, "How a parameter reaches the simulation"):
+a parameter store reaches a running step at the audit's store points — each audit point and
+between the checks of a run — so it never waits for a whole audit run; it is recorded with
+that place, and a replay applies it there again.
+
+The positions are checked, not wall-clock times: a store that waited for the run to end
+would land at an audit point or after the step, never `before <check>` inside a run.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import multiprocessing
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from structlog.testing import capture_logs
+
+from mmud.daemon.protocol import Request, SimConfig, StoreChannel, VmConfig
+from mmud.daemon.replay import Replay
+from mmud.daemon.sim import Simulation
+from tests.fusemount import Daemon, cat, echo, serving, wait_for
+
+EVERY_POINT = {"mmu_audit": "1", "mmu_audit_ratelimit_ms": "0"}
+
+
+class Writer:
+    """The FUSE side of a store channel in this process: posts each planned store when the
+    audit reaches its store point, as a write(2) arriving at that moment would."""
+
+    def __init__(self, plan: dict[int, tuple[str, bytes]]) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        receive, self.send = ctx.Pipe(duplex=False)
+        self.posted = ctx.RawValue("Q", 0)
+        self.channel = StoreChannel(receive, self.posted)
+        self.plan, self.ids = plan, itertools.count(1)
+
+    def attach(self, sim: Simulation) -> None:
+        """Post the planned stores from the simulation's own store points."""
+        inner = sim.module.audit.notice
+        assert inner is not None
+
+        def notice() -> None:
+            if (store := self.plan.pop(sim.module.audit.points, None)) is not None:
+                self.post(*store)
+            inner()
+
+        sim.module.audit.notice = notice
+
+    def post(self, name: str, text: bytes) -> None:
+        self.send.send(Request(next(self.ids), "param", {"name": name, "text": text}))
+        self.posted.value += 1
+
+
+def recorded_run(state: Path, plan: dict[int, tuple[str, bytes]],
+                 between: dict[int, tuple[str, bytes]], end: int) -> tuple[Path, list[dict]]:
+    """A recorded run of two VMs, the audit at every point: stores posted at the
+    planned store points (`plan`) and between rounds once vm0 passes a step (`between`);
+    the recording and the `param_set` events.  Round by round, as `_step_batch` steps, but
+    without its wall-clock batches: the same run every time."""
+    writer = Writer(plan)
+    config = SimConfig(vms=(VmConfig("vm0", mem_mb=16, vcpus=2, seed=5),
+                            VmConfig("vm1", mem_mb=16, vcpus=1, seed=6)),
+                       load=EVERY_POINT, state_dir=str(state))
+    sim = Simulation.offline(config, writer.channel)
+    writer.attach(sim)
+    with capture_logs() as logs:
+        while sim.slots[0].vm.steps < end:
+            sim.step_round(sim.slots)
+            for step in [s for s in between if s <= sim.slots[0].vm.steps]:
+                writer.post(*between.pop(step))
+            sim._take_stores()
+    sim.recorder.close(sim.slots, sim.step_counts())
+    (path,) = (state / "recordings").iterdir()
+    return path, [e for e in logs if e["event"] == "param_set"]
+
+
+# Store points of this run: 18 of them make a full run (its audit point, then one before each
+# of its seventeen parts); both stores land in the middle of a run, the first in vm0's
+# chunk, the second in vm1's.
+PLAN = {
+    20: ("mmu_audit_ratelimit_burst", b"3\n"),
+    205: ("mmu_audit", b"0\n"),
+}
+BETWEEN = {60: ("mmu_audit", b"1\n")}
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict]]:
+    return recorded_run(tmp_path_factory.mktemp("state"), dict(PLAN), dict(BETWEEN), 160)
+
+
+def events(path: Path) -> list[dict[str, Any]]:
+    return [r for r in map(json.loads, path.read_text().splitlines()[1:]) if "op" in r]
+
+
+def test_a_store_lands_inside_a_run_and_ends_it(recorded: tuple[Path, list[dict]]) -> None:
+    path, sets = recorded
+    off = next(e for e in sets if e["name"] == "mmu_audit" and not e["value"])
+    # Posted in the middle of a full run: applied at the next check, not after the run.
+    assert off["point"] == 205 and off["in"] == "vm1" and " before " in off["where"], off
+    burst = next(e for e in sets if e["name"] == "mmu_audit_ratelimit_burst")
+    assert burst["point"] == 20 and burst["in"] == "vm0" and " before " in burst["where"]
+    on = next(e for e in sets if e["name"] == "mmu_audit" and e["value"])
+    assert "point" not in on  # between batches: the audit was off, so no store point ran
+    recorded_events = [e for e in events(path) if e["op"] == "param"]
+    assert [(e.get("in"), e.get("point")) for e in recorded_events] == [
+        ("vm0", 20), ("vm1", 205), (None, None)]
+
+
+def test_the_replay_applies_each_store_at_its_point(recorded: tuple[Path, list[dict]]) -> None:
+    path, _ = recorded
+    outcome = Replay(path).run()
+    assert outcome.divergence is None and outcome.complete, outcome.render()
+    assert outcome.events == len(events(path))
+
+
+def test_without_its_point_the_replay_diverges(recorded: tuple[Path, list[dict]],
+                                               tmp_path: Path) -> None:
+    """The position is what makes the run reproducible: applied at the start of its step
+    instead, the store in the middle of the run gives another run."""
+    path, _ = recorded
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    for line in lines:
+        if line.get("point") == 205:
+            del line["in"], line["point"]
+    moved = tmp_path / "moved.jsonl"
+    moved.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    outcome = Replay(moved).run()
+    assert outcome.divergence is not None, outcome.render()
+
+
+# -- through the mount --------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    base = tmp_path_factory.mktemp("cp")
+    yield from serving(base / "mnt", "--mem", "256M", "--vcpus", "2",
+                       "--param", "mmu_audit_ratelimit_ms=0", "--state-dir", str(base / "state"))
+
+
+def param_sets(d: Daemon, value: bool) -> list[dict]:
+    return [e for e in d.events("param_set") if e["name"] == "mmu_audit" and e["value"] is value]
+
+
+def test_echo_0_lands_inside_an_audit_run(daemon: Daemon) -> None:
+    """`echo 0` while full runs go on at every point is applied where the audit is inside
+    its step: at a store point, most of them between two checks of a run."""
+    d = daemon
+    for _ in range(8):
+        assert echo(d.path("parameters/mmu_audit"), "1").returncode == 0
+        before = int(cat(d.path("kvm/mmu_audit_runs")))
+        wait_for(lambda after=before + 2: int(cat(d.path("kvm/mmu_audit_runs"))) > after,
+                 30, "audit runs")
+        assert echo(d.path("parameters/mmu_audit"), "0").returncode == 0
+        assert cat(d.path("parameters/mmu_audit")) == "N\n"
+        # The static key is off when the store returns: no run starts after it (the
+        # statistics are read from snapshots published after the store).
+        time.sleep(0.15)
+        runs = int(cat(d.path("kvm/mmu_audit_runs")))
+        time.sleep(0.2)
+        assert int(cat(d.path("kvm/mmu_audit_runs"))) == runs
+    # Most land inside a step (one that arrives while the loop publishes lands after the
+    # round); those inside a run land before its next check, not after the run.
+    offs = param_sets(d, False)
+    assert any(" before " in e.get("where", "") for e in offs), offs
+
+
+def test_the_daemon_run_replays_identically(daemon: Daemon) -> None:
+    d = daemon
+    assert d.stop() == 0
+    state = Path(d.args[d.args.index("--state-dir") + 1])
+    (path,) = (state / "recordings").iterdir()
+    assert any("point" in e for e in events(path))  # stores that landed inside a step
+    outcome = Replay(path).run()
+    assert outcome.divergence is None and outcome.complete, outcome.render()
