@@ -1,4 +1,10 @@
-"""The host process's allocator, set for arrays that come and go every few milliseconds.
+"""The host process's memory: the allocator's settings, and arrays committed as touched.
+
+`lazy_zeros` gives the per-page arrays of a memslot (guest RAM, rmap heads, the dirty
+bitmap) address space only: the host commits their pages as they are written, so that a
+slot of up to 2^31 pages costs what the guest touches.
+
+The allocator is set for arrays that come and go every few milliseconds.
 
 A full audit (and a dirty-log harvest) builds a few dozen numpy arrays of a few MiB each and
 frees them at the end of the run. With glibc's defaults each such array is a fresh mmap
@@ -14,9 +20,14 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import mmap
+
+import numpy as np
+import numpy.typing as npt
 
 M_TRIM_THRESHOLD = -1  # <malloc.h>
 M_MMAP_THRESHOLD = -3
+MAP_NORESERVE = 0x4000  # <sys/mman.h> on x86-64; Python's mmap module does not export it
 MMAP_THRESHOLD = 32 << 20  # the largest fixed threshold glibc accepts on 64-bit
 TRIM_THRESHOLD = 256 << 20
 
@@ -29,3 +40,12 @@ def keep_freed_arrays() -> bool:
     except (OSError, AttributeError):
         return False
     return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+
+
+def lazy_zeros(n: int, dtype: npt.DTypeLike) -> np.ndarray:
+    """A zeroed array whose pages the host commits only as they are written: a private
+    anonymous MAP_NORESERVE mapping, which needs neither memory nor the heuristic
+    overcommit's consent (it refuses one plain mapping larger than the host's RAM)."""
+    size = n * np.dtype(dtype).itemsize
+    buf = mmap.mmap(-1, max(size, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE)
+    return np.frombuffer(buf, dtype=dtype, count=n)

@@ -20,6 +20,7 @@ import pytest
 
 import mmud
 from mmud.kvm.dirty_log import kvm_clear_dirty_log_protect, kvm_get_dirty_log_protect
+from mmud.kvm.memslot import bitmap_pages
 from tests.guest_tables import P, U, W, GuestTables
 
 SLOT = 1
@@ -183,3 +184,15 @@ def test_dirty_log_ioctl_errnos(slot_id, err):
         with pytest.raises(mmud.KvmError) as e:
             call()
         assert e.value.errno == err
+
+
+@pytest.mark.parametrize("density", [0.001, 0.3, 0.9])
+def test_bitmap_pages_lists_every_set_bit_of_sparse_and_dense_bitmaps(density):
+    """bitmap_pages unpacks only the non-zero words of a mostly clean bitmap and every word
+    of a mostly dirty one; both give each set bit's page, ascending."""
+    rng = np.random.default_rng(7)
+    words = np.where(rng.random(4096) < density, rng.integers(1, 2**63, 4096, dtype=np.uint64),
+                     np.uint64(0)).astype(np.uint64)
+    expected = [64 * (100 + w) + b for w in range(len(words)) for b in range(64)
+                if int(words[w]) >> b & 1]
+    assert bitmap_pages(100, words).tolist() == expected

@@ -21,6 +21,7 @@ import pytest
 
 import mmud
 from mmud.daemon import vmio
+from mmud.kvm.devices import IORAM_BASE
 from tests.fusemount import echo, serving, wait_for
 
 MIB = 1 << 20
@@ -144,6 +145,28 @@ def test_io_across_a_hole_is_short_and_io_in_it_fails_with_eio(paused, mem):
     finally:
         assert echo(paused.path("vm0/memslots"), f"delete {slot}").returncode == 0
     wait_for(lambda: os.stat(paused.path("vm0/memory")).st_size == RAM, 5, "st_size back")
+
+
+def test_a_guest_past_q35_low_ram_reads_eio_in_the_pci_hole(daemon):
+    """A 3 GiB guest: RAM [0, 2 GiB) and [4 GiB, 5 GiB), the ioram device in between."""
+    assert echo(daemon.path("vms"), "create vm8 workload=none mem=3G").returncode == 0
+    try:
+        path = daemon.path("vm8/memory")
+        wait_for(path.exists, 5, "vm8/memory")
+        assert os.stat(path).st_size == 5 << 30  # the end of RAM, past the hole
+        fd = os.open(path, os.O_RDWR)
+        try:
+            low_end, high = 2 << 30, 4 << 30
+            assert os.pwrite(fd, b"l" * 32, low_end - 16) == 16
+            assert os.pread(fd, 32, low_end - 16) == b"l" * 16
+            for gpa in (low_end, IORAM_BASE, high - 16):
+                assert errno_of(os.pread, fd, 32, gpa) == errno.EIO
+            assert os.pwrite(fd, b"h" * 32, high) == 32
+            assert os.pread(fd, 32, high) == b"h" * 32
+        finally:
+            os.close(fd)
+    finally:
+        assert echo(daemon.path("vm8/state"), "destroy").returncode == 0
 
 
 # -- the simulation's side (mmud/daemon/vmio.py), without a mount -------------------------------

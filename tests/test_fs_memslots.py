@@ -66,7 +66,7 @@ def test_add_move_flags_delete_update_the_table_and_the_generation(daemon):
     "add 9", "delete 0\ndelete 0\n", "zap 0",
     # well formed, refused by KVM: unaligned, too big, past the end of the address space,
     # a slot number past 508, no such slot
-    f"add 9 {GPA + 1:#x} 0x1000", f"add 9 {GPA:#x} 0x1001", f"add 9 {GPA:#x} 0x200000000",
+    f"add 9 {GPA + 1:#x} 0x1000", f"add 9 {GPA:#x} 0x1001", f"add 9 {GPA:#x} 0x80000000000",
     "add 9 0xfffffffffffff000 0x2000", f"add 509 {GPA:#x} 0x1000", "delete 9",
     f"move 9 {GPA:#x}", "flags 9 log_dirty=1", "move 0 0x1001",
 ])

@@ -15,6 +15,8 @@ from mmud.kvm.vcpu import Vcpu
 P, W, PS = 1, 2, 0x80
 DIRECT_VA = 0xFFFF888000000000
 MMIO_VA = 1 << 39  # pml4 entry 1, entry 0 below: one table per level
+PMD_SPAN = 1 << 30  # guest physical space one pmd table maps with 2 MiB pages
+PDPT_SPAN = 1 << 39
 
 
 class Guest:
@@ -24,16 +26,18 @@ class Guest:
                  contenders: int = 0) -> None:
         self.vm = mmud.VM(mem_mb=mem_mb, vcpus=1 + contenders, params=params)
         self.vcpu = self.vm.vcpus[0]
-        self.pages = mem_mb << 8
-        pml4, pdpt = 0x1000, 0x2000
-        pmds = -(-mem_mb // 1024)
+        self.ranges = self.vm.ram_ranges  # RAM below the PCI hole, and from 4 GiB up
+        self.pages = sum(stop - start for start, stop in self.ranges) >> 12
+        end = self.ranges[-1][1]
+        assert end <= PDPT_SPAN, "one pdpt maps the whole guest physical space"
+        pml4, pdpt, pmd_base = 0x1000, 0x2000, 0x3000
         write = self.vm.write_u64
         write(pml4 + 8 * ((DIRECT_VA >> 39) & 511), pdpt | P | W)
-        for k in range(pmds):
-            pmd = 0x3000 + 0x1000 * k
-            write(pdpt + 8 * k, pmd | P | W)
-            for i in range(min(512, mem_mb // 2 - 512 * k)):
-                write(pmd + 8 * i, ((512 * k + i) << 21) | P | W | PS)
+        for k in range(-(-end // PMD_SPAN)):
+            write(pdpt + 8 * k, (pmd_base + 0x1000 * k) | P | W)
+        for start, stop in self.ranges:
+            for big in range(start >> 21, stop >> 21):
+                write(pmd_base + 8 * big, (big << 21) | P | W | PS)
         # A user page mapped onto the ioram device, for the MMIO figure.
         for gpa, entry in ((pml4 + 8 * ((MMIO_VA >> 39) & 511), 0x100000 | P | W | 4),
                            (0x100000, 0x101000 | P | W | 4), (0x101000, 0x102000 | P | W | 4),
@@ -54,8 +58,9 @@ class Guest:
 
     def fault_all(self) -> None:
         read = self.vcpu.read_u64
-        for i in range(self.pages):
-            read(DIRECT_VA + (i << 12))
+        for start, stop in self.ranges:
+            for gpa in range(start, stop, 4096):
+                read(DIRECT_VA + gpa)
 
     def zap(self, kind: str) -> tuple[float, float]:
         """Fault everything in, zap all while the contenders run; (stall, total) in ms."""

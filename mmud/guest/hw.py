@@ -2,7 +2,7 @@
 
 The guest model is a client of the simulated KVM, not a part of it. It is handed a VM and
 its vCPUs and uses them only through the calls described here: control registers, loads,
-stores, string instructions and INVLPG on a vCPU; the RAM size and host writes to RAM (the
+stores, string instructions and INVLPG on a vCPU; the RAM ranges and host writes to RAM (the
 bootloader's page tables) on the VM. Describing them as Protocols keeps the rest of
 mmud.guest free of imports from mmud.kvm, and lets mypy check at the VM's call sites that
 the real vCPU still offers what the guest relies on.
@@ -48,6 +48,8 @@ class GuestVcpu(Protocol):
 
     def read_u64(self, gva: int, *, user: bool = False) -> int: ...
 
+    def scan_u64(self, gva: int, n: int, mask: int) -> tuple[int, int]: ...
+
     def write_u64(self, gva: int, value: int, *, user: bool = False) -> None: ...
 
     def access(
@@ -62,12 +64,19 @@ class GuestVcpu(Protocol):
 
 
 class GuestVm(Protocol):
-    """The VM as its guest's boot code and workloads see it: RAM size, vCPUs, host writes."""
+    """The VM as its guest's boot code and workloads see it: RAM ranges, vCPUs, host writes.
+
+    `ram_ranges` are the RAM entries of the firmware's e820 map, [start, end) gpa in
+    ascending order: what a kernel learns of its memory at boot. Between them lie holes
+    (the PCI hole below 4 GiB) that are no RAM.
+    """
 
     @property
-    def mem_bytes(self) -> int: ...
+    def ram_ranges(self) -> Sequence[tuple[int, int]]: ...
 
     @property
     def vcpus(self) -> Sequence[GuestVcpu]: ...
 
     def write_u64(self, gpa: int, value: int) -> None: ...
+
+    def write_guest(self, gpa: int, data: bytes) -> None: ...

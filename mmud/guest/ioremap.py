@@ -11,7 +11,7 @@ the driver wrote is a data error, like any other load of the guest.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from mmud.guest.hw import IORAM_BASE, IORAM_SIZE, GuestVcpu
 from mmud.guest.pgtable import (
@@ -73,6 +73,6 @@ class IoramDriver:
             error(f"ioram: load {addr:#x} = {got:#x}, expected {self.words[addr]:#x}")
 
 
-def ioram_mappable(mem_bytes: int) -> bool:
-    """The device is reachable only where no RAM hides it (RAM below its base)."""
-    return mem_bytes <= IORAM_BASE
+def ioram_mappable(ram_ranges: Sequence[tuple[int, int]]) -> bool:
+    """The device is reachable only where no RAM range hides it."""
+    return all(end <= IORAM_BASE or start >= IORAM_BASE + IORAM_SIZE for start, end in ram_ranges)

@@ -1,10 +1,10 @@
 """The guest kernel: boot page tables, tasks, the per-vCPU scheduler, #PF handling, syscalls.
 
 A small model of Linux x86-64 running as the guest of the simulated shadow MMU. It maps all
-RAM at PAGE_OFFSET with 2 MiB pages, gives every process its own pgd sharing the kernel half,
-demand-pages user memory, and implements mmap/munmap/mprotect/fork/exit with the TLB
-maintenance Linux does (INVLPG per page, CR3 reload for whole-mm flushes). The workloads
-(workloads.py) are user programs on top of it.
+RAM the e820 map lists at PAGE_OFFSET with 2 MiB pages, gives every process its own pgd
+sharing the kernel half, demand-pages user memory, and implements
+mmap/munmap/mprotect/fork/exit with the TLB maintenance Linux does (INVLPG per page, CR3
+reload for whole-mm flushes). The workloads (workloads.py) are user programs on top of it.
 
 Concurrency model: one generator per vCPU (`cpu_loop`); vCPUs interleave only at yields. A
 task runs on at most one vCPU at a time and only single-threaded processes ever remove
@@ -20,6 +20,8 @@ from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
+import numpy as np
+
 from mmud.guest import memory
 from mmud.guest.frames import BadPage, FrameAllocator, OutOfMemory
 from mmud.guest.hw import GuestVcpu, GuestVm, PageFault
@@ -32,6 +34,7 @@ from mmud.guest.pgtable import (
     PAGE_OFFSET,
     PAGE_SHIFT,
     PAGE_SIZE,
+    PGDIR_SIZE,
     PMD_SIZE,
     PTRS_PER_TABLE,
     PUD_SIZE,
@@ -125,34 +128,46 @@ class Kernel:
         self.runqueue: deque[Task] = deque()
         self.nr_processes = 0
         self._next_pid = 1
-        first_free, end_pfn = self._boot_page_tables()
+        first_free, ram = self._boot_page_tables()
         self.ioram: IoramDriver | None = None
-        if ioram_mappable(vm.mem_bytes):
+        if ioram_mappable(vm.ram_ranges):
             first_free = ioremap_boot(vm.write_u64, SWAPPER_PGD_PFN, first_free)
             self.ioram = IoramDriver(random.Random(f"ioram/{seed}"))
-        self.frames = FrameAllocator(first_free, end_pfn)
+        self.frames = FrameAllocator([(max(first, first_free), end) for first, end in ram])
         self.init_mm = MM(pgd=SWAPPER_PGD_PFN)
         self.idle_tasks: dict[int, Task] = {}
 
-    def _boot_page_tables(self) -> tuple[int, int]:
-        """Build the direct map like a bootloader: host writes before any vCPU runs.
+    def _boot_page_tables(self) -> tuple[int, list[tuple[int, int]]]:
+        """Build the direct map of every RAM range of the e820 map like a bootloader: host
+        writes before any vCPU runs, 2 MiB pages (the largest the guest walk of the shadow
+        MMU knows; Linux would use 1 GiB pages where the CPU has them), a pud table per
+        512 GiB and a pmd table per GiB that holds RAM. The holes between the ranges stay
+        unmapped, as init_mem_mapping() maps only RAM.
 
-        Returns the first free frame and the end of the mapped RAM.
+        Returns the first frame after the tables and the mapped RAM, as [first, end) pfns.
         """
-        nr_pmds = self.vm.mem_bytes // PMD_SIZE
-        nr_pmd_tables = -(-nr_pmds // PTRS_PER_TABLE)
-        pud = SWAPPER_PGD_PFN + 1
-        pmd_tables = range(pud + 1, pud + 1 + nr_pmd_tables)
-        write = self.vm.write_u64
-        kernel_pgd_entry = _entry_gpa(SWAPPER_PGD_PFN, pgd_index(PAGE_OFFSET))
-        write(kernel_pgd_entry, (pud << PAGE_SHIFT) | _KERNPG_TABLE)
-        for i, pmd in enumerate(pmd_tables):
-            write(_entry_gpa(pud, i), (pmd << PAGE_SHIFT) | _KERNPG_TABLE)
-        for i in range(nr_pmds):
-            pmd = pmd_tables[i // PTRS_PER_TABLE]
-            write(_entry_gpa(pmd, i % PTRS_PER_TABLE), (i * PMD_SIZE) | _PAGE_KERNEL_LARGE)
-        assert nr_pmds * PMD_SIZE <= PTRS_PER_TABLE * PUD_SIZE, "direct map beyond one pud"
-        return pmd_tables.stop, nr_pmds * PMD_SIZE // PAGE_SIZE
+        mapped = [(start, start + (end - start) // PMD_SIZE * PMD_SIZE)
+                  for start, end in self.vm.ram_ranges]
+        nr_puds = max(1, -(-max(end for _, end in mapped) // PGDIR_SIZE))
+        gigs = np.array(sorted({g for start, end in mapped
+                                for g in range(start // PUD_SIZE, -(-end // PUD_SIZE))}), dtype=np.int64)
+        first_pud = SWAPPER_PGD_PFN + 1
+        first_pmd = first_pud + nr_puds
+        # The pud tables, then the pmd tables in the order of the GiBs they map.
+        tables = np.zeros((nr_puds + len(gigs), PTRS_PER_TABLE), dtype=np.uint64)
+        pmd_pfns = np.arange(first_pmd, first_pmd + len(gigs), dtype=np.uint64)
+        tables[gigs // PTRS_PER_TABLE, gigs % PTRS_PER_TABLE] = (
+            pmd_pfns << np.uint64(PAGE_SHIFT)) | np.uint64(_KERNPG_TABLE)
+        for start, end in mapped:
+            addrs = np.arange(start, end, PMD_SIZE, dtype=np.int64)
+            rows = nr_puds + np.searchsorted(gigs, addrs // PUD_SIZE)
+            tables[rows, addrs // PMD_SIZE % PTRS_PER_TABLE] = (
+                addrs.astype(np.uint64) | np.uint64(_PAGE_KERNEL_LARGE))
+        for k in range(nr_puds):
+            self.vm.write_u64(_entry_gpa(SWAPPER_PGD_PFN, pgd_index(PAGE_OFFSET) + k),
+                              ((first_pud + k) << PAGE_SHIFT) | _KERNPG_TABLE)
+        self.vm.write_guest(first_pud << PAGE_SHIFT, tables.tobytes())
+        return first_pmd + len(gigs), [(start // PAGE_SIZE, end // PAGE_SIZE) for start, end in mapped]
 
     # -- bookkeeping ---------------------------------------------------------------------
 

@@ -8,6 +8,9 @@ bus floats high) and writes are dropped.
 device rather than a memslot, every access to it is emulated, which makes it the plainest
 way to watch the MMIO path (MMIO sptes, the RSVD fault, the emulator) carry data.
 Accesses are aligned 8-byte words, the width the vCPU model uses.
+
+The devices sit in the PCI hole of the PC memory map that the VMM lays RAM around
+(`pc_ram_ranges`, as QEMU's q35 machine does).
 """
 
 from __future__ import annotations
@@ -19,6 +22,20 @@ from mmud.x86.paging import PAGE_SIZE
 IORAM_BASE = 0xFF000000
 IORAM_SIZE = 1 << 20
 MMIO_READ_VALUE = (1 << 64) - 1  # an unclaimed bus reads all ones
+
+# hw/i386/pc_q35.c: RAM below 4 GiB ends at 0xb0000000 if all of it fits there, else at
+# 2 GiB; the rest starts at 4 GiB. The PCI hole between holds the devices (ioram included).
+Q35_LOWMEM = 0xB0000000
+Q35_LOWMEM_SPLIT = 0x80000000
+HIGHMEM_BASE = 1 << 32
+
+
+def pc_ram_ranges(mem_bytes: int) -> list[tuple[int, int]]:
+    """The RAM ranges ([start, end) gpa) of a q35 PC with mem_bytes of RAM: the e820 map's
+    RAM entries, one memslot each."""
+    if mem_bytes < Q35_LOWMEM:
+        return [(0, mem_bytes)]
+    return [(0, Q35_LOWMEM_SPLIT), (HIGHMEM_BASE, HIGHMEM_BASE + mem_bytes - Q35_LOWMEM_SPLIT)]
 
 
 class IoRam:

@@ -92,7 +92,7 @@ def kvm_get_dirty_log_protect(kvm: Kvm, slot_id: int, words_per_step: int = 0) -
     bitmap = dirty_bitmap(slot)
     if kvm.manual_dirty_log_protect:
         return to_bytes(bitmap)
-    snapshot = np.zeros_like(bitmap)
+    snapshot = np.zeros(len(bitmap), dtype=bitmap.dtype)  # calloc: committed as written
     yield from _harvest(kvm, slot, 0, None, snapshot, words_per_step)
     return to_bytes(snapshot)
 
@@ -171,9 +171,12 @@ def _select(words: np.ndarray, want: np.ndarray | None) -> np.ndarray:
 
 
 def _take(bitmap: np.ndarray, words: slice, want: np.ndarray | None) -> np.ndarray:
-    """xchg(word, 0) / atomic_long_fetch_andnot(mask, word): the bits taken."""
-    taken = _select(bitmap[words], want).copy()
-    bitmap[words] &= ~taken
+    """xchg(word, 0) / atomic_long_fetch_andnot(mask, word): the bits taken. Only words
+    with bits taken are written, so the bitmap of a big guest stays uncommitted where
+    nothing was dirtied."""
+    view = bitmap[words]
+    taken = _select(view, want).copy()
+    np.bitwise_and(view, ~taken, out=view, where=taken != 0)
     return taken
 
 

@@ -31,10 +31,11 @@ from mmud.kvm.memslot import (
     KVM_MEM_READONLY,
     KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS,
     KVM_USER_MEM_SLOTS,
-    MAX_SLOT_PAGES,
+    KVM_MEM_MAX_NR_PAGES,
     Memslot,
 )
 from mmud.kvm.mmu import dirty, mmio, zap
+from mmud.hostmem import lazy_zeros
 from mmud.x86.paging import PAGE_SHIFT, PAGE_SIZE
 
 if TYPE_CHECKING:
@@ -73,8 +74,8 @@ def kvm_set_memory_region(kvm: Kvm, slot_id: int, gpa: int, size: int, flags: in
     if gpa + size > 1 << 64:  # the kernel's u64 wrap check
         raise KvmError(errno.EINVAL, "the range wraps around the address space")
     npages = size >> PAGE_SHIFT
-    if npages > MAX_SLOT_PAGES:
-        raise KvmError(errno.EINVAL, "slot larger than 4 GiB")
+    if npages > KVM_MEM_MAX_NR_PAGES:
+        raise KvmError(errno.EINVAL, f"slot larger than {KVM_MEM_MAX_NR_PAGES} pages")
     base_gfn = gpa >> PAGE_SHIFT
     old = kvm.memslots.slots.get(slot_id)
     if not npages:
@@ -109,7 +110,10 @@ def kvm_set_memslot(
         kvm.kvm_mmu_zap_all_fast().finish()  # kvm_arch_flush_shadow_memslot()
     new: Memslot | None = None
     if change is MrChange.CREATE:
-        new = Memslot(slot_id, base_gfn, npages, flags, memslots.new_backing(npages))
+        backing = memslots.new_backing(npages)
+        if backing is None:  # userspace's mmap() of the slot's memory would have failed
+            raise KvmError(errno.ENOMEM, "no host frames left for the slot's memory")
+        new = Memslot(slot_id, base_gfn, npages, flags, backing)
         memslots.install(new)
         install_new_memslots(kvm)
         kvm_arch_commit_memory_region(kvm, new, change)
@@ -148,7 +152,7 @@ def kvm_arch_commit_memory_region(kvm: Kvm, new: Memslot | None, change: MrChang
     if new is None:
         return
     if new.log_dirty and new.dirty_bitmap is None:
-        new.dirty_bitmap = np.zeros((new.npages + 63) // 64, dtype=np.uint64)
+        new.dirty_bitmap = lazy_zeros((new.npages + 63) // 64, np.uint64)
         if kvm.manual_dirty_log_protect & KVM_DIRTY_LOG_INITIALLY_SET:
             # Every page starts dirty; pages are protected as userspace clears their bits
             # (only huge sptes would be protected now, and mmud has none).

@@ -2,8 +2,14 @@
 
 Each memslot is backed by a host buffer (the userspace mapping of KVM_SET_USER_MEMORY_REGION);
 a host frame number is `backing.id << BACKING_PFN_SHIFT | page`, so a pfn names its buffer
-without a search. Moving a slot keeps its backing (same userspace address); deleting and
-re-creating one gives a fresh zeroed buffer.
+without a search. A buffer over 4 GiB takes as many consecutive ids as it has 4 GiB pieces,
+all naming it, so `pfn >> BACKING_PFN_SHIFT` still indexes a list. Moving a slot keeps its
+backing (same userspace address); deleting and re-creating one gives a fresh zeroed buffer.
+
+A slot may be as large as KVM allows (KVM_MEM_MAX_NR_PAGES pages, 8 TiB), so nothing per
+page is committed before the guest touches it: the buffer, the rmap heads and the dirty
+bitmap are zeroed MAP_NORESERVE mappings (`hostmem.lazy_zeros`) whose pages the host fills in
+on first write.
 
 Per slot, as in the kernel: the level-1 rmap (`slot->arch.rmap[0]`, mmud/kvm/rmap.py),
 the write-tracking counts of page_track (`gfn_track`) and the dirty
@@ -16,6 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from mmud.hostmem import lazy_zeros
 from mmud.kvm.rmap import Rmap
 from mmud.x86.paging import PAGE_SHIFT, PAGE_SIZE
 
@@ -28,8 +35,10 @@ KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS = 1 << 63
 
 BITS_PER_LONG = 64  # a dirty bitmap is an array of unsigned longs
 
-BACKING_PFN_SHIFT = 20  # 4 GiB of pages per backing buffer
-MAX_SLOT_PAGES = 1 << BACKING_PFN_SHIFT
+# include/linux/kvm_host.h: `#define KVM_MEM_MAX_NR_PAGES ((1UL << 31) - 1)`.
+KVM_MEM_MAX_NR_PAGES = (1 << 31) - 1
+
+BACKING_PFN_SHIFT = 20  # 4 GiB of pages per backing id
 # Backing ids are reused lowest first, so host frames stay in the low half of the host's
 # 46-bit physical address space, below the shadow pages' frames (spte.SPT_PFN_BASE).
 MAX_BACKINGS = 1 << 13
@@ -43,12 +52,17 @@ class Backing:
     def __init__(self, backing_id: int, npages: int) -> None:
         self.id = backing_id
         self.npages = npages
-        self.array = np.zeros(npages * (PAGE_SIZE // 8), dtype=np.uint64)
+        self.array = lazy_zeros(npages * (PAGE_SIZE // 8), np.uint64)
         self.u64 = self.array.data
 
     @property
     def base_pfn(self) -> int:
         return self.id << BACKING_PFN_SHIFT
+
+
+def backing_ids(npages: int) -> int:
+    """How many backing ids (4 GiB pieces of host frames) a buffer of npages spans."""
+    return -(-npages >> BACKING_PFN_SHIFT)
 
 
 @dataclass(eq=False)
@@ -85,7 +99,8 @@ class Memslots:
         self._sorted: list[Memslot] = []
         self._last: Memslot | None = None
         self.generation = 0
-        self._backings: dict[int, Backing] = {}
+        # Backing id -> its buffer; a buffer over 4 GiB fills several consecutive entries.
+        self._backings: list[Backing | None] = [None] * MAX_BACKINGS
 
     def __iter__(self):
         return iter(self._sorted)
@@ -101,19 +116,28 @@ class Memslots:
                 return slot
         return None
 
-    def new_backing(self, npages: int) -> Backing:
-        """A fresh zeroed buffer under the lowest free id (a host frame range is reused only
-        after its slot was deleted, which zapped every spte mapping it)."""
-        backing_id = next(k for k in range(1, MAX_BACKINGS) if k not in self._backings)
-        backing = Backing(backing_id, npages)
-        self._backings[backing.id] = backing
-        return backing
+    def new_backing(self, npages: int) -> Backing | None:
+        """A fresh zeroed buffer under the lowest run of free ids long enough for it (a host
+        frame range is reused only after its slot was deleted, which zapped every spte
+        mapping it); None when the host's frames below the shadow pages' are used up."""
+        need = backing_ids(npages)
+        run = 0
+        for k in range(1, MAX_BACKINGS):
+            run = run + 1 if self._backings[k] is None else 0
+            if run == need:
+                backing = Backing(k - need + 1, npages)
+                self._backings[backing.id:k + 1] = [backing] * need
+                return backing
+        return None
 
     def backing_of_pfn(self, pfn: int) -> Backing:
-        return self._backings[pfn >> BACKING_PFN_SHIFT]
+        backing = self._backings[pfn >> BACKING_PFN_SHIFT]
+        assert backing is not None, f"pfn {pfn:#x} is no guest RAM"
+        return backing
 
     def drop_backing(self, backing: Backing) -> None:
-        del self._backings[backing.id]
+        n = backing_ids(backing.npages)
+        self._backings[backing.id:backing.id + n] = [None] * n
 
     def install(self, slot: Memslot) -> None:
         self.slots[slot.id] = slot
@@ -153,6 +177,13 @@ class Memslots:
 
 
 def bitmap_pages(first_word: int, words: np.ndarray) -> np.ndarray:
-    """Slot-relative page numbers of the set bits of `words` (dirty-bitmap words from first_word)."""
-    bits = np.unpackbits(words.astype("<u8", copy=False).view(np.uint8), bitorder="little")
-    return np.flatnonzero(bits) + first_word * BITS_PER_LONG
+    """Slot-relative page numbers of the set bits of `words` (dirty-bitmap words from
+    first_word), ascending. Where most words are zero only the others are unpacked: a
+    harvest of a big slot with few dirty pages costs its words, not 64 bytes per word."""
+    nonzero = np.flatnonzero(words)
+    if 2 * len(nonzero) > len(words):
+        bits = np.unpackbits(words.astype("<u8", copy=False).view(np.uint8), bitorder="little")
+        return np.flatnonzero(bits) + first_word * BITS_PER_LONG
+    bits = np.unpackbits(words[nonzero].astype("<u8").view(np.uint8), bitorder="little")
+    index = np.flatnonzero(bits)
+    return (nonzero[index >> 6] + first_word) * BITS_PER_LONG + (index & (BITS_PER_LONG - 1))

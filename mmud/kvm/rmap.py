@@ -3,10 +3,13 @@
 The kernel keeps one `struct kvm_rmap_head` per page of the slot, in an array, with the
 pte_list encoding: an empty head, a head holding the one spte pointer itself, or a head
 pointing at a chain of descriptors. mmud does the same: `head` is an int64 numpy array with
-one entry per page — `EMPTY`, a single sptep (>= 0), or `MANY`, whose spteps are in the
-`desc` list of that page. Nearly every gfn has at most one mapping, so the whole rmap is one
-array: the audit and dirty logging read it with a few numpy operations, while the fault path
-reads and writes heads through a memoryview as cheaply as a dict.
+one entry per page — `EMPTY` (0), a single sptep stored as sptep + 1 (> 0), or `MANY`, whose
+spteps are in the `desc` list of that page. Empty being 0, as a NULL head is in the kernel,
+the array starts as zeroes that the host commits only where a gfn gets mapped: the heads of
+a 1 TiB slot take 2 GiB of address space, not of memory. Nearly every gfn has at most one
+mapping, so the whole rmap is one array: the audit and dirty logging read it with a few
+numpy operations, while the fault path reads and writes heads through a memoryview as
+cheaply as a dict.
 """
 
 from __future__ import annotations
@@ -16,7 +19,9 @@ from itertools import chain
 
 import numpy as np
 
-EMPTY = -1
+from mmud.hostmem import lazy_zeros
+
+EMPTY = 0
 MANY = -2
 
 
@@ -25,7 +30,7 @@ class Rmap:
 
     def __init__(self, base_gfn: int, npages: int) -> None:
         self.base_gfn = base_gfn
-        self.head = np.full(npages, EMPTY, dtype=np.int64)
+        self.head = lazy_zeros(npages, np.int64)
         self._head = self.head.data
         self.desc: dict[int, list[int]] = {}  # page of the slot -> spteps (2 or more)
 
@@ -37,10 +42,10 @@ class Rmap:
         head = self._head
         h = head[rel]
         if h == EMPTY:
-            head[rel] = sptep
+            head[rel] = sptep + 1
             return 0
         if h != MANY:
-            self.desc[rel] = [h, sptep]
+            self.desc[rel] = [h - 1, sptep]
             head[rel] = MANY
             return 1
         entries = self.desc[rel]
@@ -52,7 +57,7 @@ class Rmap:
         rel = gfn - self.base_gfn
         head = self._head
         h = head[rel]
-        if h == sptep:
+        if h == sptep + 1:
             head[rel] = EMPTY
             return True
         if h != MANY:
@@ -62,7 +67,7 @@ class Rmap:
             return False
         entries.remove(sptep)
         if len(entries) == 1:
-            head[rel] = entries[0]
+            head[rel] = entries[0] + 1
             del self.desc[rel]
         return True
 
@@ -71,7 +76,7 @@ class Rmap:
         were in the rmap. A head holding just that sptep is cleared in one numpy operation;
         the rest (chains, and a sptep that is not there) go one by one, in order."""
         rels = gfns - self.base_gfn
-        single = self.head[rels] == spteps
+        single = self.head[rels] == spteps + 1
         self.head[rels[single]] = EMPTY
         removed = int(np.count_nonzero(single))
         if removed < len(rels):
@@ -83,8 +88,8 @@ class Rmap:
     def get(self, gfn: int) -> Sequence[int]:
         """The spteps mapping gfn (the live chain when there are several: copy to mutate)."""
         h = self._head[gfn - self.base_gfn]
-        if h >= 0:
-            return (h,)
+        if h > 0:
+            return (h - 1,)
         if h == EMPTY:
             return ()
         return self.desc[gfn - self.base_gfn]
@@ -101,7 +106,7 @@ class Rmap:
         given: the single heads in gfn order, then the chains in gfn order (each in chain
         order). Sort by gfn (stably) for the rmap's own order."""
         head = self.head
-        single = head >= 0
+        single = head > 0
         if select is not None:
             single &= select
         rels = np.flatnonzero(single)
@@ -112,6 +117,7 @@ class Rmap:
         sptep = np.empty(n + int(lens.sum()), dtype=np.int64)
         gfn = np.empty_like(sptep)
         np.take(head, rels, out=sptep[:n])
+        sptep[:n] -= 1
         np.add(rels, self.base_gfn, out=gfn[:n])
         if chained:
             gfn[n:] = np.repeat(np.array(chained, dtype=np.int64) + self.base_gfn, lens)

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from mmud import hostmem
 from mmud.kvm import dirty_log, guest_rw, kvm_main
 from mmud.uapi import bugs, stats
-from mmud.kvm.devices import IORAM_BASE, IORAM_SIZE, IoRam, MmioBus
+from mmud.kvm.devices import IORAM_BASE, IORAM_SIZE, IoRam, MmioBus, pc_ram_ranges
 from mmud.kvm.kvm_main import KvmError
 from mmud.kvm.memslot import KVM_MEM_LOG_DIRTY_PAGES, Memslots
 from mmud.kvm.mmu import audit, zap
@@ -60,7 +60,11 @@ class Kvm:
         self.vcpus: list[Vcpu] = []
         self.mmio_bus = MmioBus([IoRam(IORAM_BASE, IORAM_SIZE)])
         self.last_zap: zap.ZapRun | None = None
-        self.set_memslot(0, 0, self.mem_bytes)
+        # The VMM's RAM around the PCI hole, one memslot per range (slot 0 low, slot 1 high),
+        # and what the firmware's e820 map tells the guest.
+        self.ram_ranges = pc_ram_ranges(self.mem_bytes)
+        for slot, (start, end) in enumerate(self.ram_ranges):
+            self.set_memslot(slot, start, end - start)
         self.vcpus.extend(Vcpu(self, i) for i in range(vcpus))
         self.mmu.vcpus = [v.mmu for v in self.vcpus]
         self.isolation = kvm_isolation_init_vm(self)

@@ -53,8 +53,9 @@ def touched_vm(mem_mb: int) -> mmud.VM:
     vm = mmud.VM(mem_mb=mem_mb, seed=7, workload="kernel")
     vm.step(200)
     vcpu = vm.vcpus[0]
-    for gpa in range(0, vm.mem_bytes, 4096):
-        vcpu.read_u64(DIRECT_VA + gpa)
+    for start, stop in vm.ram_ranges:
+        for gpa in range(start, stop, 4096):
+            vcpu.read_u64(DIRECT_VA + gpa)
     return vm
 
 

@@ -97,7 +97,7 @@ def rmaps_stat(memslots: Memslots) -> list[list[int]]:
     cur = log[0]
     for slot in memslots:
         head = slot.rmap.head
-        single = int(np.count_nonzero(head >= 0))
+        single = int(np.count_nonzero(head > 0))
         chained = len(slot.rmap.desc)
         cur[0] += len(head) - single - chained
         cur[1] += single
