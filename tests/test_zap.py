@@ -12,6 +12,7 @@ import mmud.kvm.mmu.observer
 from mmud.kvm.devices import IORAM_BASE
 from mmud.kvm.kvm_main import KvmError
 from mmud.kvm.mmu import zap
+from mmud.kvm.mmu.page import hash_64 as hash_64
 from mmud.kvm.mmu.zap import BATCH_ZAP_PAGES, ZAP_KINDS
 from tests.guest_tables import P, U, W, check_access, new_vm
 
@@ -362,4 +363,51 @@ def test_a_leaf_page_zapped_at_once_leaves_what_the_per_entry_zap_leaves(kind):
     assert _rmap_state(plain) == _rmap_state(observed)
     assert all(not s.rmap.mapped().any() for s in plain.memslots)
     assert plain.stats == observed.stats and plain.stats["pages_4k"] == 0
-    assert sorted(plain.mmu.pool.free) == sorted(observed.mmu.pool.free)
+    assert plain.mmu.pool.free_rows() == observed.mmu.pool.free_rows()
+
+
+def _page_state(vm: mmud.VM) -> list[tuple[int, list[int], list[int], bool]]:
+    return [(sp.index, sp.sptes.tolist(), sorted(sp.parent_ptes), sp.invalid)
+            for sp in vm.mmu.pool.pages]
+
+
+def test_an_upper_level_page_zapped_at_once_leaves_what_the_per_entry_zap_leaves():
+    """Zapping a directory with nobody observing unlinks its children together
+    (zap._unlink_child_pages); with an observer each goes through drop_parent_pte(). Both
+    leave every page, parent pte list and rmap alike."""
+    plain, observed = _aliased_vm(), _aliased_vm()
+    observed.mmu.attach(_Listener())
+    for vm in (plain, observed):
+        sp = next(sp for sp in vm.mmu.active_mmu_pages if sp.level == 2)
+        children = [vm.mmu.child_of(s) for s in sp.spt.tolist() if s]
+        assert len(children) >= 4 and all(c.parent_ptes for c in children)
+        invalid_list: list = []
+        zap.prepare_zap_page(vm.mmu, sp, invalid_list)
+        zap.commit_zap_page(vm.mmu, invalid_list)
+        assert not any(c.parent_ptes for c in children)
+    assert _page_state(plain) == _page_state(observed)
+    assert _rmap_state(plain) == _rmap_state(observed) and plain.stats == observed.stats
+
+
+def test_a_committed_page_leaves_the_hash_when_its_row_is_used_again():
+    """A commit hands its pages to the pool at once; each stays in its hash bucket, invalid,
+    until its row is allocated again. Lookups never return it, and reuse takes it out of
+    its old bucket, so every bucket holds each page once and only as it is now."""
+    vm, gt, vcpu = faulted_vm()
+    mmu = vm.mmu
+    old = {sp: sp.gfn for sp in mmu.active_mmu_pages if not sp.root_count}
+    vm.zap_all("fast").finish()
+    freed = [sp for sp in old if sp not in mmu.active_mmu_pages]
+    assert freed and all(sp.invalid and sp.hashed for sp in freed)
+    assert not any(mmu.valid_sps_of_gfn(gfn) for gfn in old.values())
+    for i in range(0, PAGES, 64):  # the guest builds its shadow tables again
+        assert vcpu.read_u64(BASE + i * 4096, user=True) == i
+    reused = [sp for sp in freed if sp in mmu.active_mmu_pages]
+    assert reused
+    buckets = [sp for bucket in mmu.page_hash.values() for sp in bucket]
+    assert len(buckets) == len(set(buckets))
+    for bucket_id, bucket in mmu.page_hash.items():
+        for sp in bucket:
+            assert hash_64(sp.gfn) == bucket_id
+    assert all(sp in buckets for sp in mmu.active_mmu_pages)
+    assert all(sp.invalid for sp in buckets if sp not in mmu.active_mmu_pages)

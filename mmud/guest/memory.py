@@ -76,6 +76,12 @@ def set_entry(task: MemTask, table: int, index: int, value: int) -> None:
     task.vcpu.write_u64(pfn_to_virt(table) + 8 * index, value)
 
 
+def scan_entries(task: MemTask, table: int, index: int, n: int) -> tuple[int, int]:
+    """Read entries index, index+1, … of a table, at most n, up to the first present one:
+    how many were read, and the last (present, unless all n were absent)."""
+    return task.vcpu.scan_u64(pfn_to_virt(table) + 8 * index, n, pg.PT_PRESENT_MASK)
+
+
 def lookup_table(task: MemTask, mm: MM, addr: int, level: int) -> int | None:
     """Frame of the level-`level` table mapping addr, or None if an upper entry is absent."""
     table = mm.pgd
@@ -228,12 +234,14 @@ def _present_ptes(
         stop = min(end, next_table)
         if table is not None:
             while addr < stop:
-                pte = read_entry(task, table, pte_index(addr))
+                n = min(SCAN_BATCH - scanned, (stop - addr) // PAGE_SIZE)
+                read, pte = scan_entries(task, table, pte_index(addr), n)
+                addr += (read - 1) * PAGE_SIZE
                 if entry_present(pte):
                     yield table, addr, pte
                     scanned = 0
                 else:
-                    scanned += 1
+                    scanned += read
                     if scanned == SCAN_BATCH:
                         scanned = 0
                         yield None
@@ -286,8 +294,10 @@ def _free_tables(
     first = (max(start, base) - base) // size
     last = min((end - 1 - base) // size, PTRS_PER_TABLE - 1)
     freed = False
-    for index in range(first, last + 1):
-        entry = read_entry(task, table, index)
+    index = first - 1
+    while index < last:
+        read, entry = scan_entries(task, table, index + 1, last - index)
+        index += read
         if not entry_present(entry):
             continue
         region = base + index * size

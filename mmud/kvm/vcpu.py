@@ -20,7 +20,7 @@ from mmud.kvm.mmu import spte as S
 from mmud.kvm.mmu.mmu import RET_PF_EMULATE
 from mmud.kvm.mmu.page import ShadowPage
 from mmud.kvm.mmu.page_fault import kvm_mmu_page_fault
-from mmud.kvm.mmu.vcpu_mmu import VcpuMmu, allowed_kinds
+from mmud.kvm.mmu.vcpu_mmu import VcpuMmu
 from mmud.uapi import stats
 from mmud.x86.paging import (
     MSR_EFER,
@@ -39,6 +39,8 @@ from mmud.x86.paging import (
     PAGE_MASK,
     PT_ACCESSED_MASK,
     PT_DIRTY_MASK,
+    PT_USER_MASK,
+    PT_WRITABLE_MASK,
     PAGE_SHIFT,
     PFERR_FETCH_MASK,
     PFERR_PRESENT_MASK,
@@ -48,7 +50,6 @@ from mmud.x86.paging import (
     X86_EFLAGS_AC,
     X86_EFLAGS_FIXED,
     is_canonical,
-    pt_index,
     rsvd_table,
 )
 
@@ -72,6 +73,12 @@ _HOST_RSVD = rsvd_table(True)
 # The access kinds (write | user << 1 | fetch << 2) that write: a TLB entry's allowed mask
 # loses them while the spte is not dirty.
 _WRITE_KINDS = sum(1 << kind for kind in range(8) if kind & 1)
+# An spte's W and U bits are its rights' W and U bits (ACC_WRITE_MASK, ACC_USER_MASK).
+_SPTE_WU = PT_WRITABLE_MASK | PT_USER_MASK
+# The #PF error code's access bits for each kind; the host always runs with EFER.NX, so a
+# fetch is marked as one.
+_HW_ERROR_CODE = tuple((kind & 1) * PFERR_WRITE_MASK | (kind >> 1 & 1) * PFERR_USER_MASK
+                       | (kind >> 2 & 1) * PFERR_FETCH_MASK for kind in range(8))
 
 # A fault that keeps coming back means KVM failed to make progress: a simulator bug.
 _MAX_FAULT_RETRIES = 64
@@ -263,9 +270,6 @@ class Vcpu:
         A present entry with a reserved bit set faults with RSVD at any level: that is how
         an MMIO spte (bit 51 set) reaches handle_mmio_page_fault, and how a corrupt spte
         reaches its reserved-bit check."""
-        err = (kind & 1) * PFERR_WRITE_MASK | (kind >> 1 & 1) * PFERR_USER_MASK
-        if kind & 4:
-            err |= PFERR_FETCH_MASK  # the host always runs with EFER.NX
         sp = self.mmu.root
         assert sp is not None, "enter_guest() loads a root before any access"
         level = sp.level
@@ -273,15 +277,15 @@ class Vcpu:
         while True:
             spte = sp.spt[(gva >> (3 + 9 * level)) & 511]
             if not spte & S.PT_PRESENT_MASK:
-                return err
+                return _HW_ERROR_CODE[kind]
             if spte & _HOST_RSVD[level * 2 + (spte >> 7 & 1)]:
-                return err | PFERR_PRESENT_MASK | PFERR_RSVD_MASK
+                return _HW_ERROR_CODE[kind] | PFERR_PRESENT_MASK | PFERR_RSVD_MASK
             if level == 1 or spte & S.PT_PAGE_SIZE_MASK:
                 break
             sp = pages[((spte & S.SPTE_BASE_ADDR_MASK) >> PAGE_SHIFT) - S.SPT_PFN_BASE]
             level -= 1
         entry = self._tlb_fill(gva, kind, sp, spte)
-        return err | PFERR_PRESENT_MASK if entry is None else entry
+        return _HW_ERROR_CODE[kind] | PFERR_PRESENT_MASK if entry is None else entry
 
     def _tlb_fill(self, gva: int, kind: int, sp: ShadowPage, spte: int) -> TlbEntry | None:
         """Cache the translation of gva by the leaf spte of sp; None if it refuses `kind`.
@@ -289,10 +293,10 @@ class Vcpu:
         As the processor does, the walk sets A in the spte, and D on a write; a translation
         cached without D does not serve writes, so the first write walks again to set it.
         """
-        allowed = allowed_kinds(self.mmu.hw_permissions, S.spte_access(spte))
+        allowed = self.mmu.hw_allowed[(spte & _SPTE_WU) | (spte >> 63 ^ 1)]  # spte_access()
         if not allowed >> kind & 1:
             return None
-        i = pt_index(gva, 1)
+        i = (gva >> PAGE_SHIFT) & 511
         set_bits = PT_ACCESSED_MASK | PT_DIRTY_MASK if kind & 1 else PT_ACCESSED_MASK
         if ~spte & set_bits:
             spte |= set_bits
@@ -335,8 +339,10 @@ class Vcpu:
             if r == RET_PF_EMULATE:
                 return RET_PF_EMULATE
             if mmu.fixed is not None and not self.requests:
-                # The retried access would walk to the spte the fault just installed (nothing
-                # ran in between and no request is pending): take its translation directly.
+                # The retried access would walk to the spte the fault just installed or made
+                # writable (no request is pending: whatever ran in between — a harvest in
+                # the fast path's window — changed no spte on the way): take its
+                # translation directly.
                 sp, i = mmu.fixed
                 spte = sp.spt[i]
                 if spte & S.SPTE_MMU_PRESENT:
@@ -412,6 +418,33 @@ class Vcpu:
         if isinstance(entry, int):
             return self._emulate_read(gva, kind)
         return entry[0][entry[1] + ((gva & ~PAGE_MASK) >> 3)]
+
+    def scan_u64(self, gva: int, n: int, mask: int) -> tuple[int, int]:
+        """Supervisor loads of up to n consecutive words from gva (all in one page), one by
+        one, stopping after the first with a bit of `mask` set: how many were loaded, and
+        the last word — a loop of `read_u64`, such as a table scan for a present entry.
+
+        Only the first load can exit: once it has a translation and no request is
+        pending, the others hit the same TLB entry (nothing else runs in between), so
+        they are read straight from the page. Otherwise each goes as `read_u64` does."""
+        entry = self._translate(gva, 0)
+        if isinstance(entry, int):
+            value = self._emulate_read(gva, 0)
+        else:
+            u64, base = entry[0], entry[1] + ((gva & ~PAGE_MASK) >> 3)
+            value = u64[base]
+            if not self.requests:
+                k = 1
+                while not value & mask and k < n:
+                    value = u64[base + k]
+                    k += 1
+                self.accesses += k - 1
+                return k, value
+        k = 1
+        while not value & mask and k < n:
+            value = self.read_u64(gva + 8 * k)
+            k += 1
+        return k, value
 
     def write_u64(self, gva: int, value: int, *, user: bool = False) -> None:
         """A MOV store: a trapped write to a shadowed page table is emulated."""

@@ -153,8 +153,9 @@ class VmIsolation(MmuObserver):
     def alloc_page(self, sp: ShadowPage) -> None:
         self._touch_hash(sp.gfn, True)
 
-    def free_page(self, sp: ShadowPage) -> None:
-        self._touch_hash(sp.gfn, True)
+    def kvm_mmu_commit_zap_page(self, sps: list[ShadowPage]) -> None:
+        for sp in sps:
+            self._touch_hash(sp.gfn, True)
 
     def _touch_sp(self, sp: ShadowPage, write: bool) -> None:
         """The `struct kvm_mmu_page` header (role, gfn, parent_ptes, unsync…)."""

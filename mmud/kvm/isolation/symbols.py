@@ -42,7 +42,6 @@ KERNEL_NAMES = {
     "mmud.kvm.memslot:Memslots.read_u64": "kvm_read_guest",
     "mmud.kvm.memslot:Memslots.write_u64": "kvm_write_guest",
     "mmud.kvm.mmu.mmu:KvmMmu.alloc_page": "kvm_mmu_alloc_page",
-    "mmud.kvm.mmu.mmu:KvmMmu.free_page": "kvm_mmu_free_page",
     "mmud.kvm.mmu.mmu:KvmMmu.page_track_is_active": "kvm_page_track_is_active",
     "mmud.kvm.mmu.mmu:KvmMmu.drop_spte": "drop_spte",
     "mmud.kvm.mmu.paging_tmpl:walk_addr": "paging64_walk_addr_generic",

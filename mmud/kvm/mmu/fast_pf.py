@@ -83,4 +83,5 @@ def _fix_spte(vmmu: VcpuMmu, sp: ShadowPage, i: int, old: int, error_code: int) 
     vmmu.vcpu.preempt()  # the window between making the spte writable and logging the page
     vmmu.vcpu.mark_page_dirty(gfn)
     vmmu.fast_pf_gfn = None
+    vmmu.fixed = (sp, i)
     return RET_PF_FIXED

@@ -40,8 +40,9 @@ class MmuObserver(Protocol):
         """kvm_mmu_alloc_page(): sp is new (on the hash and the active list)."""
         return None
 
-    def free_page(self, sp: ShadowPage) -> None:
-        """kvm_mmu_free_page(): sp leaves the hash."""
+    def kvm_mmu_commit_zap_page(self, sps: list[ShadowPage]) -> None:
+        """kvm_mmu_commit_zap_page(): each sp of the list is freed (kvm_mmu_free_page,
+        inlined there), leaving the hash."""
         return None
 
     def prepare_zap_page(self, sp: ShadowPage) -> None:

@@ -105,7 +105,7 @@ class ShadowPage:
     __slots__ = (
         "index", "spt", "sptes", "gfns", "gfn", "role", "level", "direct", "access",
         "unsync", "unsync_children", "unsync_child_bitmap", "parent_ptes", "root_count",
-        "mmu_valid_gen", "write_flooding_count", "invalid", "_gfns_np",
+        "mmu_valid_gen", "write_flooding_count", "invalid", "_gfns_np", "hashed",
     )
 
     def __init__(self, index: int, sptes: np.ndarray, gfns: np.ndarray) -> None:
@@ -114,6 +114,7 @@ class ShadowPage:
         self.spt = sptes.data  # a memoryview: Python-int access on the hot path
         self._gfns_np = gfns
         self.gfns = gfns.data
+        self.hashed = False  # in mmu_page_hash: from alloc until its row is allocated again
         self.init(0, 0, 0)
 
     def init(self, gfn: int, role: int, gen: int) -> None:
@@ -149,13 +150,19 @@ class ShadowPage:
 
 
 class ShadowPagePool:
-    """Storage of all shadow pages: chunked spte/gfn arrays and a free list of rows."""
+    """Storage of all shadow pages: chunked spte/gfn arrays and a free list of rows.
+
+    The free list is a stack: rows never used, under the lists of pages freed by each
+    commit (`release_all`), newest on top; `alloc` takes the top row. A commit hands its
+    list over whole, so that freeing N pages costs the same as freeing one.
+    """
 
     def __init__(self) -> None:
         self.spt_chunks: list[np.ndarray] = []
         self.gfn_chunks: list[np.ndarray] = []
         self.pages: list[ShadowPage] = []  # by index, allocated or free
-        self.free: list[int] = []
+        self.free: list[int] = []  # rows never used, lowest index on top
+        self._released: list[list[ShadowPage]] = []  # freed pages, by commit
 
     def _grow(self) -> None:
         base = len(self.pages)
@@ -168,12 +175,23 @@ class ShadowPagePool:
         self.free.extend(range(base + CHUNK_PAGES - 1, base - 1, -1))
 
     def alloc(self) -> ShadowPage:
+        released = self._released
+        while released:
+            if released[-1]:
+                return released[-1].pop()
+            released.pop()
         if not self.free:
             self._grow()
         return self.pages[self.free.pop()]
 
-    def release(self, sp: ShadowPage) -> None:
-        self.free.append(sp.index)
+    def release_all(self, sps: list[ShadowPage]) -> None:
+        """Return the pages of a commit, which the caller no longer holds; the last of
+        them is the next to be allocated, as if each had been freed in turn."""
+        self._released.append(sps)
+
+    def free_rows(self) -> list[int]:
+        """Every free row, the next to be allocated last."""
+        return [*self.free, *(sp.index for sps in self._released for sp in sps)]
 
     def spt_array(self) -> np.ndarray:
         """Every page's sptes as one (pages, 512) array, indexed by pool index (a copy when

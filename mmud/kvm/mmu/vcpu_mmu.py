@@ -111,7 +111,7 @@ class VcpuMmu:
         self.root: ShadowPage | None = None
         self.root_cr3 = 0
         self.prev_roots: list[tuple[int, ShadowPage | None]] = [(0, None)] * KVM_MMU_NUM_PREV_ROOTS
-        self.fixed: tuple[ShadowPage, int] | None = None  # the leaf the last fault installed
+        self.fixed: tuple[ShadowPage, int] | None = None  # the leaf the last fault installed or fixed
         self.fast_pf_gfn: int | None = None  # between a fast page fault's cmpxchg and mark_page_dirty
         # vcpu->arch.mmio_gva / mmio_access / mmio_gfn / mmio_generation
         self.mmio_gva = 0
@@ -122,6 +122,7 @@ class VcpuMmu:
         self.base_role = 0
         self.guest_permissions: tuple[int, ...] = ()
         self.hw_permissions: tuple[int, ...] = ()
+        self.hw_allowed: tuple[int, ...] = ()  # by spte rights (spte_access): kinds allowed
         self.rsvd_table: tuple[int, ...] = ()
 
     # --- the paging mode (kvm_init_mmu) ------------------------------------------------------
@@ -152,6 +153,7 @@ class VcpuMmu:
         self.ac = bool(rflags & X86_EFLAGS_AC)
         self.guest_permissions = permission_table(self.cr0_wp, self.smep, self.smap, self.ac)
         self.hw_permissions = permission_table(True, self.smep, self.smap, self.ac)
+        self.hw_allowed = tuple(allowed_kinds(self.hw_permissions, access) for access in range(8))
 
     def root_role(self) -> int:
         return make_role(self.base_role, PT64_ROOT_4LEVEL, False, ACC_ALL)
@@ -163,7 +165,7 @@ class VcpuMmu:
     def hw_allows(self, spte: int, error_code: int) -> bool:
         """Whether the processor would let the faulting access through spte."""
         kind = 1 | (error_code >> 1 & 2) | (error_code >> 2 & 4)
-        return bool(allowed_kinds(self.hw_permissions, S.spte_access(spte)) >> kind & 1)
+        return bool(self.hw_allowed[S.spte_access(spte)] >> kind & 1)
 
     # --- the MMIO info cache -------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Generator, Iterator
+from itertools import islice
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -25,12 +26,17 @@ from mmud.kvm.mmu.mmu import (
     KvmMmu,
 )
 from mmud.kvm.mmu.page import SPTEP_SHIFT, ShadowPage, spte_index, sptep_page
+from mmud.x86.paging import PAGE_SHIFT, PT64_ENT_PER_PAGE, PT_PAGE_SIZE_MASK
 
 if TYPE_CHECKING:
     from mmud.kvm.mmu.vcpu_mmu import VcpuMmu
 
 BATCH_ZAP_PAGES = 10
 _MMU_PRESENT = np.uint64(S.SPTE_MMU_PRESENT)
+_PAGE_SIZE = np.uint64(PT_PAGE_SIZE_MASK)
+_BASE_ADDR = np.uint64(S.SPTE_BASE_ADDR_MASK)
+_PAGE_SHIFT = np.uint64(PAGE_SHIFT)
+_SPT_PFN_BASE = np.uint64(S.SPT_PFN_BASE)
 
 
 def mmu_page_zap_pte(mmu: KvmMmu, sp: ShadowPage, i: int) -> bool:
@@ -49,13 +55,36 @@ def mmu_page_zap_pte(mmu: KvmMmu, sp: ShadowPage, i: int) -> bool:
 
 
 def _unlink_children(mmu: KvmMmu, sp: ShadowPage) -> None:
-    if sp.level == 1 and mmu.obs is None and mmu.bug is None:
-        _drop_leaf_sptes(mmu, sp)
-        return
+    if mmu.obs is None and mmu.bug is None:
+        if sp.level == 1:
+            _drop_leaf_sptes(mmu, sp)
+            return
+        if _unlink_child_pages(mmu, sp):
+            return
     spt = sp.spt
     for i in sp.sptes.nonzero()[0].tolist():
         if spt[i]:
             mmu_page_zap_pte(mmu, sp, i)
+
+
+def _unlink_child_pages(mmu: KvmMmu, sp: ShadowPage) -> bool:
+    """mmu_page_zap_pte() of every entry of an upper-level page, at once, when none is a
+    leaf (mmud has no huge sptes): each child loses its parent pte (drop_parent_pte) and
+    the page ends empty. A 2 MiB-per-page guest's directory has 512 children; one by one,
+    it was the longest step of a fast zap. False, having done nothing, if a leaf is there."""
+    sptes = sp.sptes
+    idx = np.flatnonzero(sptes)
+    values = sptes[idx]
+    present = (values & _MMU_PRESENT) != 0
+    if ((values[present] & _PAGE_SIZE) != 0).any():
+        return False
+    children = ((values[present] & _BASE_ADDR) >> _PAGE_SHIFT) - _SPT_PFN_BASE
+    sptes[idx] = 0
+    pages = mmu.pool.pages
+    base = sp.index << SPTEP_SHIFT
+    for child, i in zip(children.tolist(), idx[present].tolist(), strict=True):
+        pages[child].parent_ptes.remove(base | i)
+    return True
 
 
 def _drop_leaf_sptes(mmu: KvmMmu, sp: ShadowPage) -> None:
@@ -64,16 +93,19 @@ def _drop_leaf_sptes(mmu: KvmMmu, sp: ShadowPage) -> None:
     and the page ends empty — what the loop leaves, when no observer needs to see each
     spte go and no injected bug changes drop_spte(). A zap's longest step is this one."""
     sptes = sp.sptes
-    idx = np.flatnonzero(sptes)
-    present = idx[(sptes[idx] & _MMU_PRESENT) != 0]
-    sptes[idx] = 0
+    present = np.flatnonzero(sptes & _MMU_PRESENT)
+    sptes.fill(0)
     if not len(present):
         return
+    spteps = present | (sp.index << SPTEP_SHIFT)
     if sp.direct:
         gfns = present + sp.gfn
+        slot = mmu.memslots.lookup(sp.gfn)
+        if slot is not None and sp.gfn + PT64_ENT_PER_PAGE <= slot.end_gfn:  # the usual case
+            mmu.stat["pages_4k"] -= slot.rmap.remove_many(gfns, spteps)
+            return
     else:
         gfns = np.asarray(sp.gfns)[present].astype(np.int64)
-    spteps = present | (sp.index << SPTEP_SHIFT)
     removed = 0
     while len(gfns):
         lo, hi = int(gfns.min()), int(gfns.max())
@@ -130,8 +162,8 @@ def commit_zap_page(mmu: KvmMmu, invalid_list: list[ShadowPage]) -> None:
     if not invalid_list:
         return
     mmu.kvm_flush_remote_tlbs()
-    for sp in invalid_list:
-        mmu.free_page(sp)
+    if mmu.obs: mmu.obs.kvm_mmu_commit_zap_page(invalid_list)  # observer
+    mmu.free_pages(invalid_list.copy())
     invalid_list.clear()
 
 
@@ -440,6 +472,28 @@ def kvm_mmu_zap_all_legacy(mmu: KvmMmu) -> ZapRun:
     return ZapRun("legacy", mmu, lambda run: _zap_all_walk(mmu, run, legacy=True))
 
 
+WALK_CHUNK = 16  # pages _from_tail reads from the list at a time
+
+
+def _from_tail(active: dict[ShadowPage, None]) -> Iterator[ShadowPage]:
+    """The pages of active_mmu_pages from the tail, as the walk that zaps them finds them:
+    a page leaves the list (zapped) or moves to its head (a root) before the next is read.
+
+    A few at a time, from the live list: a copy of a 64 GiB guest's whole list at every
+    restart would be the longest step of the zap. Pages passed over stay at the tail (the
+    walk skips pinned invalid roots), so each read starts past them."""
+    passed: dict[ShadowPage, None] = {}
+    while True:
+        passed = {sp: None for sp in passed if sp in active}
+        chunk = [sp for sp in islice(active, len(passed) + WALK_CHUNK) if sp not in passed]
+        if not chunk:
+            return
+        for sp in chunk:
+            if sp in active and sp not in passed:
+                passed[sp] = None
+                yield sp
+
+
 def kvm_zap_obsolete_pages(mmu: KvmMmu, run: ZapRun) -> Iterator[None]:
     """Zap the obsolete pages oldest first (v5.16), with a lock break where one is due.
 
@@ -466,10 +520,10 @@ def kvm_zap_obsolete_pages(mmu: KvmMmu, run: ZapRun) -> Iterator[None]:
     restart = True
     while restart:
         restart = False
-        for sp in list(active):  # list_for_each_entry_safe_reverse: from the tail
+        for sp in _from_tail(active):  # list_for_each_entry_safe_reverse
             if not mmu.is_obsolete_sp(sp):
                 break
-            if sp not in active or (sp.invalid and sp.root_count):
+            if sp.invalid and sp.root_count:
                 continue
             if batch >= BATCH_ZAP_PAGES and (yield from run.cond_resched_lock()):
                 batch = 0
