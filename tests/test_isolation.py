@@ -12,8 +12,10 @@ import pytest
 
 import mmud
 from mmud.daemon.faultlog import FaultLogPublisher
+from mmud.guest.hw import GuestVcpu
 from mmud.kvm.isolation import arm_switch_fault, isolation_map
 from mmud.kvm.isolation import layout as L
+from mmud.kvm.isolation.symbols import HARDWARE, KERNEL_NAMES
 from mmud.kvm.isolation.faultlog import KVM_LAST_FAULT_COUNT
 from mmud.kvm.mmu.mmu import KvmMmu
 from mmud.kvm.mmu.page import hash_64
@@ -329,3 +331,15 @@ def test_a_vm_gone_before_its_entries_are_published_keeps_its_name():
     publisher.logs(describe)
     rows = [row.split() for row in publisher.logs(describe)["isolation/history"][1:]]
     assert len(rows) > 3 and {row[1] for row in rows} == {"vm0"}
+
+
+def test_the_guests_instructions_are_the_processors_not_kvm_text():
+    """What the guest does through its vCPU — loads, stores, scans, string instructions —
+    models the processor: a call trace ends below it, it is never a frame of kvm. Only an
+    instruction that exits (INVLPG) has a KVM handler of its own."""
+    methods = {name for name, value in vars(GuestVcpu).items()
+               if callable(value) and not name.startswith("_") and name != "index"}
+    for name in methods:
+        key = f"mmud.kvm.vcpu:Vcpu.{name}"
+        assert (key in HARDWARE) != (key in KERNEL_NAMES), key
+    assert {"read_u64", "scan_u64", "clear_page", "invlpg"} <= methods

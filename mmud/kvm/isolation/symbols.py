@@ -60,8 +60,9 @@ KERNEL_NAMES = {
 # Functions that model the processor, not KVM: the call chain ends below them.
 HARDWARE = frozenset({
     "mmud.kvm.vcpu:Vcpu.access", "mmud.kvm.vcpu:Vcpu.read_u64", "mmud.kvm.vcpu:Vcpu.write_u64",
-    "mmud.kvm.vcpu:Vcpu.fetch", "mmud.kvm.vcpu:Vcpu._hw_walk", "mmud.kvm.vcpu:Vcpu.clear_page",
-    "mmud.kvm.vcpu:Vcpu.copy_page", "mmud.kvm.vcpu:Vcpu._string_target",
+    "mmud.kvm.vcpu:Vcpu.fetch", "mmud.kvm.vcpu:Vcpu.scan_u64", "mmud.kvm.vcpu:Vcpu._hw_walk",
+    "mmud.kvm.vcpu:Vcpu.clear_page", "mmud.kvm.vcpu:Vcpu.copy_page",
+    "mmud.kvm.vcpu:Vcpu._string_target",
 })
 _PACKAGE = "mmud.kvm"
 
