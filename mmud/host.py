@@ -18,11 +18,20 @@ from mmud.x86.paging import PAGE_SIZE
 
 CHURN_SLOT = 8
 CHURN_PAGES = 16
-# Far above any guest RAM and the ioram device; the slot moves between these places.
-CHURN_GPAS = tuple((1 << 40) + k * (1 << 30) for k in range(4))
+# The slot moves between four places 1 GiB apart, from 1 TiB up, far above the RAM of most
+# guests and the ioram device (churn_gpas).
+CHURN_BASE = 1 << 40
+CHURN_STRIDE = 1 << 30
 # Scheduler steps of this task between two ioctls (the vCPUs get the steps in between).
 CHURN_IDLE_STEPS = (20, 200)
 MARKER = 0x6D656D736C6F7421  # "memslot!"
+
+
+def churn_gpas(ram_end: int) -> tuple[int, ...]:
+    """Where the churned slot may be: from 1 TiB, or past the end of RAM of a guest that
+    reaches that high."""
+    base = max(CHURN_BASE, -(-ram_end // CHURN_STRIDE) * CHURN_STRIDE)
+    return tuple(base + k * CHURN_STRIDE for k in range(4))
 
 
 class ChurnError(RuntimeError):
@@ -37,14 +46,15 @@ def memslot_churn(vm: Any, seed: int) -> Iterator[None]:
         for _ in range(rng.randint(*CHURN_IDLE_STEPS)):
             yield
 
+    places = churn_gpas(vm.ram_ranges[-1][1])
     while True:
-        gpa = rng.choice(CHURN_GPAS)
+        gpa = rng.choice(places)
         vm.set_memslot(CHURN_SLOT, gpa, size)
         if vm.read_u64(gpa) != 0:
             raise ChurnError(f"new memslot at {gpa:#x} is not zeroed")
         vm.write_u64(gpa, MARKER)
         yield from idle()
-        new_gpa = rng.choice([g for g in CHURN_GPAS if g != gpa])
+        new_gpa = rng.choice([g for g in places if g != gpa])
         vm.set_memslot(CHURN_SLOT, new_gpa, size)
         if vm.read_u64(new_gpa) != MARKER:
             raise ChurnError(f"memslot moved to {new_gpa:#x} lost its contents")

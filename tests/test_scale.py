@@ -159,3 +159,15 @@ def test_the_allocator_walks_the_ram_ranges_up_and_skips_the_holes():
         frames.alloc()
     frames.put_page(6)
     assert frames.nr_free == 1 and frames.alloc() == 6
+
+
+def test_the_churned_memslot_keeps_clear_of_the_ram_of_a_guest_past_1_tib():
+    """memslot_churn moves its slot between places from 1 TiB up; a guest whose RAM reaches
+    past 1 TiB gets places past its RAM instead of a slot that overlaps it (EEXIST)."""
+    vm = mmud.VM(mem_mb=(1 << 20) + 4096, seed=3, workload="memslot_churn")
+    ram_end = vm.ram_ranges[-1][1]
+    assert ram_end > 1 << 40
+    generation = vm.memslots.generation
+    vm.step(3000)
+    assert vm.memslots.generation > generation + 8  # the churn task ran its ioctls
+    assert all(s.base_gfn << 12 >= ram_end for s in vm.memslots if s.id == 8)
