@@ -21,6 +21,7 @@ import ctypes
 import ctypes.util
 import functools
 import mmap
+from collections.abc import Callable
 
 import numpy as np
 import numpy.typing as npt
@@ -49,3 +50,33 @@ def lazy_zeros(n: int, dtype: npt.DTypeLike) -> np.ndarray:
     size = n * np.dtype(dtype).itemsize
     buf = mmap.mmap(-1, max(size, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE)
     return np.frombuffer(buf, dtype=dtype, count=n)
+
+
+PAGE = mmap.PAGESIZE
+RESIDENT_CHUNK = 1 << 30  # bytes asked of mincore() at a time: a 256 KiB vector
+
+
+@functools.cache
+def _mincore() -> Callable[[int, int, int], int]:
+    fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).mincore
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    return fn
+
+
+def resident_pages(array: np.ndarray) -> np.ndarray:
+    """The host pages of a `lazy_zeros` array that are mapped (mincore(2)), ascending, by
+    index: every page written, and any page read, since the array was made. The others
+    hold zeroes and were never looked at, so a scan of what the array holds can skip
+    them without touching them (reading a page maps it)."""
+    address, size = array.ctypes.data, array.nbytes
+    assert address % PAGE == 0, "a lazy_zeros array starts on a page"
+    vector = np.empty(RESIDENT_CHUNK // PAGE, dtype=np.uint8)
+    found = []
+    for offset in range(0, size, RESIDENT_CHUNK):
+        length = min(RESIDENT_CHUNK, size - offset)
+        if _mincore()(address + offset, length, vector.ctypes.data):
+            raise OSError(ctypes.get_errno(), "mincore")
+        pages = np.flatnonzero(vector[:-(-length // PAGE)] & 1)
+        if len(pages):
+            found.append(pages + offset // PAGE)
+    return np.concatenate(found) if found else np.zeros(0, dtype=np.int64)

@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import errno
 import random
+from types import SimpleNamespace
 
 import pytest
 
 import mmud
-from mmud.daemon import vmio
+from mmud.daemon import recording, vmio
 from mmud.guest.frames import FrameAllocator, OutOfMemory
 from mmud.guest.kernel import Kernel
 from mmud.guest.pgtable import PAGE_OFFSET
+from mmud.hostmem import resident_pages
 from mmud.kvm.devices import IORAM_BASE, IORAM_SIZE
 from mmud.kvm.kvm_main import KvmError
 from mmud.kvm.memslot import BACKING_PFN_SHIFT, KVM_MEM_MAX_NR_PAGES
@@ -171,3 +173,26 @@ def test_the_churned_memslot_keeps_clear_of_the_ram_of_a_guest_past_1_tib():
     vm.step(3000)
     assert vm.memslots.generation > generation + 8  # the churn task ran its ioctls
     assert all(s.base_gfn << 12 >= ram_end for s in vm.memslots if s.id == 8)
+
+
+def _ram_digest(vm: mmud.VM) -> str:
+    """The recording's `memory` part of a VM's checkpoint digest."""
+    slot = SimpleNamespace(vm=vm, state="running", failure=None)
+    return str(recording.digest(slot)["memory"])
+
+
+def test_a_checkpoint_reads_only_the_ram_the_guest_touched():
+    """A recording's checkpoint digests guest RAM page by page over the pages the host has
+    mapped (mincore), so it leaves the untouched pages of a big guest untouched; pages read
+    but all zero count as untouched, and a changed word changes the digest."""
+    vm = mmud.VM(mem_mb=4096, seed=1, workload="kernel")
+    vm.step(500)
+    before = [len(resident_pages(slot.backing.array)) for slot in vm.memslots]
+    first = _ram_digest(vm)
+    assert [len(resident_pages(slot.backing.array)) for slot in vm.memslots] == before
+    assert sum(before) < vm.mem_bytes // 4096 // 10
+    high = vm.memslots.slots[1]
+    assert int(high.backing.array[1 << 20]) == 0  # a read of an untouched page maps it
+    assert _ram_digest(vm) == first
+    vm.write_u64((high.base_gfn << 12) + (4 << 20), 1)
+    assert _ram_digest(vm) != first
