@@ -51,7 +51,7 @@ from mmud.machine import VM
 FORMAT = "mmud-recording"
 VERSION = "1.1"  # a reader refuses a newer major version; a minor one only adds fields
 # A checkpoint every this many steps of a VM: about one per second of a running VM at the
-# loop's usual speed, each costing one pass over guest RAM (docs/replay.md).
+# loop's usual speed, each reading the guest RAM the host has mapped (docs/replay.md).
 CHECKPOINT_STEPS = 50_000
 # A run's recording stops at this size (requests are small; bulk memory writes dominate).
 CAP_BYTES = 256 << 20
