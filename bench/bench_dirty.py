@@ -28,7 +28,7 @@ def _writer(log_dirty: bool, steps: int):
     vm = mmud.VM(mem_mb=64, seed=1, workload="stream")
     vm.step(3000)  # boot and demand paging of the working set
     if log_dirty:
-        vm.set_memslot(0, 0, vm.mem_bytes, log_dirty=True)
+        vm.log_dirty_pages(0)
 
     def measure() -> list[float]:
         writes0 = vm.workload.counters["writes"]
@@ -46,9 +46,9 @@ def get_dirty_log_ms(mem_mb: int, reps: int) -> float:
     """One KVM_GET_DIRTY_LOG of each memslot of the guest's RAM (two above the PCI hole)
     with every page dirty, in ms (median of `reps`)."""
     vm = mmud.VM(mem_mb=mem_mb, seed=1, workload="stream")
-    slots = list(enumerate(vm.ram_ranges))
-    for slot, (start, stop) in slots:
-        vm.set_memslot(slot, start, stop - start, log_dirty=True)
+    slots = [slot.id for slot in vm.memslots]
+    for slot in slots:
+        vm.log_dirty_pages(slot)
     vm.step(3000)
     samples = []
     for _ in range(reps):
@@ -56,7 +56,7 @@ def get_dirty_log_ms(mem_mb: int, reps: int) -> float:
         for memslot in vm.memslots:  # what mark_page_dirty() of every page leaves
             memslot.dirty_bitmap[:] = np.uint64(2**64 - 1)
         t0 = time.perf_counter()
-        for slot, _ in slots:
+        for slot in slots:
             vm.get_dirty_log(slot)
         samples.append((time.perf_counter() - t0) * 1000)
     return median(samples)

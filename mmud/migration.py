@@ -110,8 +110,7 @@ class Migration:
     def run(self) -> Generator[None, None, MigrationResult]:
         source, result = self.source, self.result
         for slot in self.slots:
-            source.set_memslot(slot.id, slot.base_gfn << PAGE_SHIFT, slot.npages * PAGE_SIZE,
-                               log_dirty=True)
+            source.log_dirty_pages(slot.id)
         self.logging = True
         sent = 0
         for slot in self.slots:
@@ -134,8 +133,7 @@ class Migration:
     def _restore_flags(self) -> None:
         """Dirty logging in the source back to what it was before the migration."""
         for slot in self.slots:
-            self.source.set_memslot(slot.id, slot.base_gfn << PAGE_SHIFT,
-                                    slot.npages * PAGE_SIZE, log_dirty=self.flags[slot.id])
+            self.source.log_dirty_pages(slot.id, self.flags[slot.id])
         self.logging = False
 
     def cancel(self) -> None:

@@ -196,3 +196,19 @@ def test_bitmap_pages_lists_every_set_bit_of_sparse_and_dense_bitmaps(density):
     expected = [64 * (100 + w) + b for w in range(len(words)) for b in range(64)
                 if int(words[w]) >> b & 1]
     assert bitmap_pages(100, words).tolist() == expected
+
+
+def test_log_dirty_pages_changes_only_the_flag_of_a_slot_where_it_is():
+    """The VMM's switch for dirty logging: a flags-only KVM_SET_USER_MEMORY_REGION of the slot
+    as it stands, here the high slot of a guest past the PCI hole; no slot is EINVAL."""
+    vm = mmud.VM(mem_mb=4096, workload=None)
+    high = vm.memslots.slots[1]
+    where, generation = (high.base_gfn, high.npages), vm.memslots.generation
+    vm.log_dirty_pages(1)
+    assert high.log_dirty and high.dirty_bitmap is not None
+    assert (high.base_gfn, high.npages) == where and vm.memslots.generation > generation
+    vm.log_dirty_pages(1, on=False)
+    assert not vm.memslots.slots[1].log_dirty
+    with pytest.raises(mmud.KvmError) as e:
+        vm.log_dirty_pages(7)
+    assert e.value.errno == errno.EINVAL

@@ -241,6 +241,14 @@ class Kvm:
         flags = KVM_MEM_LOG_DIRTY_PAGES if log_dirty else 0
         kvm_main.kvm_set_memory_region(self, slot, gpa, size, flags)
 
+    def log_dirty_pages(self, slot: int, on: bool = True) -> None:
+        """Dirty logging of a slot on or off, as a VMM asks for it: KVM_SET_USER_MEMORY_REGION
+        of the slot where it is, with KVM_MEM_LOG_DIRTY_PAGES set or cleared."""
+        s = self.memslots.slots.get(slot)
+        if s is None:
+            raise KvmError(errno.EINVAL, f"slot {slot} does not exist")
+        self.set_memslot(slot, s.base_gfn << PAGE_SHIFT, s.npages << PAGE_SHIFT, log_dirty=on)
+
     def set_nr_mmu_pages(self, nr: int) -> None:
         """KVM_SET_NR_MMU_PAGES."""
         if nr < KVM_MIN_ALLOC_MMU_PAGES:

@@ -73,8 +73,7 @@ def detect(bug: str, mode: str, seed: int, budget_steps: int, *, mem_mb: int = 6
     leaves that to the engine's time limit, so that its metrics depend on its parameters)."""
     vm = mmud.VM(mem_mb=mem_mb, vcpus=vcpus, seed=seed, workload="kernel", params=MODES[mode])
     if bug.startswith("dirty_"):  # they live in the harvest: log slot 0, harvest it
-        start, stop = vm.ram_ranges[0]
-        vm.set_memslot(0, start, stop - start, log_dirty=True)
+        vm.log_dirty_pages(0)
         vm.scheduler.add("harvest", harvester(vm))
     vm.step(WARMUP_STEPS)
     exits = vm.stats["exits"]
