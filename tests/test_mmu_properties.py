@@ -8,6 +8,7 @@ from __future__ import annotations
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from mmud.campaign.fuzz_guest import FLIPS
 from tests.guest_tables import NX, P, U, W, check_access, idx, new_vm
 
 # Two PTs under one PD, one PT under another PD in another PDPT.
@@ -121,14 +122,8 @@ class World:
             vcpu.cr3 = self.cr3s[op[1]]
             self.stale[vcpu.index].clear()
         elif kind == "mode":
-            bit = {
-                "wp": ("cr0", 1 << 16),
-                "nxe": ("efer", 1 << 11),
-                "smep": ("cr4", 1 << 20),
-                "smap": ("cr4", 1 << 21),
-                "ac": ("rflags", 1 << 18),
-            }[op[1]]
-            setattr(vcpu, bit[0], getattr(vcpu, bit[0]) ^ bit[1])
+            register, bit = FLIPS[op[1]]
+            setattr(vcpu, register, getattr(vcpu, register) ^ bit)
         elif kind == "zap":
             vm.zap_all(op[1])
         elif kind == "vcpu":

@@ -25,10 +25,10 @@ from mmud.campaign.fuzz_guest import (
     SLOT_IDS,
     SPACES,
     VAS,
-    ZAPS,
     Op,
 )
 from mmud.campaign.reference import NX, PS, A, D, P, U, W
+from mmud.kvm.mmu.zap import ZAP_KINDS
 
 RSVD = 1 << 50  # above MAXPHYADDR 46: reserved at every level
 
@@ -136,5 +136,5 @@ class Generator:
         if name == "dirty_mode":
             return ["dirty_mode", rng.randrange(len(DIRTY_MODES))]
         if name == "zap":
-            return ["zap", rng.choice(ZAPS)]
+            return ["zap", rng.choice(ZAP_KINDS)]
         raise ValueError(f"unknown operation {name!r}")

@@ -25,6 +25,7 @@ from mmud.kvm import dirty_log
 from mmud.kvm.devices import IORAM_BASE
 from mmud.kvm.vcpu import Vcpu
 from mmud.machine import VM
+from mmud.x86.paging import CR0_WP, CR4_SMAP, CR4_SMEP, EFER_NXE, X86_EFLAGS_AC
 
 Op = list  # ["name", field, ...]: JSON-able; the operations are the op_* methods of Guest
 
@@ -71,13 +72,12 @@ FRAMES_2M = (0, LARGE, 2 * LARGE, 3 * LARGE, *SLOT_GPAS, HOLE)
 KINDS = tuple((w, f, u) for u in (False, True) for w, f in ((False, False), (True, False), (False, True)))
 # Control-register bits a guest flips: (register, bit).
 FLIPS = {
-    "wp": ("cr0", 1 << 16),
-    "smep": ("cr4", 1 << 20),
-    "smap": ("cr4", 1 << 21),
-    "nxe": ("efer", 1 << 11),
-    "ac": ("rflags", 1 << 18),
+    "wp": ("cr0", CR0_WP),
+    "smep": ("cr4", CR4_SMEP),
+    "smap": ("cr4", CR4_SMAP),
+    "nxe": ("efer", EFER_NXE),
+    "ac": ("rflags", X86_EFLAGS_AC),
 }
-ZAPS = ("fast", "slow", "legacy")
 SLOT_ACTIONS = ("add", "move", "delete", "log", "unlog")
 DIRTY_MODES = (0, dirty_log.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE, dirty_log.KVM_DIRTY_LOG_MANUAL_CAPS)
 
