@@ -62,21 +62,32 @@ def recorded_run(state: Path, plan: dict[int, tuple[str, bytes]],
     planned store points (`plan`) and between rounds once vm0 passes a step (`between`);
     the recording and the `param_set` events.  Round by round, as `_step_batch` steps, but
     without its wall-clock batches: the same run every time."""
-    writer = Writer(plan)
-    config = SimConfig(vms=(VmConfig("vm0", mem_mb=16, vcpus=2, seed=5),
-                            VmConfig("vm1", mem_mb=16, vcpus=1, seed=6)),
-                       load=EVERY_POINT, state_dir=str(state))
-    sim = Simulation.offline(config, writer.channel)
-    writer.attach(sim)
+    sim, writer = offline(state, plan, VmConfig("vm0", mem_mb=16, vcpus=2, seed=5),
+                          VmConfig("vm1", mem_mb=16, vcpus=1, seed=6))
     with capture_logs() as logs:
         while sim.slots[0].vm.steps < end:
             sim.step_round(sim.slots)
             for step in [s for s in between if s <= sim.slots[0].vm.steps]:
                 writer.post(*between.pop(step))
             sim._take_stores()
+    return recording(sim, state), [e for e in logs if e["event"] == "param_set"]
+
+
+def offline(state: Path, plan: dict[int, tuple[str, bytes]],
+            *vms: VmConfig) -> tuple[Simulation, Writer]:
+    """A recording simulation of `vms` with the audit at every point, and its store writer."""
+    writer = Writer(plan)
+    config = SimConfig(vms=vms, load=EVERY_POINT, state_dir=str(state))
+    sim = Simulation.offline(config, writer.channel)
+    writer.attach(sim)
+    return sim, writer
+
+
+def recording(sim: Simulation, state: Path) -> Path:
+    """End the simulation's recording; its file."""
     sim.recorder.close(sim.slots, sim.step_counts())
     (path,) = (state / "recordings").iterdir()
-    return path, [e for e in logs if e["event"] == "param_set"]
+    return path
 
 
 # Store points of this run: 18 of them make a full run (its audit point, then one before each
@@ -170,11 +181,73 @@ def test_echo_0_lands_inside_an_audit_run(daemon: Daemon) -> None:
     assert any(" before " in e.get("where", "") for e in offs), offs
 
 
+def test_a_trace_switch_lands_inside_a_step(daemon: Daemon) -> None:
+    """A tracing/ write takes the store channel too: with the audit running at every point,
+    `echo 1 > tracing/events/kvmmmu/enable` is applied at a store point inside a step, as
+    a tracepoint's static key flips while a vCPU is inside a fault; through the request
+    path it would land only between chunks."""
+    d = daemon
+    enable = d.path("tracing/events/kvmmmu/enable")
+    assert echo(d.path("parameters/mmu_audit"), "1").returncode == 0
+    try:
+        for _ in range(8):
+            before = int(cat(d.path("kvm/mmu_audit_runs")))
+            wait_for(lambda after=before + 2: int(cat(d.path("kvm/mmu_audit_runs"))) > after,
+                     30, "audit runs")
+            assert echo(enable, "1").returncode == 0
+            assert cat(enable) == "1\n"
+            assert echo(enable, "0").returncode == 0
+            if any("point" in e for e in d.events("tracefs_write")):
+                break
+    finally:
+        assert echo(d.path("parameters/mmu_audit"), "0").returncode == 0
+    writes = d.events("tracefs_write")
+    assert {e["file"] for e in writes} == {"events/kvmmmu/enable"}
+    assert any("point" in e for e in writes), writes
+
+
 def test_the_daemon_run_replays_identically(daemon: Daemon) -> None:
     d = daemon
     assert d.stop() == 0
     state = Path(d.args[d.args.index("--state-dir") + 1])
     (path,) = (state / "recordings").iterdir()
     assert any("point" in e for e in events(path))  # stores that landed inside a step
+    assert any(e["op"] == "tracefs" and "point" in e for e in events(path))
+    outcome = Replay(path).run()
+    assert outcome.divergence is None and outcome.complete, outcome.render()
+
+
+# -- with run control armed ---------------------------------------------------------------------
+
+def armed_run(state: Path, plan: dict[int, tuple[str, bytes]],
+              steps: int) -> tuple[Simulation, Path, list[dict]]:
+    """vm0 alone, the audit at every point, `break audit_error` armed and `step <steps>`
+    pending: RunControl steps it one step at a time while the audit is on.  The planned
+    stores land inside those steps.  Run until the VM pauses."""
+    sim, _ = offline(state, plan, VmConfig("vm0", mem_mb=16, vcpus=2, seed=5))
+    sim.dispatch(Request(1001, "break", {"vm": "vm0", "kind": "audit_error"}))
+    sim.dispatch(Request(1002, "state", {"vm": "vm0", "action": "step", "steps": steps}))
+    with capture_logs() as logs:
+        while sim.slots[0].running:
+            sim.step_round(sim.slots)
+            sim._take_stores()
+    return sim, recording(sim, state), logs
+
+
+def test_a_store_inside_a_step_of_an_armed_vm_lands_there_and_replays(tmp_path: Path) -> None:
+    """A VM with a break armed and a `step N` pending is stepped in pieces of one step; a
+    store reaching one of them mid-run lands at its store point, the VM still pauses at
+    its target, and the replay applies the store at the same point."""
+    target = 120
+    sim, path, logs = armed_run(tmp_path, {150: ("mmu_audit", b"0\n")}, target)
+    vm = sim.slots[0].vm
+    assert target <= vm.steps <= target + 3  # a preempted step may run a few more (breakpoints.py)
+    assert not vm.mmu.audit_enabled and vm.stat["mmu_audit_errors"] == 0
+    (off,) = [e for e in logs if e["event"] == "param_set"]
+    assert off["in"] == "vm0" and off["point"] == 150 and off["step"] < target, off
+    paused = [e for e in logs if e["event"] == "vm_paused"]
+    assert [e["why"] for e in paused] == ["stepped"]
+    recorded = [e for e in events(path) if e["op"] == "param"]
+    assert [(e.get("in"), e.get("point")) for e in recorded] == [("vm0", 150)]
     outcome = Replay(path).run()
     assert outcome.divergence is None and outcome.complete, outcome.render()

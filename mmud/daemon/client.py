@@ -12,7 +12,7 @@ once and replaces the snapshot with a failed one: every VM reads `failed`, its s
 the cause, statistics and logs keep their last values.  Requests that need the simulation
 then fail with EIO at once; parameter stores keep working, because the parameter block lives
 here (`self.params`) and is only forwarded to a live simulation (on the store channel, which
-a running step looks at: `StoreChannel`); `restart` on any vm<N>/state
+a running step looks at: `StoreChannel`; tracing/ writes take it too); `restart` on any vm<N>/state
 spawns a fresh simulation with the last configuration of every VM and the current parameters
 as its load-time values (docs/daemon.md, "When the simulation dies").
 """
@@ -179,7 +179,7 @@ class _SimProcess:
         self.reap()
 
     def send_store(self, req: Request) -> None:
-        """A parameter store: on its own pipe, then counted in shared memory, where the
+        """A parameter store or a tracing/ write: on its own pipe, then counted in shared memory, where the
         simulation looks for it even inside a step (StoreChannel)."""
         self.stores.send(req)
         self.posted.value += 1
@@ -231,12 +231,15 @@ class SimClient:
         """
         if op == "param":
             return self._store_param(**args)
+        if op == "tracefs":  # a tracing/ write or O_TRUNC open: a switch, as quick as a store
+            return self._forward(op, args, store=True)
         if op == "state" and args.get("action") == "restart" and self.failure is not None:
             return self._restart()
         return self._forward(op, args)
 
     def _forward(self, op: str, args: dict[str, Any], store: bool = False) -> Reply:
-        """Send a request (a parameter store on the store channel) and wait for its reply."""
+        """Send a request (a parameter store or a tracing/ write on the store channel) and
+        wait for its reply."""
         p = _Pending()
         rid = next(self._ids)
         with self._lock:

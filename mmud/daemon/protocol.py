@@ -5,8 +5,9 @@ control files show.  The main process swaps the latest one into a single referen
 is rendered without a lock and without waiting on the simulation.  Anything that changes
 state travels the other way as a `Request`, which the simulation applies between step
 batches (that keeps runs deterministic) and answers with a `Reply`; the snapshot that shows
-the change is always sent before the reply.  Parameter stores travel on a `StoreChannel` of
-their own, so that a running step can take one at an audit point (docs/daemon.md).
+the change is always sent before the reply.  Parameter stores and tracing/ writes travel on
+a `StoreChannel` of their own, so that a running step can take one at an audit point
+(docs/daemon.md).
 """
 
 from __future__ import annotations
@@ -90,7 +91,8 @@ class Reply:
 
 @dataclass(frozen=True)
 class StoreChannel:
-    """The way a parameter store reaches the simulation, even in the middle of a step.
+    """The way a parameter store (or a tracing/ write: a tracepoint switch) reaches the
+    simulation, even in the middle of a step.
 
     The FUSE side sends the store's `Request` on `conn` (a pipe of its own), then bumps
     `posted`, a counter in shared memory (a `multiprocessing.RawValue`).  The simulation

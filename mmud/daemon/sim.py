@@ -293,7 +293,8 @@ class Simulation:
             return
         reply = self.dispatch(req)
         if in_step:
-            self._publish_params()  # the VMs are inside a step: only the parameters changed
+            if req.op == "param":  # the VMs are inside a step: only the parameters changed
+                self._publish_params()
         elif req.op not in READ_OPS:
             self.publish()  # the change is visible before the writer's write(2) returns
         if self._freed:
@@ -376,10 +377,14 @@ class Simulation:
 
     def set_param(self, name: str, text: bytes) -> bytes:
         self.params[name] = text
-        inside = {**self.position(), "where": self.module.audit.where} if self._stepping else {}
         log.info("param_set", name=name, value=self.params[name], step=self.slots[0].vm.steps,
-                 **inside, applied_ns=time.monotonic_ns())
+                 **self._inside(), applied_ns=time.monotonic_ns())
         return self.params.render(name)
+
+    def _inside(self) -> dict[str, object]:
+        """Where inside a step a store lands, for its log event: `position()` and the audit's
+        place (`where`); nothing between chunks."""
+        return {**self.position(), "where": self.module.audit.where} if self._stepping else {}
 
     def clear_stat(self, name: str, vm: str | None = None) -> None:
         """`echo 0 > kvm/<stat>` clears it in every VM, `kvm/<pid>-<fd>/<stat>` in one."""
@@ -414,6 +419,8 @@ class Simulation:
             self.tracefs.truncate(file)
         else:
             self.tracefs.write(file, text)
+        log.info("tracefs_write", file=file, text=text if action == "write" else None,
+                 step=self.slots[0].vm.steps, **self._inside())
         return None
 
     def inject(self, vm: str, name: str) -> None:
