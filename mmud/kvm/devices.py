@@ -45,15 +45,16 @@ class IoRam:
         self.base = base
         self.size = size
         self.words = np.zeros(size // 8, dtype=np.uint64)
+        self._u64 = self.words.data  # a memoryview: Python ints, without numpy scalars
 
     def claims(self, gpa: int) -> bool:
         return self.base <= gpa < self.base + self.size
 
     def read(self, gpa: int) -> int:
-        return int(self.words[(gpa - self.base) >> 3])
+        return self._u64[(gpa - self.base) >> 3]
 
     def write(self, gpa: int, value: int) -> None:
-        self.words[(gpa - self.base) >> 3] = value
+        self._u64[(gpa - self.base) >> 3] = value
 
 
 class MmioBus:
@@ -63,7 +64,10 @@ class MmioBus:
         self.devices = devices
 
     def _device(self, gpa: int) -> IoRam | None:
-        return next((d for d in self.devices if d.claims(gpa)), None)
+        for device in self.devices:
+            if device.claims(gpa):
+                return device
+        return None
 
     def read(self, gpa: int) -> int:
         device = self._device(gpa)

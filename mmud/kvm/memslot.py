@@ -47,17 +47,14 @@ MAX_BACKINGS = 1 << 13
 class Backing:
     """A host buffer: guest RAM as one numpy array, with a u64 memoryview for scalar access."""
 
-    __slots__ = ("id", "npages", "array", "u64")
+    __slots__ = ("id", "npages", "array", "u64", "base_pfn")
 
     def __init__(self, backing_id: int, npages: int) -> None:
         self.id = backing_id
         self.npages = npages
         self.array = lazy_zeros(npages * (PAGE_SIZE // 8), np.uint64)
         self.u64 = self.array.data
-
-    @property
-    def base_pfn(self) -> int:
-        return self.id << BACKING_PFN_SHIFT
+        self.base_pfn = backing_id << BACKING_PFN_SHIFT  # the host frame of its first page
 
 
 def backing_ids(npages: int) -> int:
@@ -100,7 +97,8 @@ class Memslots:
         self._last: Memslot | None = None
         self.generation = 0
         # Backing id -> its buffer; a buffer over 4 GiB fills several consecutive entries.
-        self._backings: list[Backing | None] = [None] * MAX_BACKINGS
+        # The list is only ever updated in place: a vCPU's TLB fill indexes it directly.
+        self.backings: list[Backing | None] = [None] * MAX_BACKINGS
 
     def __iter__(self):
         return iter(self._sorted)
@@ -123,21 +121,21 @@ class Memslots:
         need = backing_ids(npages)
         run = 0
         for k in range(1, MAX_BACKINGS):
-            run = run + 1 if self._backings[k] is None else 0
+            run = run + 1 if self.backings[k] is None else 0
             if run == need:
                 backing = Backing(k - need + 1, npages)
-                self._backings[backing.id:k + 1] = [backing] * need
+                self.backings[backing.id:k + 1] = [backing] * need
                 return backing
         return None
 
     def backing_of_pfn(self, pfn: int) -> Backing:
-        backing = self._backings[pfn >> BACKING_PFN_SHIFT]
+        backing = self.backings[pfn >> BACKING_PFN_SHIFT]
         assert backing is not None, f"pfn {pfn:#x} is no guest RAM"
         return backing
 
     def drop_backing(self, backing: Backing) -> None:
         n = backing_ids(backing.npages)
-        self._backings[backing.id:backing.id + n] = [None] * n
+        self.backings[backing.id:backing.id + n] = [None] * n
 
     def install(self, slot: Memslot) -> None:
         self.slots[slot.id] = slot

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from mmud.kvm.memslot import BACKING_PFN_SHIFT
 from mmud.kvm.mmu import paging_tmpl, pte_write, roots, sync, zap
 from mmud.kvm.mmu import spte as S
 from mmud.kvm.mmu.mmu import RET_PF_EMULATE
@@ -80,6 +81,21 @@ _SPTE_WU = PT_WRITABLE_MASK | PT_USER_MASK
 _HW_ERROR_CODE = tuple((kind & 1) * PFERR_WRITE_MASK | (kind >> 1 & 1) * PFERR_USER_MASK
                        | (kind >> 2 & 1) * PFERR_FETCH_MASK for kind in range(8))
 
+# The processor's walk reads these on every TLB miss: module constants, not attribute lookups.
+_PRESENT = S.PT_PRESENT_MASK
+_LARGE = S.PT_PAGE_SIZE_MASK
+_ADDR = S.SPTE_BASE_ADDR_MASK
+_SPT_PFN_BASE = S.SPT_PFN_BASE
+# An entry of a table level (2-4) the walk goes through without further checks has exactly
+# P of these bits: a superset of what the complete checks look at for such an entry.
+_TABLE_CHECK = _PRESENT | _LARGE | _HOST_RSVD[2 * 2] | _HOST_RSVD[3 * 2] | _HOST_RSVD[4 * 2]
+# The shift of a level's table index in a linear address, by level.
+_INDEX_SHIFT = tuple(PAGE_SHIFT - 9 + 9 * level for level in range(6))
+# By the root's level: the index shifts of the table levels from the root down to level 2.
+_TABLE_SHIFTS = tuple(tuple(_INDEX_SHIFT[k] for k in range(level, 1, -1)) for level in range(6))
+# The bits the walk sets in the leaf spte, by whether the access writes.
+_WALK_SETS = (PT_ACCESSED_MASK, PT_ACCESSED_MASK | PT_DIRTY_MASK)
+
 # A fault that keeps coming back means KVM failed to make progress: a simulator bug.
 _MAX_FAULT_RETRIES = 64
 
@@ -129,6 +145,9 @@ class Vcpu:
         self.injected: int | None = None
         self.accesses = 0  # guest memory accesses run (not a kernel stat; for rates)
         self.mmu = VcpuMmu(vm.mmu, self, vm.mmio_caching)
+        # What the processor's walk and TLB fill index (lists that are only updated in place).
+        self._sp_pages = vm.mmu.pool.pages
+        self._backings = vm.memslots.backings
         self._init_mmu()
 
     # --- paging mode ----------------------------------------------------------------------
@@ -269,21 +288,33 @@ class Vcpu:
 
         A present entry with a reserved bit set faults with RSVD at any level: that is how
         an MMIO spte (bit 51 set) reaches handle_mmio_page_fault, and how a corrupt spte
-        reaches its reserved-bit check."""
+        reaches its reserved-bit check.
+
+        The walk first descends through plain table entries (present, no reserved bit, no
+        PS), the path of nearly every access, with one test each; the complete checks take
+        the walk on from the entry where that stops."""
         sp = self.mmu.root
         assert sp is not None, "enter_guest() loads a root before any access"
-        level = sp.level
-        pages = self.mmu.kvm_mmu.pool.pages
+        pages = self._sp_pages
+        for shift in _TABLE_SHIFTS[sp.level]:
+            spte = sp.spt[(gva >> shift) & 511]
+            if spte & _TABLE_CHECK != _PRESENT:
+                level = (shift - PAGE_SHIFT) // 9 + 1
+                break
+            sp = pages[((spte & _ADDR) >> PAGE_SHIFT) - _SPT_PFN_BASE]
+        else:
+            level = 1
+            spte = sp.spt[(gva >> PAGE_SHIFT) & 511]
         while True:
-            spte = sp.spt[(gva >> (3 + 9 * level)) & 511]
-            if not spte & S.PT_PRESENT_MASK:
+            if not spte & _PRESENT:
                 return _HW_ERROR_CODE[kind]
             if spte & _HOST_RSVD[level * 2 + (spte >> 7 & 1)]:
                 return _HW_ERROR_CODE[kind] | PFERR_PRESENT_MASK | PFERR_RSVD_MASK
-            if level == 1 or spte & S.PT_PAGE_SIZE_MASK:
+            if level == 1 or spte & _LARGE:
                 break
-            sp = pages[((spte & S.SPTE_BASE_ADDR_MASK) >> PAGE_SHIFT) - S.SPT_PFN_BASE]
+            sp = pages[((spte & _ADDR) >> PAGE_SHIFT) - _SPT_PFN_BASE]
             level -= 1
+            spte = sp.spt[(gva >> _INDEX_SHIFT[level]) & 511]
         entry = self._tlb_fill(gva, kind, sp, spte)
         return _HW_ERROR_CODE[kind] | PFERR_PRESENT_MASK if entry is None else entry
 
@@ -297,16 +328,16 @@ class Vcpu:
         if not allowed >> kind & 1:
             return None
         i = (gva >> PAGE_SHIFT) & 511
-        set_bits = PT_ACCESSED_MASK | PT_DIRTY_MASK if kind & 1 else PT_ACCESSED_MASK
+        set_bits = _WALK_SETS[kind & 1]
         if ~spte & set_bits:
             spte |= set_bits
             sp.spt[i] = spte
         if not spte & PT_DIRTY_MASK:
             allowed &= ~_WRITE_KINDS
-        pfn = S.spte_to_pfn(spte)
-        backing = self.vm.memslots.backing_of_pfn(pfn)
-        gfn = sp.gfn_of(i)
-        entry = (backing.u64, (pfn - backing.base_pfn) << 9, allowed, backing.array, gfn)
+        pfn = (spte & _ADDR) >> PAGE_SHIFT  # spte_to_pfn()
+        backing = self._backings[pfn >> BACKING_PFN_SHIFT]  # Memslots.backing_of_pfn()
+        assert backing is not None, f"pfn {pfn:#x} is no guest RAM"
+        entry = (backing.u64, (pfn - backing.base_pfn) << 9, allowed, backing.array, sp.gfn_of(i))
         self.tlb[gva >> PAGE_SHIFT] = entry
         return entry
 
@@ -353,42 +384,47 @@ class Vcpu:
 
     # --- the emulator -----------------------------------------------------------------------------
 
-    def _emulated_gpa(self, gva: int, kind: int) -> int:
-        """The emulator's translation; raises PageFault.
+    def _emulated_gpa(self, gva: int, kind: int) -> tuple[int, bool]:
+        """The emulator's translation, and whether it is known to be MMIO; raises PageFault.
 
         A data access is vcpu_mmio_gva_to_gpa(): the cached MMIO gva, if its rights allow
         the access, else the guest walk. An instruction fetch (kvm_fetch_guest_virt) always
-        walks, with PFERR_FETCH_MASK in the access, so that NX and SMEP apply."""
+        walks, with PFERR_FETCH_MASK in the access, so that NX and SMEP apply.
+
+        A gpa from the MMIO cache is MMIO (the function's return value 1): its memslot
+        generation is current, so no memslot has appeared there, and the emulator
+        (emulator_read_write_onepage) goes to the device without trying guest memory."""
         self.stat["insn_emulation"] += 1
         if self.vm.mmu.obs: self.vm.mmu.obs.x86_decode_emulated_instruction(self.index)  # observer
-        error_code = ((kind & 1) * PFERR_WRITE_MASK | (kind >> 1 & 1) * PFERR_USER_MASK
-                      | (kind >> 2 & 1) * PFERR_FETCH_MASK)
         mmu = self.mmu
         if not kind & 4 and mmu.match_mmio_gva(gva) and not (
             mmu.guest_permissions[kind] >> (mmu.mmio_access | ACC_EXEC_MASK) & 1
         ):
-            return mmu.mmio_gfn << PAGE_SHIFT | (gva & ~PAGE_MASK)
-        gpa = paging_tmpl.gva_to_gpa(mmu.kvm_mmu, mmu, gva, error_code)
+            return mmu.mmio_gfn << PAGE_SHIFT | (gva & ~PAGE_MASK), True
+        # The walk's access is the #PF error code's access bits of the kind.
+        gpa = paging_tmpl.gva_to_gpa(mmu.kvm_mmu, mmu, gva, _HW_ERROR_CODE[kind])
         if gpa < 0:
             self.stat["pf_guest"] += 1
             self.stat["req_event"] += 1
             raise PageFault(gva, ~gpa)
-        return gpa
+        return gpa, False
 
     def _emulate_read(self, gva: int, kind: int) -> int:
-        gpa = self._emulated_gpa(gva, kind)
-        value = self.vm.memslots.read_u64(gpa)
+        gpa, mmio = self._emulated_gpa(gva, kind)
+        value = None if mmio else self.vm.memslots.read_u64(gpa)
         if value is None:
             self.stat["mmio_exits"] += 1
             return self.vm.mmio_read(gpa)
         return value
 
     def _emulate_write(self, gva: int, value: int) -> None:
-        self._write_gpa(self._emulated_gpa(gva, 1), value)
+        gpa, mmio = self._emulated_gpa(gva, 1)
+        self._write_gpa(gpa, value, mmio=mmio)
 
-    def _write_gpa(self, gpa: int, value: int, nbytes: int = 8) -> None:
-        """An emulated store: memory (or the device), then the page-track notifier."""
-        if self.vm.memslots.write_u64(gpa, value) is None:
+    def _write_gpa(self, gpa: int, value: int, nbytes: int = 8, mmio: bool = False) -> None:
+        """An emulated store: memory (or the device, where there is none or `mmio` says the
+        gpa is MMIO), then the page-track notifier."""
+        if mmio or self.vm.memslots.write_u64(gpa, value) is None:
             self.stat["mmio_exits"] += 1
             self.vm.mmio_write(gpa, value)
             return
@@ -403,10 +439,10 @@ class Vcpu:
         try:
             entry = self._translate(gva, kind)
             if isinstance(entry, int):
-                gpa = self._emulated_gpa(gva, kind)
+                gpa, mmio = self._emulated_gpa(gva, kind)
                 if write:  # a read-modify-write that stores the value it read
-                    value = self.vm.memslots.read_u64(gpa & ~7)
-                    self._write_gpa(gpa & ~7, self.vm.mmio_read(gpa) if value is None else value)
+                    value = None if mmio else self.vm.memslots.read_u64(gpa & ~7)
+                    self._write_gpa(gpa & ~7, self.vm.mmio_read(gpa) if value is None else value, mmio=mmio)
                 return Access(gva, False, 0, gpa)
         except PageFault as pf:
             return Access(gva, True, pf.error_code)
@@ -467,8 +503,8 @@ class Vcpu:
         """
         entry = self._translate(gva, kind)
         if isinstance(entry, int) and kind & 1:
-            gpa = self._emulated_gpa(gva, kind)
-            if self.vm.memslots.lookup(gpa >> PAGE_SHIFT) is None:
+            gpa, mmio = self._emulated_gpa(gva, kind)
+            if mmio or self.vm.memslots.lookup(gpa >> PAGE_SHIFT) is None:
                 return None
             zap.kvm_mmu_unprotect_page(self.mmu.kvm_mmu, gpa >> PAGE_SHIFT)
             entry = self._translate(gva, kind)
@@ -490,7 +526,7 @@ class Vcpu:
         if dst is None:
             return
         if src is None:  # reading a device page: one device read per word
-            gpa = self._emulated_gpa(src_gva & PAGE_MASK, 0)
+            gpa, _ = self._emulated_gpa(src_gva & PAGE_MASK, 0)
             self.stat["mmio_exits"] += 512
             words = self.vm.mmio_bus.read_page(gpa)
             if self.vm.mmu.obs: self.vm.mmu.obs.vcpu_mmio(False, gpa, words)  # observer

@@ -19,9 +19,13 @@ from typing import TYPE_CHECKING
 from mmud.kvm.mmu import spte as S
 from mmud.kvm.mmu.mmu import RET_PF_FIXED, RET_PF_INVALID, RET_PF_SPURIOUS
 from mmud.x86.paging import (
+    PAGE_SHIFT,
     PFERR_PRESENT_MASK,
     PFERR_RSVD_MASK,
     PFERR_WRITE_MASK,
+    PT64_ENT_PER_PAGE,
+    PT64_LEVEL_BITS,
+    PT_PAGE_SIZE_MASK,
     PT_WRITABLE_MASK,
 )
 
@@ -29,6 +33,9 @@ if TYPE_CHECKING:
     from mmud.kvm.mmu.page import ShadowPage
     from mmud.kvm.mmu.vcpu_mmu import VcpuMmu
 
+_MMU_PRESENT = S.SPTE_MMU_PRESENT
+_ADDR = S.SPTE_BASE_ADDR_MASK
+_SPT_PFN_BASE = S.SPT_PFN_BASE
 _FAST_ERROR = PFERR_PRESENT_MASK | PFERR_WRITE_MASK | PFERR_RSVD_MASK
 _WANT = PFERR_PRESENT_MASK | PFERR_WRITE_MASK
 
@@ -50,11 +57,30 @@ def fast_page_fault(vmmu: VcpuMmu, gva: int, error_code: int) -> bool:
     i = old = 0
     ret = RET_PF_INVALID
     if vmmu.root is not None:
-        *_, (sp, i, old) = mmu.shadow_walk(vmmu.root, gva)
+        sp, i, old = fast_pf_get_last_sptep(vmmu.root, mmu.pool.pages, gva)
         if old & S.SPTE_MMU_PRESENT:
             ret = _fix_spte(vmmu, sp, i, old, error_code)
     if mmu.obs: mmu.obs.fast_page_fault(vmmu.vcpu.index, gva, error_code, sp, i, old, ret)  # observer
     return ret != RET_PF_INVALID
+
+
+def fast_pf_get_last_sptep(
+    root: ShadowPage, pages: list[ShadowPage], gva: int
+) -> tuple[ShadowPage, int, int]:
+    """fast_pf_get_last_sptep(): the last (sp, index, spte) of gva's lockless shadow walk
+    from root (`pages`: the pool's), the first spte that is not MMU-present or a leaf.
+
+    It is the last step of KvmMmu.shadow_walk, taken in one loop, without the generator
+    and with pt_index, is_last_spte and spte_child_index written out: every
+    dirty-logging write fault walks here."""
+    sp = root
+    while True:
+        level = sp.level
+        i = (gva >> (PAGE_SHIFT - PT64_LEVEL_BITS + PT64_LEVEL_BITS * level)) & (PT64_ENT_PER_PAGE - 1)
+        spte = sp.spt[i]
+        if not spte & _MMU_PRESENT or level == 1 or spte & PT_PAGE_SIZE_MASK:
+            return sp, i, spte
+        sp = pages[((spte & _ADDR) >> PAGE_SHIFT) - _SPT_PFN_BASE]
 
 
 def _fix_spte(vmmu: VcpuMmu, sp: ShadowPage, i: int, old: int, error_code: int) -> int:

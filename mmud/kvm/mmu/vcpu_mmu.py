@@ -105,6 +105,7 @@ class VcpuMmu:
 
     def __init__(self, kvm_mmu: KvmMmu, vcpu: VcpuOps, mmio_caching: bool) -> None:
         self.kvm_mmu = kvm_mmu
+        self.memslots = kvm_mmu.memslots  # the generation the MMIO cache is checked against
         self.vcpu = vcpu
         self.stat = vcpu.stat
         self.mmio_caching = mmio_caching  # the module's mmio_caching parameter (0444)
@@ -170,7 +171,7 @@ class VcpuMmu:
     # --- the MMIO info cache -------------------------------------------------------------------
 
     def cache_mmio_info(self, gva: int, gfn: int, access: int) -> None:
-        gen = self.kvm_mmu.memslots.generation
+        gen = self.memslots.generation
         if gen & KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS:
             return
         self.mmio_gva = gva & PAGE_MASK
@@ -188,6 +189,6 @@ class VcpuMmu:
     def match_mmio_gva(self, gva: int) -> bool:
         return (
             self.mmio_gva != 0
-            and self.mmio_gen == self.kvm_mmu.memslots.generation
+            and self.mmio_gen == self.memslots.generation
             and self.mmio_gva == gva & PAGE_MASK
         )
