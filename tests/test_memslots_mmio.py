@@ -9,6 +9,7 @@ import pytest
 from structlog.testing import capture_logs
 
 import mmud
+from mmud.kvm import dirty_log
 from mmud.kvm.devices import IORAM_BASE
 from mmud.kvm.mmu import spte as S
 from mmud.x86.paging import CR4_SMAP, pt_index
@@ -231,3 +232,23 @@ def test_memslot_churn_workload_runs_clean():
     assert counters["ioram_io"] > 0
     assert vm.memslots.generation > 20
     assert vm.audit() == []
+
+
+def test_a_cached_mmio_access_does_not_wait_for_the_mmu_lock():
+    """handle_mmio_page_fault() walks the shadow tables locklessly (v5.16): while a dirty-log
+    harvest holds kvm->mmu_lock across its steps, an access to a page with an MMIO spte
+    reaches the device; a fault that needs the lock waits (here nothing releases it)."""
+    vm, gt, vcpu = new_vm()
+    gt.map(VA, IORAM_BASE + 0x2000, flags=P | W)
+    gt.map(VA + 0x1000, 0x30000, flags=P | W)
+    vm.log_dirty_pages(0)  # a memslot change: MMIO sptes made before it are stale
+    vcpu.write_u64(VA, 0x77)  # the shadow fault makes the MMIO spte
+    harvest = dirty_log.kvm_get_dirty_log_protect(vm, 0, words_per_step=1)
+    next(harvest)
+    assert vm.mmu.mmu_lock_held
+    for _ in range(3):
+        vcpu.mmu.clear_mmio_info_any()  # no cached gva either: the walk finds the MMIO spte
+        assert vcpu.read_u64(VA) == 0x77
+    assert vm.mmu.mmu_lock_held
+    with pytest.raises(RuntimeError, match="never released"):
+        vcpu.read_u64(VA + 0x1000)  # a shadow fault: it takes the lock

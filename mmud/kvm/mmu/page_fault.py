@@ -1,8 +1,9 @@
 """kvm_mmu_page_fault(): a #PF VM exit enters the shadow MMU here.
 
-The lockless fast path first (a write fault on an spte write-protected only for dirty
-logging: fast_pf.py), then under the MMU lock either the MMIO path for a reserved-bit fault
-(mmio.py) or the shadow page fault (paging_tmpl.py). This module is the top of the
+The lockless paths first — the fast path for a write fault on an spte write-protected
+only for dirty logging (fast_pf.py), the MMIO path for a reserved-bit fault (mmio.py: v5.16's
+handle_mmio_page_fault walks the shadow tables locklessly too) — then, under the MMU lock,
+the shadow page fault (paging_tmpl.py). This module is the top of the
 package: it dispatches to the paths and nothing below imports it.
 """
 
@@ -32,13 +33,13 @@ def kvm_mmu_page_fault(vmmu: VcpuMmu, gva: int, error_code: int) -> int:
         stat["pf_taken"] += 1
         if fast_pf.page_fault_can_be_fast(error_code) and fast_pf.fast_page_fault(vmmu, gva, error_code):
             return RET_PF_RETRY
-    vmmu.vcpu.lock_mmu()
     r = RET_PF_INVALID
-    if rsvd:
+    if rsvd:  # lockless, as the fast path: walk_shadow_page_lockless_begin()
         r = mmio.handle_mmio_page_fault(mmu, vmmu, gva)
         if r == RET_PF_INVALID:  # a stale MMIO spte: the normal fault re-resolves the gfn
             stat["pf_taken"] += 1
     if r == RET_PF_INVALID:
+        vmmu.vcpu.lock_mmu()
         r = paging_tmpl.page_fault(mmu, vmmu, gva, error_code)
         if r == RET_PF_EMULATE:
             stat["pf_emulate"] += 1
