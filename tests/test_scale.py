@@ -101,7 +101,7 @@ def test_a_slot_of_2_31_pages_is_einval_and_one_page_less_is_a_slot():
     vm.set_memslot(9, 1 << 44, KVM_MEM_MAX_NR_PAGES << 12)
     slot = vm.memslots.slots[9]
     last = slot.gfn_to_pfn(slot.end_gfn - 1)
-    assert vm.memslots.backing_of_pfn(last) is slot.backing
+    assert vm.memslots.backings[last >> BACKING_PFN_SHIFT] is slot.backing
     vm.write_u64((slot.end_gfn << 12) - 8, 7)
     assert vm.read_u64((slot.end_gfn << 12) - 8) == 7
 
@@ -111,7 +111,7 @@ def test_a_large_backing_takes_consecutive_ids_reused_lowest_first():
     vm.set_memslot(9, 1 << 40, 12 * GiB)
     big = vm.memslots.slots[9].backing
     assert big.base_pfn == 2 << BACKING_PFN_SHIFT
-    assert all(vm.memslots.backing_of_pfn(k << BACKING_PFN_SHIFT) is big for k in (2, 3, 4))
+    assert all(vm.memslots.backings[k] is big for k in (2, 3, 4))
     vm.set_memslot(10, 1 << 41, 4096)
     assert vm.memslots.slots[10].backing.base_pfn == 5 << BACKING_PFN_SHIFT
     vm.set_memslot(9, 0, 0)

@@ -128,11 +128,6 @@ class Memslots:
                 return backing
         return None
 
-    def backing_of_pfn(self, pfn: int) -> Backing:
-        backing = self.backings[pfn >> BACKING_PFN_SHIFT]
-        assert backing is not None, f"pfn {pfn:#x} is no guest RAM"
-        return backing
-
     def drop_backing(self, backing: Backing) -> None:
         n = backing_ids(backing.npages)
         self.backings[backing.id:backing.id + n] = [None] * n

@@ -335,7 +335,7 @@ class Vcpu:
         if not spte & PT_DIRTY_MASK:
             allowed &= ~_WRITE_KINDS
         pfn = (spte & _ADDR) >> PAGE_SHIFT  # spte_to_pfn()
-        backing = self._backings[pfn >> BACKING_PFN_SHIFT]  # Memslots.backing_of_pfn()
+        backing = self._backings[pfn >> BACKING_PFN_SHIFT]  # the host buffer holding pfn
         assert backing is not None, f"pfn {pfn:#x} is no guest RAM"
         entry = (backing.u64, (pfn - backing.base_pfn) << 9, allowed, backing.array, sp.gfn_of(i))
         self.tlb[gva >> PAGE_SHIFT] = entry
