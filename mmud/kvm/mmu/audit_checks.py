@@ -178,9 +178,10 @@ def active_page_checks(mmu: KvmMmu, sps: list[ShadowPage], check2: Messages) -> 
     """Checks 5 (check_mappings_rmap) and 6 (audit_write_protection), page by page."""
     out: list[str] = []
     for row, sp in enumerate(sps):
-        if sp.level == 1:  # at level 1 every present spte is a leaf
-            out += [text for _, text in check2.get(row, ())]
-        out += audit_write_protection(mmu, sp)
+        if row in check2 and sp.level == 1:  # at level 1 every present spte is a leaf
+            out += [text for _, text in check2[row]]
+        if not sp.direct:  # audit_write_protection() has nothing to say of direct pages
+            out += audit_write_protection(mmu, sp)
     return out
 
 
@@ -219,7 +220,8 @@ def walk_checks(
     """
     post_sync = point == "post sync"
     out: list[str] = []
-    for row in rows:
+    # Nothing to say of a synced page without messages: usually every page.
+    for row in [row for row in rows if sps[row].unsync or row in check3 or row in check1]:
         sp = sps[row]
         out += [text for _, text in check3.get(row, ())]
         if sp.unsync and sp.level != 1:
@@ -231,16 +233,28 @@ def walk_checks(
     return out
 
 
-def nonleaf_entries(sp: ShadowPage) -> list[int]:
-    """The entries of sp that link a child page."""
+def links(sp: ShadowPage) -> tuple[list[int], list[int]]:
+    """The entries of sp that link a child page, and the pool index of each child
+    (spte_child_index() of each spte, at once)."""
     row = sp.sptes
-    return np.flatnonzero(((row & _PRESENT) != 0) & ((row & _U(PT_PAGE_SIZE_MASK)) == 0)).tolist()
+    entries = np.flatnonzero(_nonleaf(row))
+    return entries.tolist(), _child_index(row[entries]).tolist()
+
+
+def _nonleaf(sptes: np.ndarray) -> np.ndarray:
+    """Which sptes are present and link a child page."""
+    return ((sptes & _PRESENT) != 0) & ((sptes & _U(PT_PAGE_SIZE_MASK)) == 0)
+
+
+def _child_index(sptes: np.ndarray) -> np.ndarray:
+    """spte_child_index() of non-leaf sptes."""
+    return ((sptes & _U(S.SPTE_BASE_ADDR_MASK)) >> _U(PAGE_SHIFT)).view(np.int64) - S.SPT_PFN_BASE
 
 
 def children(mmu: KvmMmu, sp: ShadowPage) -> list[ShadowPage]:
     """The shadow pages sp's present non-leaf sptes point at, in entry order."""
-    spt = sp.spt
-    return [mmu.child_of(spt[i]) for i in nonleaf_entries(sp)]
+    pages = mmu.pool.pages
+    return [pages[c] for c in links(sp)[1]]
 
 
 def unsync_paths(mmu: KvmMmu, root: ShadowPage) -> list[ShadowPage]:
@@ -287,38 +301,88 @@ def reachable_pages(mmu: KvmMmu, root: ShadowPage) -> list[ShadowPage]:
     return out
 
 
-def check_parent_links(mmu: KvmMmu, sps: Iterable[ShadowPage]) -> list[str]:
+def check_parent_links(mmu: KvmMmu, sps: Sequence[ShadowPage]) -> list[str]:
+    out: list[str] = []
+    suspects, links_checked = _link_suspects(mmu, sps)
+    for sp in suspects:
+        out += _parent_links(mmu, sp, links_checked)
+    return out
+
+
+def _parent_links(mmu: KvmMmu, sp: ShadowPage, links_checked: bool) -> list[str]:
+    """parent_links of one page: its parent_ptes, its unsync_children, its own links (unless
+    the links were checked as a whole: then nothing is wrong with them)."""
     out: list[str] = []
     pages = mmu.pool.pages
-    for sp in sps:
-        if sp.unsync_children != sp.unsync_child_bitmap.bit_count():
+    if sp.unsync_children != sp.unsync_child_bitmap.bit_count():
+        out.append(
+            f"sp {sp_address(sp)} unsync_children {sp.unsync_children} "
+            f"but {sp.unsync_child_bitmap.bit_count()} bits\n"
+        )
+    for sptep in sp.parent_ptes:
+        parent, i = pages[sptep_page(sptep)], spte_index(sptep)
+        spte = parent.spt[i]
+        if not spte & S.SPTE_MMU_PRESENT or S.spte_child_index(spte) != sp.index:
             out.append(
-                f"sp {sp_address(sp)} unsync_children {sp.unsync_children} "
-                f"but {sp.unsync_child_bitmap.bit_count()} bits\n"
+                f"sp {sp_address(sp)} lists parent {sp_address(parent)} index {i}, "
+                "which does not point at it\n"
             )
-        for sptep in sp.parent_ptes:
-            parent, i = pages[sptep_page(sptep)], spte_index(sptep)
-            spte = parent.spt[i]
-            if not spte & S.SPTE_MMU_PRESENT or S.spte_child_index(spte) != sp.index:
-                out.append(
-                    f"sp {sp_address(sp)} lists parent {sp_address(parent)} index {i}, "
-                    "which does not point at it\n"
-                )
-            elif (sp.unsync or sp.unsync_children) and not parent.unsync_child_bitmap >> i & 1:
-                out.append(
-                    f"sp {sp_address(sp)} is unsync below {sp_address(parent)} index {i} "
-                    "but the bit is clear\n"
-                )
-        if sp.level == 1:
-            continue
-        for i in nonleaf_entries(sp):
-            child = mmu.child_of(sp.spt[i])
-            if (sp.index << 9 | i) not in child.parent_ptes:
-                out.append(
-                    f"sp {sp_address(sp)} index {i} points at {sp_address(child)}, "
-                    "which does not list it as parent\n"
-                )
+        elif (sp.unsync or sp.unsync_children) and not parent.unsync_child_bitmap >> i & 1:
+            out.append(
+                f"sp {sp_address(sp)} is unsync below {sp_address(parent)} index {i} "
+                "but the bit is clear\n"
+            )
+    if sp.level == 1 or links_checked:
+        return out
+    for i, c in zip(*links(sp), strict=True):
+        child = pages[c]
+        if (sp.index << 9 | i) not in child.parent_ptes:
+            out.append(
+                f"sp {sp_address(sp)} index {i} points at {sp_address(child)}, "
+                "which does not list it as parent\n"
+            )
     return out
+
+
+LINKS_AS_A_WHOLE = 64  # fewer pages: numpy's fixed costs make the check of the whole dearer
+
+
+def _link_suspects(mmu: KvmMmu, sps: Sequence[ShadowPage]) -> tuple[Sequence[ShadowPage], bool]:
+    """The pages of sps that _parent_links may have something to say of, in order, and
+    whether their links were checked as a whole.
+
+    All of them, unless sps are every active page (a full run). Then the links are checked
+    as a whole first: if the parent_ptes entries of all pages are distinct, each names a
+    present non-leaf spte of an active upper-level page that points at the page listing it,
+    and they are as many as those pages' links, then they are all the links, each listed by
+    the page it points at. What is left to check page by page is the unsync marks and counts.
+    """
+    active = mmu.active_mmu_pages
+    if len(sps) < LINKS_AS_A_WHOLE or len(sps) != len(active) or not all(sp in active for sp in sps):
+        return sps, False
+    owner: list[int] = []
+    sptep: list[int] = []
+    marked: set[ShadowPage] = set()
+    for sp in sps:
+        ptes = sp.parent_ptes
+        owner += [sp.index] * len(ptes)
+        sptep += ptes
+        if sp.unsync or sp.unsync_children or sp.unsync_child_bitmap:
+            marked.add(sp)
+    parent_spteps = np.array(sptep, dtype=np.int64)
+    spte = spte_values(mmu, parent_spteps)
+    upper = [sp for sp in sps if sp.level > 1]
+    is_upper = np.zeros(len(mmu.pool.pages), dtype=bool)
+    is_upper[[sp.index for sp in upper]] = True
+    rows = np.stack([sp.sptes for sp in upper]) if upper else np.zeros((0, 512), dtype=np.uint64)
+    whole = (
+        len(parent_spteps) == np.count_nonzero(_nonleaf(rows))
+        and bool(np.all(np.diff(np.sort(parent_spteps)) != 0))  # distinct
+        and bool(is_upper[sptep_page(parent_spteps)].all())
+        and bool(_nonleaf(spte).all())
+        and np.array_equal(_child_index(spte), np.array(owner, dtype=np.int64))
+    )
+    return ([sp for sp in sps if sp in marked], True) if whole else (sps, False)
 
 
 def check_write_tracking(mmu: KvmMmu, sps: Iterable[ShadowPage]) -> list[str]:
@@ -338,7 +402,15 @@ def spte_values(mmu: KvmMmu, sptep: np.ndarray) -> np.ndarray:
         pages = mmu.pool.pages
         return np.fromiter((pages[sptep_page(p)].spt[spte_index(p)] for p in sptep.tolist()),
                            dtype=np.uint64, count=len(sptep))
-    return mmu.pool.spt_array().reshape(-1)[sptep]
+    # From each of the pool's chunks in turn: joining them first would copy them all.
+    chunks = mmu.pool.spt_chunks
+    per = chunks[0].size
+    which = sptep // per
+    out = np.empty(len(sptep), dtype=np.uint64)
+    for c in np.unique(which).tolist():
+        sel = which == c
+        out[sel] = chunks[c].reshape(-1)[sptep[sel] - c * per]
+    return out
 
 
 def check_dirty_log(mmu: KvmMmu, gfns: set[int] | None) -> list[str]:

@@ -1,17 +1,20 @@
 """The audit's per-spte checks vectorised over many shadow pages (the full audit, and
 incremental runs too large for audit_scalar).
 
-A page's 512 sptes are one row of a 2-D array gathered once per run, with the gfn of each
-entry beside it; rmaps come out of the memslots' head arrays (mmud/kvm/rmap.py) as (sptep,
-gfn) arrays, and both directions of `rmap_exact` are a scatter and a gather over the pool's
-(page, entry) space. So a run costs a few dozen numpy operations over all pages, plus Python
-per reported error and per link of an upper-level page.
+A page's 512 sptes are a row of 2-D arrays, and one pass over the pages, a block of rows at a
+time, computes what the per-entry checks test: flags, gfns, frames, and the rmap head at each
+leaf's gfn (mmud/kvm/rmap.py keeps the heads of a memslot in one array). It keeps only where a
+check may fail. The rmaps are read whole (as (sptep, gfn) arrays) only when the leaves and
+the rmap entries do not pair up one to one. So a run costs a few dozen numpy operations per
+block, plus Python per reported error, per link of an upper-level page and per synced
+indirect page.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from functools import cached_property
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Sequence
+from functools import cached_property, partial
 
 import numpy as np
 
@@ -30,6 +33,9 @@ _W, _USER, _EXEC = _U(pg.PT_WRITABLE_MASK), _U(pg.PT_USER_MASK), _U(pg.ACC_EXEC_
 # W, MMU- and Host-writable): masks over them are computed on a uint16 copy, a quarter of
 # the memory traffic of the sptes themselves.
 _LOW = np.uint16
+STAGES = 7  # parts of the pass over the pages, each after a store point
+BLOCK_ROWS = 64  # pages per block of the pass: its int64 temporaries are 256 KiB each
+_IDX_ROWS = np.tile(_IDX, (BLOCK_ROWS, 1))  # each column's entry index, for a block's rows
 assert max(S.SPTE_MMU_PRESENT, pg.PT_PAGE_SIZE_MASK, C.SPTE_BITS_MASK) < 1 << 16
 
 
@@ -69,11 +75,48 @@ def live_leaf_gfns(mmu: KvmMmu, sptep: np.ndarray) -> np.ndarray:
     return np.where(live, mapped, -1)
 
 
-def _coords(mask: np.ndarray) -> list[tuple[int, int]]:
-    """(row, entry) where a 2-D mask is set, row-major (what is reported: usually nothing)."""
+def _pool_rows(chunks: list[np.ndarray], index: np.ndarray) -> np.ndarray:
+    """Rows `index` of the pool's chunked (pages, 512) arrays, copied: a take per chunk,
+    not a stack of page views, which costs a Python call per page."""
+    per = len(chunks[0])
+    which = index // per
+    first, last = (int(which.min()), int(which.max())) if len(index) else (0, 0)
+    if first == last:
+        return np.take(chunks[first], index - per * first, axis=0)
+    rows = np.empty((len(index), 512), dtype=chunks[0].dtype)
+    for c in range(first, last + 1):
+        sel = which == c
+        rows[sel] = np.take(chunks[c], index[sel] - per * c, axis=0)
+    return rows
+
+
+def _rows_plus_index(first: np.ndarray) -> np.ndarray:
+    """A (rows, 512) int64 array: each row's `first` plus the entry's index. Repeating
+    `first` and adding a constant array is faster than numpy's broadcast of a column."""
+    out = np.repeat(first, 512).reshape(len(first), 512)
+    out += _IDX_ROWS[: len(first)]
+    return out
+
+
+def _rmap_size(mmu: KvmMmu) -> int:
+    """How many level-1 rmap entries all memslots hold."""
+    # Heads hold nothing (0), one sptep, or MANY with a chain in desc (rmap.py).
+    return sum(int(np.count_nonzero(slot.rmap.head)) - len(slot.rmap.desc)
+               + sum(map(len, slot.rmap.desc.values())) for slot in mmu.memslots)
+
+
+def _coords(mask: np.ndarray, first_row: int = 0) -> list[tuple[int, int]]:
+    """(row, entry) where a 2-D mask of rows from `first_row` on is set, row-major (what is
+    reported: usually nothing)."""
     if not mask.any():
         return []
-    return list(zip(*(a.tolist() for a in np.nonzero(mask)), strict=True))
+    rows, entries = np.divmod(np.flatnonzero(mask), mask.shape[1])  # nonzero() of 2-D is slower
+    return list(zip((rows + first_row).tolist(), entries.tolist(), strict=True))
+
+
+def _within(rows: list[int], a: int, b: int) -> list[int]:
+    """Of sorted `rows`, those in a..b, counted from a."""
+    return [row - a for row in rows[bisect_left(rows, a) : bisect_left(rows, b)]]
 
 
 def _gpte_access(g: np.ndarray, nxe: np.ndarray) -> np.ndarray:
@@ -89,9 +132,14 @@ def _excess(got: np.ndarray, allowed: np.ndarray, wp0: np.ndarray) -> np.ndarray
 
 
 class PageArrays:
-    """The sptes of a list of shadow pages as 2-D arrays (a row per page, an entry per
-    column), gathered once per run, so that every check is a few numpy operations over all
-    pages at once; Python runs only for what is reported."""
+    """The checked entries of a list of shadow pages, as rows of 512 (a row per page), so
+    that every check is a few numpy operations over many pages at once; Python runs only
+    for what is reported.
+
+    One pass over the pages, BLOCK_ROWS at a time, computes everything the per-entry checks
+    test (flags, frames, rmap heads at the leaves' gfns) and keeps only where a check may
+    fail: a block's int64 temporaries stay in the CPU's cache, where operations over all
+    pages at once would each stream megabytes through memory."""
 
     def __init__(
         self, mmu: KvmMmu, sps: list[ShadowPage], gfns: set[int] | None,
@@ -101,170 +149,171 @@ class PageArrays:
         self.mmu = mmu
         self.sps = sps
         self.rmap_gfns = gfns
-        self.entries = entries
         self.index = np.fromiter((sp.index for sp in sps), dtype=np.int64, count=n)
         self.level = np.fromiter((sp.level for sp in sps), dtype=np.int64, count=n)
-        self.upper = np.flatnonzero(self.level > 1)
+        self.base = np.fromiter((sp.gfn for sp in sps), dtype=np.int64, count=n)
+        self.direct = direct = np.fromiter((sp.direct for sp in sps), dtype=bool, count=n)
+        # Rows of the kinds a block treats apart (as lists: a block looks them up by bisection).
+        self._upper = np.flatnonzero(self.level > 1).tolist()
+        self._indirect = np.flatnonzero(~direct).tolist()
+        self._direct_upper = np.flatnonzero(direct & (self.level > 1)).tolist()
+        self._sptep1 = (self.index << 9) + 1  # of entry 0; a head holding one sptep holds sptep + 1
         # Every active page, every entry: leaves of these are all the live leaves there are.
         self.complete = entries is None and len(sps) == len(mmu.active_mmu_pages) and all(
             sp in mmu.active_mmu_pages for sp in sps
         )
+        # Only the entries an operation changed: the per-entry checks look at those.
+        self._chosen = {row: sorted(chosen) for row, chosen in enumerate(entries or ())
+                        if chosen is not None}
+        # What the pass finds, (row, entry) in row-major order: leaves that are not their
+        # gfn's only rmap entry, leaves that fail check 1, leaves that fail spte_bits.
+        self._unregistered: list[tuple[int, int]] = []
+        self._bad_frame: list[tuple[int, int]] = []
+        self._bad_bits: list[tuple[int, int]] = []
+        self._leaves = 0  # how many leaves it saw
+        self._filled = 0  # rows done
 
     def stages(self) -> tuple[tuple[str, Callable[[], object]], ...]:
-        """The arrays are computed when first used; a run computes them in these stages
-        first, each a few numpy operations over all pages, with a store point before each
-        (run_checks): at 4 GiB of guest each is still tens of megabytes of memory traffic."""
-        return (("gathering sptes", lambda: self.sptes), ("flags", lambda: self.leaf),
-                ("gfns", lambda: self.gfns), ("frames", lambda: self._offset),
-                ("rmap entries", lambda: self._rmap_entries),
-                ("registering", lambda: self._registered), ("missing", lambda: self._missing))
+        """The pass over the pages, in seven parts of about equal size, with a store point
+        before each (run_checks): at 4 GiB of guest the pass moves tens of megabytes."""
+        n = len(self.sps)
+        return tuple((f"entries {k}/{STAGES}", partial(self._fill, n * k // STAGES))
+                     for k in range(1, STAGES + 1))
 
-    @cached_property
-    def sptes(self) -> np.ndarray:
-        if not self.sps:
-            return np.zeros((0, 512), dtype=np.uint64)
-        return np.stack([sp.sptes for sp in self.sps])
+    def _fill(self, upto: int) -> None:
+        """The pass over rows not yet done, up to `upto`."""
+        for start in range(self._filled, upto, BLOCK_ROWS):
+            self._block(start, min(start + BLOCK_ROWS, upto))
+        self._filled = max(self._filled, upto)
 
-    @cached_property
-    def _flags(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Present entries, leaves (both limited to the run's entries) and each spte's
-        W/MMU-writable/Host-writable bits, from the low 16 bits of the sptes."""
-        low = self.sptes.astype(_LOW)  # truncated: bits 0-15
-        present = (low & _LOW(S.SPTE_MMU_PRESENT)) != 0
-        leaf = present.copy()
-        leaf[self.upper] &= (low[self.upper] & _LOW(pg.PT_PAGE_SIZE_MASK)) != 0
-        bits = low & _LOW(C.SPTE_BITS_MASK)  # spte_bits reads only these
-        entries = self.entries
-        if entries is not None and any(e is not None for e in entries):
-            # Only the entries an operation changed: the per-entry checks look at those.
-            wanted = np.ones((len(self.sps), 512), dtype=bool)
-            for row, chosen in enumerate(entries):
-                if chosen is not None:
-                    wanted[row] = False
-                    wanted[row, list(chosen)] = True
-            present &= wanted
-            leaf &= wanted
-        return present, leaf, bits
+    def _done(self) -> None:
+        self._fill(len(self.sps))
 
-    @property
-    def present(self) -> np.ndarray:
-        return self._flags[0]
-
-    @property
-    def leaf(self) -> np.ndarray:
-        return self._flags[1]
-
-    @cached_property
-    def gfns(self) -> np.ndarray:
-        """The gfn of each entry (kvm_mmu_page_get_gfn()): computed for direct pages (as if
-        all were level 1, then fixed), recorded for indirect ones. The more numerous kind
-        fills the array, the other is written over it: one pass over most rows, not two."""
-        sps = self.sps
-        base = np.fromiter((sp.gfn for sp in sps), dtype=np.int64, count=len(sps))
-        direct = [row for row, sp in enumerate(sps) if sp.direct]
-        if 2 * len(direct) >= len(sps):
-            gfns = np.add(base[:, None], _IDX[None, :])
-            indirect = [row for row, sp in enumerate(sps) if not sp.direct]
-            if indirect:
-                gfns[indirect] = np.stack([sps[r]._gfns_np for r in indirect]).view(np.int64)
-        else:
-            gfns = np.stack([sp._gfns_np for sp in sps]).view(np.int64)
-            gfns[direct] = base[direct, None] + _IDX[None, :]
-        direct_upper = [row for row in self.upper.tolist() if sps[row].direct]
-        if direct_upper:
-            shift = 9 * (self.level[direct_upper] - 1)[:, None]
-            gfns[direct_upper] = base[direct_upper, None] + (_IDX << shift)
-        return gfns
-
-    @cached_property
-    def _offset(self) -> np.ndarray:
-        """Frame minus gfn of each entry: a leaf's is its slot's offset (check 1)."""
-        offset = self.sptes & _ADDR  # in place from here: one temporary, not three
+    def _block(self, a: int, b: int) -> None:
+        """Rows a..b: leaves, spte_bits, check 1, and whether each leaf is the only entry
+        of its gfn's rmap (the slots' rmap heads read at the leaves' gfns: the rmaps of all
+        RAM are not read)."""
+        index = self.index[a:b]
+        s = _pool_rows(self.mmu.pool.spt_chunks, index)
+        low = s.astype(_LOW)  # truncated: bits 0-15 hold every flag tested here
+        leaf = self._present(low, range(a, b))
+        upper = _within(self._upper, a, b)
+        if upper:
+            leaf[upper] &= (low[upper] & _LOW(pg.PT_PAGE_SIZE_MASK)) != 0
+        self._leaves += int(np.count_nonzero(leaf))
+        low &= _LOW(C.SPTE_BITS_MASK)
+        ok = low == _LOW(C.SPTE_BITS_OK[0])
+        for value in C.SPTE_BITS_OK[1:]:
+            ok |= low == _LOW(value)
+        self._bad_bits += _coords(leaf > ok, a)  # leaf and not ok
+        gfns = self._gfns(a, b)
+        offset = s & _ADDR  # frame - gfn, in place: one temporary, not three
         offset >>= _U(pg.PAGE_SHIFT)
         offset = offset.view(np.int64)
-        offset -= self.gfns
-        return offset
+        offset -= gfns
+        sptep1 = _rows_plus_index(self._sptep1[a:b])
+        registered = np.zeros(leaf.shape, dtype=bool)
+        bad_frame = np.zeros(leaf.shape, dtype=bool)
+        for slot in self.mmu.memslots:
+            rel = gfns - slot.base_gfn if slot.base_gfn else gfns
+            in_slot = rel.view(np.uint64) < _U(slot.npages)
+            head = slot.rmap.head.take(rel, mode="clip")
+            registered |= (head == sptep1) & in_slot
+            # A leaf maps the frame of its gfn in its slot: frame - gfn is the slot's offset.
+            bad_frame |= (offset != slot.backing.base_pfn - slot.base_gfn) & in_slot
+        self._bad_frame += _coords(bad_frame & leaf, a)
+        self._unregistered += _coords(leaf > registered, a)
+
+    def _present(self, sptes: np.ndarray, rows: Sequence[int]) -> np.ndarray:
+        """Present entries among the run's entries, given the sptes of `rows` (or the low 16
+        bits of them)."""
+        present = (sptes & sptes.dtype.type(S.SPTE_MMU_PRESENT)) != 0
+        for k, row in enumerate(rows) if self._chosen else ():
+            if row in self._chosen:
+                wanted = np.zeros(512, dtype=bool)
+                wanted[self._chosen[row]] = True
+                present[k] &= wanted
+        return present
+
+    def _gfns(self, a: int, b: int) -> np.ndarray:
+        """The gfn of each entry of rows a..b (kvm_mmu_page_get_gfn()): computed for direct
+        pages, recorded for indirect ones. An array of its own (the pass writes over it)."""
+        gfns = _rows_plus_index(self.base[a:b])
+        indirect = _within(self._indirect, a, b)
+        if indirect:
+            recorded = _pool_rows(self.mmu.pool.gfn_chunks, self.index[a:b][indirect])
+            gfns[indirect] = recorded.view(np.int64)
+        for k in _within(self._direct_upper, a, b):
+            gfns[k] = self.base[a + k] + (_IDX << (9 * (int(self.level[a + k]) - 1)))
+        return gfns
+
+    def _rows(self, rows: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """The sptes of some rows, and which of them are present among the run's entries."""
+        sptes = np.stack([self.sps[r].sptes for r in rows])
+        return sptes, self._present(sptes, rows)
 
     @cached_property
-    def _rmap_entries(self) -> tuple[np.ndarray, np.ndarray]:
-        """The (sptep, gfn) rmap entries of the run's gfns and the leaves' gfns."""
-        gfns = self.rmap_gfns
-        wanted = None if gfns is None else set(gfns) | set(self.gfns[self.leaf].tolist())
-        return rmap_arrays(self.mmu, wanted)
-
-    @cached_property
-    def _registered(self) -> np.ndarray:
-        """The gfn registered at each (pool page, entry), -1 for none; rmap_exact then
-        reuses it as its scratch array."""
-        r_sptep, r_gfn = self._rmap_entries
-        registered = np.full((len(self.mmu.pool.pages), 512), -1, dtype=np.int64)
-        registered.reshape(-1)[r_sptep] = r_gfn
-        return registered
-
-    @cached_property
-    def _missing(self) -> np.ndarray:
-        """Which leaves are not registered under their gfn (a superset: an sptep found in
-        two rmaps may show here). Checks 2 and rmap_exact both start from it."""
-        return self.leaf & (self._registered[self.index] != self.gfns)
+    def _missing(self) -> list[tuple[int, int]]:
+        """(row, entry) of the leaves that may not be in their gfn's rmap: a superset (an
+        sptep in the chains of two gfns may show here). Checks 2 and rmap_exact look only
+        at these, and each confirms what it reports."""
+        self._done()
+        found = self._unregistered
+        if not found:
+            return found
+        chained = {sptep: slot.base_gfn + rel for slot in self.mmu.memslots
+                   for rel, spteps in slot.rmap.desc.items() for sptep in spteps}
+        sps = self.sps
+        return [(r, i) for r, i in found if chained.get(sps[r].index << 9 | i) != sps[r].gfn_of(i)]
 
     def entry_reports(self, root_level: int) -> tuple[C.Messages, C.Messages]:
+        self._done()
+        sps = self.sps
         # Check 2 can fail only where the exact rmap check fails: Python looks at those.
         check2: C.Messages = {}
-        for r, i in _coords(self._missing):
-            spte = int(self.sptes[r, i])
-            for text in C.inspect_spte_has_rmap(self.mmu, self.sps[r], i, int(self.gfns[r, i]), spte):
+        for r, i in self._missing:
+            spte = sps[r].spt[i]
+            for text in C.inspect_spte_has_rmap(self.mmu, sps[r], i, sps[r].gfn_of(i), spte):
                 C.add_message(check2, r, i, text)
         check1: C.Messages = {}
-        for slot in self.mmu.memslots:
-            # A leaf maps the frame of its gfn in its slot: frame - gfn is the slot's offset.
-            bad = self.leaf & (self._offset != slot.backing.base_pfn - slot.base_gfn)
-            if not bad.any():
-                continue  # with one slot, the usual case: nothing more to look at
-            bad &= (self.gfns >= slot.base_gfn) & (self.gfns < slot.end_gfn)
-            for r, i in _coords(bad):
-                pfn = int(self.gfns[r, i]) - slot.base_gfn + slot.backing.base_pfn
-                C.add_message(check1, int(r), int(i), C.msg_mapping(root_level, pfn, int(self.sptes[r, i])))
-        for msgs in check1.values():
-            msgs.sort(key=lambda m: m[0])
+        for r, i in self._bad_frame:
+            gfn = sps[r].gfn_of(i)
+            slot = self.mmu.memslots.lookup(gfn)
+            assert slot is not None  # the pass found it in one
+            pfn = gfn - slot.base_gfn + slot.backing.base_pfn
+            C.add_message(check1, r, i, C.msg_mapping(root_level, pfn, sps[r].spt[i]))
         return check2, check1
 
     def rmap_exact(self) -> list[str]:
+        self._done()
         mmu = self.mmu
         pages = mmu.pool.pages
-        missing, scratch = self._missing, self._registered
-        r_sptep, r_gfn = self._rmap_entries
         out: list[str] = []
-        found = _coords(missing)
-        for r, i in found:
-            # An sptep in two rmaps shows one of them above: confirm against the gfn's own.
-            sp, gfn = self.sps[r], int(self.gfns[r, i])
+        for r, i in self._missing:
+            # A superset: confirm against the gfn's own rmap.
+            sp = self.sps[r]
+            gfn = sp.gfn_of(i)
             if not C.in_own_rmap(mmu, sp, i, gfn):
                 out.append(C.msg_not_in_rmap(sp, i, gfn))
         gfns = self.rmap_gfns
-        if not found and self.complete and gfns is None and len(r_sptep) == np.count_nonzero(self.leaf):
-            # Every live leaf (sptep, gfn) is registered, and the rmaps hold no more entries
-            # than there are leaves: they hold exactly the leaves (distinct spteps, since each
-            # leaf's is set), so no rmap entry is stale.
+        if not out and self.complete and gfns is None and _rmap_size(mmu) == self._leaves:
+            # Every live leaf (sptep, gfn) is in its rmap, and the rmaps hold no more entries
+            # than there are leaves: they hold exactly the leaves (distinct spteps), so no
+            # rmap entry is stale.
             return out
-        if gfns is not None:
-            keep = np.isin(r_gfn, np.fromiter(gfns, dtype=np.int64, count=len(gfns)))
-            r_sptep, r_gfn = r_sptep[keep], r_gfn[keep]
-        if self.complete:
-            live = scratch  # the registered gfns are compared already: refill, no new array
-            live.fill(-1)
-            live[self.index] = np.where(self.leaf, self.gfns, -1)
-            mapped = live.reshape(-1)[r_sptep]
-        else:
-            mapped = live_leaf_gfns(mmu, r_sptep)
+        r_sptep, r_gfn = rmap_arrays(mmu, gfns)
+        mapped = live_leaf_gfns(mmu, r_sptep)
         for k in C.gfn_order(r_gfn, mapped != r_gfn):
             sptep = int(r_sptep[k])
             out.append(C.msg_rmap_stale(int(r_gfn[k]), pages[sptep_page(sptep)], spte_index(sptep)))
         return out
 
     def translation(self, skip_gfn: int | None) -> list[str]:
+        self._done()
         by_level: dict[bool, list[int]] = {True: [], False: []}
         tables: dict[bool, list[np.ndarray]] = {True: [], False: []}
-        for row, sp in enumerate(self.sps):
+        for row in self._indirect:  # translated_page() has nothing for direct pages
+            sp = self.sps[row]
             gptes = C.translated_page(self.mmu, sp, skip_gfn)
             if gptes is not None:
                 by_level[sp.level == 1].append(row)
@@ -275,6 +324,11 @@ class PageArrays:
         if by_level[False]:
             found += self._upper_translation(by_level[False], np.stack(tables[False]))
         return [text for _, _, text in sorted(found, key=lambda f: (f[0], f[1]))]
+
+    @cached_property
+    def _access(self) -> np.ndarray:
+        """Each page's access."""
+        return np.fromiter((sp.access for sp in self.sps), dtype=np.uint64, count=len(self.sps))
 
     def _row_facts(self, rows: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Per row, as columns: EFER.NXE and CR0.WP=0 of the page's role, its access."""
@@ -288,15 +342,15 @@ class PageArrays:
         """Level-1 pages: frame, A bit, reserved bits and rights per spte."""
         nxe, wp0, access = self._row_facts(rows)
         rsvd = np.array([pg.rsvd_bits(1, False, bool(n)) for n in nxe[:, 0]], dtype=np.uint64)[:, None]
-        s = self.sptes[rows]
+        s, present = self._rows(rows)
         gaccess = _gpte_access(g, nxe) & access
         bad_gpte = ((g & _U(pg.PT_PRESENT_MASK)) == 0) | ((g & rsvd) != 0)
         bad_gpte |= (g & _U(pg.PT_ACCESSED_MASK)) == 0
         want_gfn = ((g & _U(pg.PT64_BASE_ADDR_MASK)) >> _U(pg.PAGE_SHIFT)).view(np.int64)
-        got_gfn = self.gfns[rows]
+        got_gfn = np.stack([self.sps[r]._gfns_np for r in rows]).view(np.int64)  # indirect pages
         allowed = np.where((g & _U(pg.PT_DIRTY_MASK)) != 0, gaccess, gaccess & ~_U(pg.ACC_WRITE_MASK))
         got = (s & (_W | _USER)) | np.where((s & _U(pg.PT64_NX_MASK)) != 0, _U(0), _EXEC)
-        bad = self.present[rows] & (bad_gpte | (want_gfn != got_gfn) | _excess(got, allowed, wp0))
+        bad = present & (bad_gpte | (want_gfn != got_gfn) | _excess(got, allowed, wp0))
         return [
             (rows[k], i, C.msg_leaf_translation(self.sps[rows[k]], i, int(s[k, i]), int(g[k, i])))
             for k, i in _coords(bad)
@@ -310,18 +364,23 @@ class PageArrays:
         level = self.level[rows]
         rsvd_table = [pg.rsvd_bits(int(lv), False, bool(n)) for lv, n in zip(level, nxe[:, 0], strict=True)]
         rsvd_large = [pg.rsvd_bits(int(lv), lv == 2, bool(n)) for lv, n in zip(level, nxe[:, 0], strict=True)]
-        ks, es = np.nonzero(self.present[rows])
+        sptes, present = self._rows(rows)
+        ks, es = np.nonzero(present)
         gpte = g[ks, es]
         large = (level[ks] == 2) & ((gpte & _U(pg.PT_PAGE_SIZE_MASK)) != 0)
         rsvd = np.where(large, np.array(rsvd_large, dtype=np.uint64)[ks],
                         np.array(rsvd_table, dtype=np.uint64)[ks])
         bad_gpte = ((gpte & _U(pg.PT_PRESENT_MASK)) == 0) | ((gpte & rsvd) != 0)
         pages = self.mmu.pool.pages
-        child_index = (self.sptes[rows][ks, es] & _ADDR) >> _U(pg.PAGE_SHIFT)
-        children = [pages[c - S.SPT_PFN_BASE] for c in child_index.tolist()]
-        c_direct = np.fromiter((c.direct for c in children), dtype=bool, count=len(children))
-        c_gfn = np.fromiter((c.gfn for c in children), dtype=np.uint64, count=len(children))
-        c_access = np.fromiter((c.access for c in children), dtype=np.uint64, count=len(children))
+        child = ((sptes[ks, es] & _ADDR) >> _U(pg.PAGE_SHIFT)).view(np.int64) - S.SPT_PFN_BASE
+        # The children's facts from the run's rows where they are among its pages.
+        row_of = np.full(len(pages), -1, dtype=np.int64)
+        row_of[self.index] = np.arange(len(self.sps))
+        c_row = row_of[child]
+        c_direct, c_gfn, c_access = self.direct[c_row], self.base[c_row].view(np.uint64), self._access[c_row]
+        for k in np.flatnonzero(c_row < 0).tolist():
+            c = pages[child[k]]
+            c_direct[k], c_gfn[k], c_access[k] = c.direct, c.gfn, c.access
         gaccess = _gpte_access(gpte, nxe[ks, 0]) & access[ks, 0]
         allowed = np.where((gpte & _U(pg.PT_DIRTY_MASK)) != 0, gaccess, gaccess & ~_U(pg.ACC_WRITE_MASK))
         ok_large = (
@@ -338,16 +397,12 @@ class PageArrays:
         out = []
         for k in np.flatnonzero(bad).tolist():
             row, i = rows[int(ks[k])], int(es[k])
-            out.append((row, i, C.msg_link(self.sps[row], i, children[k], int(gpte[k]))))
+            out.append((row, i, C.msg_link(self.sps[row], i, pages[child[k]], int(gpte[k]))))
         return out
 
     def spte_bits(self) -> list[str]:
-        bits = self._flags[2]
-        ok = bits == _LOW(C.SPTE_BITS_OK[0])
-        for value in C.SPTE_BITS_OK[1:]:
-            ok |= bits == _LOW(value)
-        bad = self.leaf & ~ok
+        self._done()
         return [
-            C.msg_spte_bits(self.sps[row], i, int(self.sptes[row, i]))
-            for row, i in _coords(bad)
+            C.msg_spte_bits(self.sps[row], i, self.sps[row].spt[i])
+            for row, i in self._bad_bits
         ]
