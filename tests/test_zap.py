@@ -9,12 +9,15 @@ import pytest
 
 import mmud
 import mmud.kvm.mmu.observer
+from mmud.campaign.reference import idx
 from mmud.kvm.devices import IORAM_BASE
 from mmud.kvm.kvm_main import KvmError
+from mmud.kvm.mmu import spte as S
 from mmud.kvm.mmu import zap
+from mmud.kvm.mmu.page import PARENT_ROWS, ShadowPagePool
 from mmud.kvm.mmu.page import hash_64 as hash_64
-from mmud.kvm.mmu.zap import BATCH_ZAP_PAGES, ZAP_KINDS
-from tests.guest_tables import P, U, W, check_access, new_vm
+from mmud.kvm.mmu.zap import BATCH_ZAP_PAGES, ZAP_AT_ONCE_ENTRIES, ZAP_KINDS
+from tests.guest_tables import DIRECT_MB, DIRECT_VA, P, U, W, check_access, new_vm
 
 BASE = 0x0000_0010_0000_0000
 PAGES = 2048  # four leaf tables' worth of mappings, plus the direct map
@@ -387,6 +390,83 @@ def test_an_upper_level_page_zapped_at_once_leaves_what_the_per_entry_zap_leaves
         assert not any(c.parent_ptes for c in children)
     assert _page_state(plain) == _page_state(observed)
     assert _rmap_state(plain) == _rmap_state(observed) and plain.stats == observed.stats
+
+
+def test_a_direct_leaf_page_zapped_at_once_leaves_what_the_per_entry_zap_leaves():
+    """A direct last-level page maps consecutive gfns: zapped with nobody observing, its
+    rmap heads are compared and cleared as one slice (Rmap.remove_run), chains one by one.
+    Pages with holes, and gfns also mapped from a guest leaf table (chains), leave what
+    drop_spte() entry by entry leaves."""
+    plain, observed = _aliased_vm(), _aliased_vm()
+    observed.mmu.attach(_Listener())
+    for vm in (plain, observed):
+        vcpu = vm.vcpus[0]
+        for gpa in range(0, DIRECT_MB << 20, 4096):
+            if (gpa >> 12) % 7:  # holes in every direct page
+                vcpu.read_u64(DIRECT_VA + gpa)
+    direct = [sp for sp in plain.mmu.active_mmu_pages if sp.direct and sp.level == 1]
+    present = [int(((sp.sptes & S.SPTE_MMU_PRESENT) != 0).sum()) for sp in direct]
+    assert len(direct) == DIRECT_MB // 2 and all(ZAP_AT_ONCE_ENTRIES <= n < 512 for n in present)
+    assert any(len(s.rmap.desc) > 10 for s in plain.memslots)  # data pages mapped twice
+    for vm in (plain, observed):
+        vm.zap_all("fast").finish()
+    assert _rmap_state(plain) == _rmap_state(observed) and _page_state(plain) == _page_state(observed)
+    assert all(not s.rmap.mapped().any() for s in plain.memslots)
+    assert plain.stats == observed.stats and plain.stats["pages_4k"] == 0
+
+
+def test_a_directory_of_many_children_zapped_at_once_leaves_what_the_per_entry_zap_leaves():
+    """A directory with ZAP_AT_ONCE_ENTRIES children or more, nobody observing, unlinks them
+    together in the pool's parent rmap; one child is linked from two of its entries (a
+    guest leaf table under two directory entries), a chain of two parent ptes. Every page,
+    parent pte list and rmap ends as drop_parent_pte() entry by entry leaves them."""
+    states = []
+    for observe in (False, True):
+        vm, gt, vcpu, vas = spread_vm(tables=2 * ZAP_AT_ONCE_ENTRIES)
+        if observe:
+            vm.mmu.attach(_Listener())
+        alias = BASE + (len(vas) << 21)
+        vm.write_u64(gt.table_for(BASE, 2) + 8 * idx(alias, 2), gt.table_for(BASE, 1) | P | W | U)
+        assert vcpu.read_u64(alias, user=True) == BASE
+        sp = next(sp for sp in vm.mmu.active_mmu_pages if sp.level == 2)
+        twice = vm.mmu.child_of(sp.spt[idx(BASE, 2)])
+        assert len(twice.parent_ptes) == 2 and int(sp.sptes.astype(bool).sum()) == len(vas) + 1
+        invalid_list: list = []
+        zap.prepare_zap_page(vm.mmu, sp, invalid_list)
+        zap.commit_zap_page(vm.mmu, invalid_list)
+        assert not twice.parent_ptes and not sp.sptes.any()
+        states.append((_page_state(vm), _rmap_state(vm), vm.stats))
+    assert states[0] == states[1]
+
+
+def test_parent_ptes_keep_a_lists_order_and_contents_as_the_pool_grows():
+    """sp->parent_ptes is a head of the pool's parent rmap: appends, removals and membership
+    answer as a list of spteps would, a page allocated anew starts with none, and the heads
+    outlive the array's growth past PARENT_ROWS rows."""
+    pool = ShadowPagePool()
+    pages = [pool.alloc() for _ in range(PARENT_ROWS // 2)]
+    model: dict[int, list[int]] = {}
+    for n, sp in enumerate(pages):
+        for sptep in range(n % 4):
+            sp.parent_ptes.append(sptep << 9 | n % 512)
+            model.setdefault(sp.index, []).append(sptep << 9 | n % 512)
+    pages += [pool.alloc() for _ in range(PARENT_ROWS)]
+    pages[-1].parent_ptes.append(7)
+    model[pages[-1].index] = [7]
+    for sp in pages[::3]:
+        chain = model.get(sp.index, [])
+        if chain:
+            sp.parent_ptes.remove(chain[0])
+            del chain[0]
+        with pytest.raises(ValueError):
+            sp.parent_ptes.remove(1 << 40)
+    for sp in pages:
+        chain = model.get(sp.index, [])
+        assert list(sp.parent_ptes) == chain and len(sp.parent_ptes) == len(chain)
+        assert all(sptep in sp.parent_ptes for sptep in chain) and (1 << 40) not in sp.parent_ptes
+    sp = next(sp for sp in pages if len(sp.parent_ptes) >= 2)
+    sp.init(0x1234, 1, 0)
+    assert list(sp.parent_ptes) == [] and pool.parent_ptes.get(sp.index) == ()
 
 
 def test_a_committed_page_leaves_the_hash_when_its_row_is_used_again():

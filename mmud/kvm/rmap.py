@@ -1,15 +1,18 @@
-"""The level-1 rmap of a memslot (`slot->arch.rmap[0]`): for each gfn, the sptes mapping it.
+"""Arrays of `struct kvm_rmap_head`: a memslot's level-1 rmap and the shadow pages' parent_ptes.
 
-The kernel keeps one `struct kvm_rmap_head` per page of the slot, in an array, with the
-pte_list encoding: an empty head, a head holding the one spte pointer itself, or a head
-pointing at a chain of descriptors. mmud does the same: `head` is an int64 numpy array with
-one entry per page — `EMPTY` (0), a single sptep stored as sptep + 1 (> 0), or `MANY`, whose
-spteps are in the `desc` list of that page. Empty being 0, as a NULL head is in the kernel,
-the array starts as zeroes that the host commits only where a gfn gets mapped: the heads of
-a 1 TiB slot take 2 GiB of address space, not of memory. Nearly every gfn has at most one
-mapping, so the whole rmap is one array: the audit and dirty logging read it with a few
-numpy operations, while the fault path reads and writes heads through a memoryview as
-cheaply as a dict.
+The kernel keeps one `struct kvm_rmap_head` per page of a slot (`slot->arch.rmap[0]`: for
+each gfn, the sptes mapping it) and one in each shadow page (`sp->parent_ptes`: the sptes
+pointing at it), both with the pte_list encoding: an empty head, a head holding the one spte
+pointer itself, or a head pointing at a chain of descriptors. mmud does the same for an
+array of heads: `head` is an int64 numpy array with one entry per key (a page of the slot,
+or a row of the shadow-page pool) — `EMPTY` (0), a single sptep stored as sptep + 1 (> 0),
+or `MANY`, whose spteps are in the `desc` list of that key. Empty being 0, as a NULL head is
+in the kernel, the array starts as zeroes that the host commits only where a gfn gets
+mapped: the heads of a 1 TiB slot take 2 GiB of address space, not of memory. Nearly every
+gfn has at most one mapping, and nearly every shadow page one parent, so the whole rmap is
+one array: the audit and dirty logging read it, and a zap clears a page's worth of heads,
+with a few numpy operations, while the fault path reads and writes heads through a
+memoryview as cheaply as a dict.
 """
 
 from __future__ import annotations
@@ -20,12 +23,17 @@ from itertools import chain
 import numpy as np
 
 from mmud.hostmem import lazy_zeros
+from mmud.x86.paging import PT64_ENT_PER_PAGE
 
 EMPTY = 0
 MANY = -2
+_ONE_UP = np.arange(1, PT64_ENT_PER_PAGE + 1, dtype=np.int64)  # entry i's sptep + 1 - first
 
 
 class Rmap:
+    """Heads for the keys base_gfn .. base_gfn + npages - 1 (gfns of a slot, or pool rows
+    from 0); every method takes the key as the gfn."""
+
     __slots__ = ("base_gfn", "head", "_head", "desc")
 
     def __init__(self, base_gfn: int, npages: int) -> None:
@@ -33,6 +41,20 @@ class Rmap:
         self.head = lazy_zeros(npages, np.int64)
         self._head = self.head.data
         self.desc: dict[int, list[int]] = {}  # page of the slot -> spteps (2 or more)
+
+    def resize(self, npages: int) -> None:
+        """Room for npages heads, the ones held kept (the pool's parent_ptes grow with it)."""
+        head = lazy_zeros(npages, np.int64)
+        head[:len(self.head)] = self.head
+        self.head = head
+        self._head = head.data
+
+    def reset(self, gfn: int) -> None:
+        """Empty gfn's head, whatever it holds (a shadow page allocated anew)."""
+        rel = gfn - self.base_gfn
+        if self._head[rel] == MANY:
+            del self.desc[rel]
+        self._head[rel] = EMPTY
 
     def add(self, gfn: int, sptep: int) -> int:
         """pte_list_add(): returns how many entries the head held before ("the number of
@@ -75,7 +97,7 @@ class Rmap:
         """remove() of each (gfn, sptep) (int64 arrays, every gfn in this slot); how many
         were in the rmap. A head holding just that sptep is cleared in one numpy operation;
         the rest (chains, and a sptep that is not there) go one by one, in order."""
-        rels = gfns - self.base_gfn
+        rels = gfns - self.base_gfn if self.base_gfn else gfns
         single = self.head[rels] == spteps + 1
         self.head[rels[single]] = EMPTY
         removed = int(np.count_nonzero(single))
@@ -83,6 +105,24 @@ class Rmap:
             rest = ~single
             for gfn, sptep in zip(gfns[rest].tolist(), spteps[rest].tolist(), strict=True):
                 removed += self.remove(gfn, sptep)
+        return removed
+
+    def remove_run(self, gfn: int, present: np.ndarray, first_sptep: int) -> int:
+        """remove() of sptep first_sptep + k from the rmap of gfn + k for every k where
+        `present` (PT64_ENT_PER_PAGE values, nonzero = present) is set — the sptes of a
+        last-level direct page, which map consecutive gfns — all of them in this slot; how
+        many were in the rmap. The heads are one slice, compared and cleared in a few numpy
+        operations; chains, and a sptep that is not there, go one by one, in order."""
+        rel = gfn - self.base_gfn
+        heads = self.head[rel:rel + PT64_ENT_PER_PAGE]
+        single = heads == _ONE_UP + first_sptep
+        np.logical_and(single, present, out=single)
+        heads[single] = EMPTY
+        removed = int(np.count_nonzero(single))
+        if removed < PT64_ENT_PER_PAGE and removed < np.count_nonzero(present):
+            rest = np.flatnonzero(np.logical_and(present, ~single)).tolist()
+            for k in rest:
+                removed += self.remove(gfn + k, first_sptep + k)
         return removed
 
     def get(self, gfn: int) -> Sequence[int]:

@@ -4,17 +4,23 @@ The sptes of all shadow pages live in numpy chunks of CHUNK_PAGES × 512 uint64,
 or reallocated, so whole-MMU walks (audit, zap-all, dirty-log protection) are vectorised over
 a few arrays, while the per-fault path indexes a page's `memoryview` and gets plain Python
 ints. Indirect pages also record the gfn of each spte (`gfns`, the kernel's `sp->gfns[]`).
+Each page's parent_ptes is its row's head in one `Rmap` of the pool (the kernel's
+`struct kvm_rmap_head`), so that a zap unlinks a directory's 512 children with a few numpy
+operations instead of visiting 512 objects.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import TypeVar
 
 import numpy as np
 
+from mmud.kvm.rmap import Rmap
 from mmud.x86.paging import PT64_ENT_PER_PAGE, PT64_LEVEL_BITS
 
 CHUNK_PAGES = 256
+PARENT_ROWS = 1 << 12  # parent_ptes heads a pool starts with (an 8 GiB guest needs more)
 T = TypeVar("T", int, np.ndarray)
 
 # union kvm_mmu_page_role (v5.16), LSB first. Keep in step with the kernel's layout so that
@@ -99,6 +105,41 @@ def spte_index(sptep: T) -> T:
     return sptep & SPTEP_INDEX_MASK
 
 
+class ParentPtes:
+    """`sp->parent_ptes`: the sptes pointing at one shadow page, in the order they came, as
+    a list of spteps would hold them — row `row` of the pool's parent rmap."""
+
+    __slots__ = ("_rmap", "_row")
+
+    def __init__(self, rmap: Rmap, row: int) -> None:
+        self._rmap = rmap
+        self._row = row
+
+    def append(self, sptep: int) -> None:
+        """pte_list_add()."""
+        self._rmap.add(self._row, sptep)
+
+    def remove(self, sptep: int) -> None:
+        """pte_list_remove(); ValueError if sptep is not there, as list.remove."""
+        if not self._rmap.remove(self._row, sptep):
+            raise ValueError(f"sptep {sptep:#x} is not a parent pte")
+
+    def clear(self) -> None:
+        self._rmap.reset(self._row)
+
+    def __contains__(self, sptep: object) -> bool:
+        return sptep in self._rmap.get(self._row)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._rmap.get(self._row))
+
+    def __len__(self) -> int:
+        return len(self._rmap.get(self._row))
+
+    def __repr__(self) -> str:
+        return repr(list(self))
+
+
 class ShadowPage:
     """One shadow page. Identity is (gfn, role); `index` is its row in the pool."""
 
@@ -108,12 +149,13 @@ class ShadowPage:
         "mmu_valid_gen", "write_flooding_count", "invalid", "_gfns_np", "hashed",
     )
 
-    def __init__(self, index: int, sptes: np.ndarray, gfns: np.ndarray) -> None:
+    def __init__(self, index: int, sptes: np.ndarray, gfns: np.ndarray, parents: Rmap) -> None:
         self.index = index
         self.sptes = sptes  # numpy row view, for vectorised work on one page
         self.spt = sptes.data  # a memoryview: Python-int access on the hot path
         self._gfns_np = gfns
         self.gfns = gfns.data
+        self.parent_ptes = ParentPtes(parents, index)  # sptep_of(parent, entry) of each parent
         self.hashed = False  # in mmu_page_hash: from alloc until its row is allocated again
         self.init(0, 0, 0)
 
@@ -127,7 +169,7 @@ class ShadowPage:
         self.unsync = False
         self.unsync_children = 0
         self.unsync_child_bitmap = 0  # Python int, bit i = entry i
-        self.parent_ptes: list[int] = []  # sptep_of(parent, entry) of every parent entry
+        self.parent_ptes.clear()
         self.root_count = 0
         self.mmu_valid_gen = gen
         self.write_flooding_count = 0
@@ -155,11 +197,15 @@ class ShadowPagePool:
     The free list is a stack: rows never used, under the lists of pages freed by each
     commit (`release_all`), newest on top; `alloc` takes the top row. A commit hands its
     list over whole, so that freeing N pages costs the same as freeing one.
+
+    `parent_ptes` holds every row's parent_ptes head (pool index = key); its capacity
+    doubles as the pool grows past it.
     """
 
     def __init__(self) -> None:
         self.spt_chunks: list[np.ndarray] = []
         self.gfn_chunks: list[np.ndarray] = []
+        self.parent_ptes = Rmap(0, PARENT_ROWS)
         self.pages: list[ShadowPage] = []  # by index, allocated or free
         self.free: list[int] = []  # rows never used, lowest index on top
         self._released: list[list[ShadowPage]] = []  # freed pages, by commit
@@ -170,7 +216,10 @@ class ShadowPagePool:
         gfns = np.zeros((CHUNK_PAGES, PT64_ENT_PER_PAGE), dtype=np.uint64)
         self.spt_chunks.append(spt)
         self.gfn_chunks.append(gfns)
-        self.pages.extend(ShadowPage(base + i, spt[i], gfns[i]) for i in range(CHUNK_PAGES))
+        if base + CHUNK_PAGES > len(self.parent_ptes.head):
+            self.parent_ptes.resize(2 * len(self.parent_ptes.head))
+        parents = self.parent_ptes
+        self.pages.extend(ShadowPage(base + i, spt[i], gfns[i], parents) for i in range(CHUNK_PAGES))
         # Lowest index first, so allocation order (and so the run) is deterministic.
         self.free.extend(range(base + CHUNK_PAGES - 1, base - 1, -1))
 

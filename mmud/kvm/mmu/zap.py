@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
 BATCH_ZAP_PAGES = 10
 _MMU_PRESENT = np.uint64(S.SPTE_MMU_PRESENT)
-_PAGE_SIZE = np.uint64(PT_PAGE_SIZE_MASK)
+_PRESENT_OR_LARGE = np.uint64(S.SPTE_MMU_PRESENT | PT_PAGE_SIZE_MASK)
 _BASE_ADDR = np.uint64(S.SPTE_BASE_ADDR_MASK)
 _PAGE_SHIFT = np.uint64(PAGE_SHIFT)
 _SPT_PFN_BASE = np.uint64(S.SPT_PFN_BASE)
@@ -54,15 +54,22 @@ def mmu_page_zap_pte(mmu: KvmMmu, sp: ShadowPage, i: int) -> bool:
     return False
 
 
+# Fewer entries than this go through mmu_page_zap_pte() one by one even when nobody observes:
+# a page-at-once zap is a fixed few dozen numpy operations, and a root or a directory of a
+# few children is cheaper entry by entry.
+ZAP_AT_ONCE_ENTRIES = 16
+
+
 def _unlink_children(mmu: KvmMmu, sp: ShadowPage) -> None:
-    if mmu.obs is None and mmu.bug is None:
+    sptes = sp.sptes
+    if mmu.obs is None and mmu.bug is None and np.count_nonzero(sptes) >= ZAP_AT_ONCE_ENTRIES:
         if sp.level == 1:
             _drop_leaf_sptes(mmu, sp)
             return
         if _unlink_child_pages(mmu, sp):
             return
     spt = sp.spt
-    for i in sp.sptes.nonzero()[0].tolist():
+    for i in sptes.nonzero()[0].tolist():
         if spt[i]:
             mmu_page_zap_pte(mmu, sp, i)
 
@@ -70,20 +77,21 @@ def _unlink_children(mmu: KvmMmu, sp: ShadowPage) -> None:
 def _unlink_child_pages(mmu: KvmMmu, sp: ShadowPage) -> bool:
     """mmu_page_zap_pte() of every entry of an upper-level page, at once, when none is a
     leaf (mmud has no huge sptes): each child loses its parent pte (drop_parent_pte) and
-    the page ends empty. A 2 MiB-per-page guest's directory has 512 children; one by one,
-    it was the longest step of a fast zap. False, having done nothing, if a leaf is there."""
+    the page ends empty. A 2 MiB-per-page guest's directory has 512 children: their
+    parent_ptes heads are cleared together in the pool's parent rmap. False, having done
+    nothing, if a leaf is there."""
     sptes = sp.sptes
-    idx = np.flatnonzero(sptes)
+    idx = sptes.nonzero()[0]
     values = sptes[idx]
-    present = (values & _MMU_PRESENT) != 0
-    if ((values[present] & _PAGE_SIZE) != 0).any():
-        return False
-    children = ((values[present] & _BASE_ADDR) >> _PAGE_SHIFT) - _SPT_PFN_BASE
-    sptes[idx] = 0
-    pages = mmu.pool.pages
-    base = sp.index << SPTEP_SHIFT
-    for child, i in zip(children.tolist(), idx[present].tolist(), strict=True):
-        pages[child].parent_ptes.remove(base | i)
+    kinds = values & _PRESENT_OR_LARGE
+    if np.count_nonzero(kinds != _MMU_PRESENT):  # an MMIO spte (cleared), or a leaf
+        if np.count_nonzero(kinds == _PRESENT_OR_LARGE):
+            return False
+        present = kinds == _MMU_PRESENT
+        values, idx = values[present], idx[present]
+    sptes.fill(0)
+    children = ((values & _BASE_ADDR) >> _PAGE_SHIFT) - _SPT_PFN_BASE
+    mmu.pool.parent_ptes.remove_many(children.view(np.int64), idx | (sp.index << SPTEP_SHIFT))
     return True
 
 
@@ -91,21 +99,24 @@ def _drop_leaf_sptes(mmu: KvmMmu, sp: ShadowPage) -> None:
     """mmu_page_zap_pte() of every entry of a last-level page, at once: each present spte
     leaves its gfn's rmap (pages_4k counts those that were there), MMIO sptes are cleared,
     and the page ends empty — what the loop leaves, when no observer needs to see each
-    spte go and no injected bug changes drop_spte(). A zap's longest step is this one."""
+    spte go and no injected bug changes drop_spte(). A direct page's gfns are consecutive:
+    one slice of rmap heads, when one slot holds them all."""
     sptes = sp.sptes
-    present = np.flatnonzero(sptes & _MMU_PRESENT)
-    sptes.fill(0)
-    if not len(present):
-        return
-    spteps = present | (sp.index << SPTEP_SHIFT)
+    present = sptes & _MMU_PRESENT
+    first_sptep = sp.index << SPTEP_SHIFT
     if sp.direct:
-        gfns = present + sp.gfn
         slot = mmu.memslots.lookup(sp.gfn)
         if slot is not None and sp.gfn + PT64_ENT_PER_PAGE <= slot.end_gfn:  # the usual case
-            mmu.stat["pages_4k"] -= slot.rmap.remove_many(gfns, spteps)
+            mmu.stat["pages_4k"] -= slot.rmap.remove_run(sp.gfn, present, first_sptep)
+            sptes.fill(0)
             return
+    entries = np.flatnonzero(present)
+    sptes.fill(0)
+    spteps = entries | first_sptep
+    if sp.direct:
+        gfns = entries + sp.gfn
     else:
-        gfns = np.asarray(sp.gfns)[present].astype(np.int64)
+        gfns = np.asarray(sp.gfns)[entries].astype(np.int64)
     removed = 0
     while len(gfns):
         lo, hi = int(gfns.min()), int(gfns.max())
@@ -122,8 +133,11 @@ def _drop_leaf_sptes(mmu: KvmMmu, sp: ShadowPage) -> None:
 
 
 def _unlink_parents(mmu: KvmMmu, sp: ShadowPage) -> None:
+    parent_ptes = mmu.pool.parent_ptes.get(sp.index)  # sp.parent_ptes, without its wrapper
+    if not parent_ptes:  # a leaf whose directory went first
+        return
     pages = mmu.pool.pages
-    for sptep in list(sp.parent_ptes):
+    for sptep in list(parent_ptes):
         mmu.drop_parent_pte(sp, pages[sptep_page(sptep)], spte_index(sptep))
 
 
