@@ -203,6 +203,8 @@ def test_a_trace_switch_lands_inside_a_step(daemon: Daemon) -> None:
         assert echo(d.path("parameters/mmu_audit"), "0").returncode == 0
     writes = d.events("tracefs_write")
     assert {e["file"] for e in writes} == {"events/kvmmmu/enable"}
+    assert {(e["action"], e["text"]) for e in writes} == {
+        ("truncate", None), ("write", "1\n"), ("write", "0\n")}  # echo opens with O_TRUNC
     assert any("point" in e for e in writes), writes
 
 

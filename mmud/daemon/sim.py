@@ -419,7 +419,7 @@ class Simulation:
             self.tracefs.truncate(file)
         else:
             self.tracefs.write(file, text)
-        log.info("tracefs_write", file=file, text=text if action == "write" else None,
+        log.info("tracefs_write", file=file, action=action, text=text if action == "write" else None,
                  step=self.slots[0].vm.steps, **self._inside())
         return None
 
