@@ -360,16 +360,10 @@ def _link_suspects(mmu: KvmMmu, sps: Sequence[ShadowPage]) -> tuple[Sequence[Sha
     active = mmu.active_mmu_pages
     if len(sps) < LINKS_AS_A_WHOLE or len(sps) != len(active) or not all(sp in active for sp in sps):
         return sps, False
-    owner: list[int] = []
-    sptep: list[int] = []
-    marked: set[ShadowPage] = set()
-    for sp in sps:
-        ptes = sp.parent_ptes
-        owner += [sp.index] * len(ptes)
-        sptep += ptes
-        if sp.unsync or sp.unsync_children or sp.unsync_child_bitmap:
-            marked.add(sp)
-    parent_spteps = np.array(sptep, dtype=np.int64)
+    parents = mmu.pool.parent_ptes  # every page's parent_ptes head, by pool index
+    listed = np.zeros(len(parents.head), dtype=bool)
+    listed[[sp.index for sp in sps]] = True
+    parent_spteps, owner = parents.entries(listed)
     spte = spte_values(mmu, parent_spteps)
     upper = [sp for sp in sps if sp.level > 1]
     is_upper = np.zeros(len(mmu.pool.pages), dtype=bool)
@@ -380,9 +374,11 @@ def _link_suspects(mmu: KvmMmu, sps: Sequence[ShadowPage]) -> tuple[Sequence[Sha
         and bool(np.all(np.diff(np.sort(parent_spteps)) != 0))  # distinct
         and bool(is_upper[sptep_page(parent_spteps)].all())
         and bool(_nonleaf(spte).all())
-        and np.array_equal(_child_index(spte), np.array(owner, dtype=np.int64))
+        and np.array_equal(_child_index(spte), owner)
     )
-    return ([sp for sp in sps if sp in marked], True) if whole else (sps, False)
+    if not whole:
+        return sps, False
+    return [sp for sp in sps if sp.unsync or sp.unsync_children or sp.unsync_child_bitmap], True
 
 
 def check_write_tracking(mmu: KvmMmu, sps: Iterable[ShadowPage]) -> list[str]:
