@@ -163,6 +163,7 @@ def test_rmap_heads_behave_as_lists(ops_list, select):
     for gfn in range(base, base + 16):
         assert list(rmap.get(gfn)) == model.get(gfn, [])
         assert rmap.has(gfn) == bool(model.get(gfn))
+    assert rmap.entry_count() == sum(map(len, model.values()))
     mask = np.array(select)
     sptep, gfn = rmap.entries(mask)
     order = np.argsort(gfn, kind="stable")

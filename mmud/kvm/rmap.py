@@ -137,6 +137,11 @@ class Rmap:
     def has(self, gfn: int) -> bool:
         return self._head[gfn - self.base_gfn] != EMPTY
 
+    def entry_count(self) -> int:
+        """How many entries all heads hold: the non-empty heads but those of chains (MANY),
+        and the chains' entries. No temporary as large as the heads (1 TiB has 2^28)."""
+        return int(np.count_nonzero(self.head)) - len(self.desc) + sum(map(len, self.desc.values()))
+
     def mapped(self) -> np.ndarray:
         """Mask over the slot's pages: which have a non-empty rmap."""
         return self.head != EMPTY

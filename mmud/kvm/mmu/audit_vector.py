@@ -98,13 +98,6 @@ def _rows_plus_index(first: np.ndarray) -> np.ndarray:
     return out
 
 
-def _rmap_size(mmu: KvmMmu) -> int:
-    """How many level-1 rmap entries all memslots hold."""
-    # Heads hold nothing (0), one sptep, or MANY with a chain in desc (rmap.py).
-    return sum(int(np.count_nonzero(slot.rmap.head)) - len(slot.rmap.desc)
-               + sum(map(len, slot.rmap.desc.values())) for slot in mmu.memslots)
-
-
 def _coords(mask: np.ndarray, first_row: int = 0) -> list[tuple[int, int]]:
     """(row, entry) where a 2-D mask of rows from `first_row` on is set, row-major (what is
     reported: usually nothing)."""
@@ -296,7 +289,8 @@ class PageArrays:
             if not C.in_own_rmap(mmu, sp, i, gfn):
                 out.append(C.msg_not_in_rmap(sp, i, gfn))
         gfns = self.rmap_gfns
-        if not out and self.complete and gfns is None and _rmap_size(mmu) == self._leaves:
+        if not out and self.complete and gfns is None and self._leaves == sum(
+                slot.rmap.entry_count() for slot in mmu.memslots):
             # Every live leaf (sptep, gfn) is in its rmap, and the rmaps hold no more entries
             # than there are leaves: they hold exactly the leaves (distinct spteps), so no
             # rmap entry is stale.
