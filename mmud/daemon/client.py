@@ -281,11 +281,8 @@ class SimClient:
             self.params[name] = text
             with self._lock:
                 if self.failure is not None and self.snapshot is not None:
-                    self.snapshot = dataclasses.replace(self.snapshot, params=self._rendered_params())
+                    self.snapshot = dataclasses.replace(self.snapshot, params=self.params.render_all())
         return reply or Reply(0, result=self.params.render(name))
-
-    def _rendered_params(self) -> dict[str, bytes]:
-        return {n: self.params.render(n) for n in self.params.names()}
 
     def _restart(self) -> Reply:
         """`echo restart > vm<N>/state` while the simulation is gone: start a fresh one."""
@@ -387,7 +384,7 @@ class SimClient:
             last = self.snapshot
             if last is not None:
                 self.snapshot = dataclasses.replace(
-                    last, seq=last.seq + 1, params=self._rendered_params(),
+                    last, seq=last.seq + 1, params=self.params.render_all(),
                     vms=tuple(dataclasses.replace(v, state=FAILED,
                                                   status=render_failed_status(v.status, cause, v.steps))
                               for v in last.vms))

@@ -338,17 +338,14 @@ class Simulation:
             self.publish()
             return
         self._seq += 1
-        self._last = replace(self._last, seq=self._seq, params=self._rendered_params())
+        self._last = replace(self._last, seq=self._seq, params=self.params.render_all())
         self.out.send(self._last)
-
-    def _rendered_params(self) -> dict[str, bytes]:
-        return {n: self.params.render(n) for n in self.params.names()}
 
     def publish(self) -> None:
         self._seq += 1
         self._last = Snapshot(
             seq=self._seq,
-            params=self._rendered_params(),
+            params=self.params.render_all(),
             vms=tuple(self._vm_snapshot(s) for s in self.slots),
             logs={**self.logs, **self.isolation.logs(self._fault_context),
                   "audit_log": tuple(line.rstrip("\n") for line in self.module.audit.lines)},

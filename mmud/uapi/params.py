@@ -233,6 +233,10 @@ class Params:
         desc = PARAM_BY_NAME[name]
         return desc.get(self._values[name])
 
+    def render_all(self) -> dict[str, bytes]:
+        """Every parameter's file text, by name: what a snapshot shows."""
+        return {n: self.render(n) for n in self.names()}
+
     def watch(self, fn: Watcher) -> None:
         """Call fn(name, value) after every store that changes a value."""
         self._watchers.append(fn)
