@@ -12,8 +12,8 @@ once and replaces the snapshot with a failed one: every VM reads `failed`, its s
 the cause, statistics and logs keep their last values.  Requests that need the simulation
 then fail with EIO at once; parameter stores keep working, because the parameter block lives
 here (`self.params`) and is only forwarded to a live simulation (on the store channel, which
-a running step looks at: `StoreChannel`; tracing/ writes take it too); `restart` on any vm<N>/state
-spawns a fresh simulation with the last configuration of every VM and the current parameters
+a running step looks at: `StoreChannel`; tracing/ writes take it too); `restart` on any
+vm<N>/state spawns a fresh simulation with the last configuration of every VM and the current parameters
 as its load-time values (docs/daemon.md, "When the simulation dies").
 """
 
@@ -179,8 +179,8 @@ class _SimProcess:
         self.reap()
 
     def send_store(self, req: Request) -> None:
-        """A parameter store or a tracing/ write: on its own pipe, then counted in shared memory, where the
-        simulation looks for it even inside a step (StoreChannel)."""
+        """A parameter store or a tracing/ write: on its own pipe, then counted in shared
+        memory, where the simulation looks for it even inside a step (StoreChannel)."""
         self.stores.send(req)
         self.posted.value += 1
 
