@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 import mmud
-from mmud.campaign.kinds.overhead import DIRECT_VA, touched_vm
+from mmud.campaign.kinds.overhead import touched_vm
+from mmud.campaign.zap_guest import DIRECT_VA
 from mmud.kvm.mmu import audit_checks as C
 from mmud.kvm.mmu import audit_vector, page
 from mmud.kvm.mmu import spte as S

@@ -6,7 +6,7 @@ per 2 MiB, and vCPUs beside the zap that contend for the MMU lock at every step.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import mmud
 from mmud.kvm.devices import IORAM_BASE
@@ -17,6 +17,15 @@ DIRECT_VA = 0xFFFF888000000000
 MMIO_VA = 1 << 39  # pml4 entry 1, entry 0 below: one table per level
 PMD_SPAN = 1 << 30  # guest physical space one pmd table maps with 2 MiB pages
 PDPT_SPAN = 1 << 39
+
+
+def read_all_ram(vcpu: Vcpu, ranges: Sequence[tuple[int, int]]) -> None:
+    """Read every 4 KiB page of the RAM ranges once through the direct map at DIRECT_VA
+    (this guest's, and the guest kernel's): a shadow spte for every page of RAM."""
+    read = vcpu.read_u64
+    for start, stop in ranges:
+        for gpa in range(start, stop, 4096):
+            read(DIRECT_VA + gpa)
 
 
 class Guest:
@@ -57,10 +66,7 @@ class Guest:
             yield
 
     def fault_all(self) -> None:
-        read = self.vcpu.read_u64
-        for start, stop in self.ranges:
-            for gpa in range(start, stop, 4096):
-                read(DIRECT_VA + gpa)
+        read_all_ram(self.vcpu, self.ranges)
 
     def zap(self, kind: str) -> tuple[float, float]:
         """Fault everything in, zap all while the contenders run; (stall, total) in ms."""

@@ -27,6 +27,7 @@ import mmud
 from mmud.campaign import tables
 from mmud.campaign.kinds.detect import MODES
 from mmud.campaign.measure import interleaved, paired_ratio
+from mmud.campaign.zap_guest import read_all_ram
 from mmud.campaign.params import choices, flag, integer, require, text, typed_grid
 from mmud.kvm.trace.tracefs import TraceFs
 
@@ -37,7 +38,6 @@ AXES = ("audit", "tracing", "mem_mb", "rounds", "steps")
 AUDITS = ("off", *MODES)
 TIMINGS = ("ratio", "steps_per_s", "off_steps_per_s")
 WARMUP_STEPS = 300
-DIRECT_VA = 0xFFFF888000000000  # the guest kernel's direct map of all RAM
 PIPE_READ = 1 << 16
 
 
@@ -52,10 +52,7 @@ def touched_vm(mem_mb: int) -> mmud.VM:
     shadow MMU holds a page per 4 KiB of RAM: the size a full audit must walk."""
     vm = mmud.VM(mem_mb=mem_mb, seed=7, workload="kernel")
     vm.step(200)
-    vcpu = vm.vcpus[0]
-    for start, stop in vm.ram_ranges:
-        for gpa in range(start, stop, 4096):
-            vcpu.read_u64(DIRECT_VA + gpa)
+    read_all_ram(vm.vcpus[0], vm.ram_ranges)
     return vm
 
 
