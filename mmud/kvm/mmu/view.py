@@ -97,8 +97,8 @@ def rmaps_stat(memslots: Memslots) -> list[list[int]]:
     cur = log[0]
     for slot in memslots:
         head = slot.rmap.head
-        single = int(np.count_nonzero(head > 0))
         chained = len(slot.rmap.desc)
+        single = int(np.count_nonzero(head)) - chained  # non-empty, but not MANY
         cur[0] += len(head) - single - chained
         cur[1] += single
         for entries in slot.rmap.desc.values():
