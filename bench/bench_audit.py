@@ -1,4 +1,4 @@
-"""The MMU audit's cost and its detection latency (issue 4).
+"""The MMU audit's cost and its detection latency (docs/audit.md).
 
 Throughput is guest steps per second of the `kernel` workload (64 MiB, seed 7), one VM per
 variant in one process, the VMs stepping in turn, 1,000 steps each, round by round (ABBA);

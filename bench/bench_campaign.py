@@ -1,4 +1,4 @@
-"""The campaign engine's throughput and per-job cost (issue 16), on LocalClusters.
+"""The campaign engine's throughput and per-job cost (docs/campaigns.md), on LocalClusters.
 
 Two local clusters are started side by side, one of one worker process and one of two (one
 thread each, as `mmud campaign run` starts them), and each worker's job process is started

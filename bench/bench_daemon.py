@@ -1,4 +1,4 @@
-"""Control-plane latency of the running daemon (issue 3).
+"""Control-plane latency of the running daemon (docs/daemon.md).
 
 - `param_read_p99_ms_idle` / `_running`: p99 of one open/read/close of
   parameters/mmu_audit from this (client) process, with the VM paused and with it running

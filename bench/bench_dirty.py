@@ -1,4 +1,4 @@
-"""Dirty logging and live migration (issue 7).
+"""Dirty logging and live migration (docs/dirty-logging.md).
 
 - `dirty_log_write_ratio`: guest write throughput (stores per second of the `stream`
   workload) with dirty logging on in its memslot and a harvest every HARVEST_STEPS steps,

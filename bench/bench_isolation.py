@@ -1,4 +1,4 @@
-"""Cost of address-space isolation (issue 5) and of its hooks when it is off.
+"""Cost of address-space isolation (docs/isolation.md) and of its hooks when it is off.
 
 - `isolation_on_ratio`: guest throughput (kernel workload, scheduler steps per second) with
   `address_space_isolation=Y` over the same with `N`, two VMs of the same seed stepped side

@@ -1,4 +1,4 @@
-"""Shadow-MMU speed (issue 2).
+"""Shadow-MMU speed (docs/performance.md).
 
 - `faults_per_s[<mem>]`, `accesses_per_s[<mem>]`: the `kernel` workload on one vCPU, shadow
   page faults fixed (pf_fixed) and guest memory accesses per second of wall time, for a

@@ -1,4 +1,4 @@
-"""A soak of the running daemon: many clients changing everything at once (issue 13).
+"""A soak of the running daemon: many clients changing everything at once.
 
 Eight client threads, for 60 s (`--quick`: 8 s), against one `python -m mmud run`: each
 repeatedly creates and destroys a VM of its own through `vms`, restarts it, arms and disarms

@@ -1,4 +1,4 @@
-"""What the kvmmmu tracepoints cost (issue 14).
+"""What the kvmmmu tracepoints cost (docs/tracing.md).
 
 Throughput is guest steps per second of the `kernel` workload (64 MiB, seed 7, isolation off:
 bench/_stripped.py's `kernel_vm`), one VM per variant in one process, 1,000 steps each, round

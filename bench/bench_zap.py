@@ -1,4 +1,4 @@
-"""Zapping every shadow page, fast, slow and legacy, and the MMIO spte fast path (issue 6).
+"""Zapping every shadow page, fast, slow and legacy, and the MMIO spte fast path (docs/memslots-mmio.md).
 
 The guest has every page faulted in through a 2 MiB-page direct map (one direct shadow page
 per 2 MiB); two more vCPUs run beside the zap as scheduler tasks, each flushing and

@@ -2,15 +2,15 @@
 
     parameters/<param>          like /sys/module/kvm/parameters
     kvm/mmu-debug, kvm/<stat>   like /sys/kernel/debug/kvm (stats summed over VMs)
-    kvm/fault_log, kvm/isolation/{map,mappings}   address-space isolation (issue 5)
+    kvm/fault_log, kvm/isolation/{map,mappings}   address-space isolation (docs/isolation.md)
     kvm/audit_log, vm<N>/inject                   the MMU audit's log; bug injection
     kvm/<pid>-<fd>/<stat>       one directory per VM, named as KVM names it
     vm<N>/state, vm<N>/status   simulator control, one directory per VM
-    vm<N>/break                 pause at an audit error, a guest crash, a step (issue 15)
+    vm<N>/break                 pause at an audit error, a guest crash, a step (docs/daemon.md)
     vm<N>/recording             the run's recording so far (docs/replay.md)
     vm<N>/memory, vm<N>/dirty_log/<slot>, vm<N>/migrate   guest RAM, dirty logs, live migration
-    vm<N>/memslots, vm<N>/zap_all   memslot changes, zap of every shadow page (issue 6)
-    vm<N>/mmu/{pages,walk}, kvm/<pid>-<fd>/mmu_rmaps_stat   the shadow tables on view (issue 14)
+    vm<N>/memslots, vm<N>/zap_all   memslot changes, zap of every shadow page (docs/memslots-mmio.md)
+    vm<N>/mmu/{pages,walk}, kvm/<pid>-<fd>/mmu_rmaps_stat   the shadow tables on view (docs/mmu.md)
     vms                         the VMs, one line each; `create …`/`destroy …` (mmud/uapi/vms.py)
     tracing/                    like /sys/kernel/tracing: the kvmmmu events (docs/tracing.md)
 
