@@ -150,7 +150,8 @@ def test_checks_agree_under_the_kernel_workload(bug):
        st.lists(st.booleans(), min_size=16, max_size=16))
 def test_rmap_heads_behave_as_lists(ops_list, select):
     base = 0x100
-    rmap, model = Rmap(base, 16), {}
+    rmap = Rmap(base, 16)
+    model: dict[int, list[int]] = {}
     for add, rel, sptep in ops_list:
         gfn, chain = base + rel, model.setdefault(base + rel, [])
         if add and sptep not in chain:
