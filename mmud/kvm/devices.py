@@ -44,11 +44,9 @@ class IoRam:
     def __init__(self, base: int, size: int) -> None:
         self.base = base
         self.size = size
+        self.end = base + size
         self.words = np.zeros(size // 8, dtype=np.uint64)
         self._u64 = self.words.data  # a memoryview: Python ints, without numpy scalars
-
-    def claims(self, gpa: int) -> bool:
-        return self.base <= gpa < self.base + self.size
 
     def read(self, gpa: int) -> int:
         return self._u64[(gpa - self.base) >> 3]
@@ -65,7 +63,7 @@ class MmioBus:
 
     def _device(self, gpa: int) -> IoRam | None:
         for device in self.devices:
-            if device.claims(gpa):
+            if device.base <= gpa < device.end:
                 return device
         return None
 

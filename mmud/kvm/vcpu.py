@@ -354,8 +354,12 @@ class Vcpu:
             return entry
         if not is_canonical(gva):
             raise GeneralProtection(f"non-canonical address {gva:#x}")
-        for _ in range(_MAX_FAULT_RETRIES):
+        # Each walk runs after vcpu_enter_guest(). Before the first, the root was loaded
+        # above; what is left for it is a request made while that waited for the MMU
+        # lock, isolation's switch and the observer.
+        if self.requests or self.isolation or self.mmu.kvm_mmu.obs:
             self.enter_guest()
+        for _ in range(_MAX_FAULT_RETRIES):
             result = self._hw_walk(gva, kind)
             if not isinstance(result, int):
                 return result
@@ -380,6 +384,7 @@ class Vcpu:
                     entry = self._tlb_fill(gva, kind, sp, spte)
                     if entry is not None:
                         return entry
+            self.enter_guest()
         raise RuntimeError(f"vCPU {self.index}: no progress on {gva:#x} (kind {kind})")
 
     # --- the emulator -----------------------------------------------------------------------------
