@@ -3,10 +3,13 @@ rmap heads read at the leaves' gfns, chains and the reverse direction of rmap_ex
 only when that finds something) gives the messages of the entry-by-entry checks
 (audit_scalar.PageEntries): with the pool in many chunks and the pages in many blocks, on a
 guest with RAM on both sides of the PCI hole (two memslots), with each bug armed and with
-damage no bug does; and the parent links checked as a whole in a full run report what the
-check page by page does."""
+damage no bug does; a stretch of pages checked at once reports, when an entry in it is
+spoilt, what entry by entry does, and so does a block of upper-level pages; and the parent
+links checked as a whole in a full run report what the check page by page does."""
 
 from __future__ import annotations
+
+import threading
 
 import numpy as np
 import pytest
@@ -104,6 +107,107 @@ def test_an_unregistered_leaf_and_a_stale_rmap_entry_are_both_found():
     assert _full_runs_agree(vm) == []
     slot.rmap.add(gfn + 1, sp.index << 9 | i)  # an entry that does not map gfn + 1
     assert any("which does not map it" in m for m in _full_runs_agree(vm))
+
+
+STRETCH_DAMAGE = (S.SPTE_MMU_WRITEABLE, S.SPTE_HOST_WRITEABLE, 1 << 12, 1 << 40, "present", "rmap",
+                  "head", "head and frame")
+
+
+@pytest.mark.parametrize("damage", STRETCH_DAMAGE)
+def test_a_stretch_checked_at_once_reports_what_entry_by_entry_does(damage):
+    """A guest that read its RAM in order has stretches of direct level-1 pages (consecutive
+    pool rows mapping consecutive gfns), each checked with a few operations over all its
+    entries; an entry spoilt inside one (its flags, its frame, its presence, its rmap head, a second
+    rmap entry, or both the head and the frame those of the next entry) sends the piece to the
+    general pass, which reports what the scalar checks do."""
+    vm = touched_vm(64)
+    mmu = vm.mmu
+    pages = list(reversed(mmu.active_mmu_pages))
+    arrays = audit_vector.PageArrays(mmu, pages, None)
+    assert arrays._stretched >= audit_vector.MIN_STRETCH
+    sp = pages[int(arrays._order[arrays._stretched // 2])]
+    i = 100
+    sptep, gfn = sp.index << 9 | i, sp.gfn_of(i)
+    assert sp.spt[i] & S.SPTE_MMU_PRESENT and sp.level == 1 and sp.direct
+    assert _full_runs_agree(vm) == []
+    slot = mmu.memslots.lookup(gfn)
+    assert slot is not None
+    if damage == "present":
+        sp.spt[i] &= ~S.SPTE_MMU_PRESENT
+    elif damage == "rmap":
+        slot.rmap.add(gfn + 1, sptep)
+    elif damage in ("head", "head and frame"):  # the head holds the next entry's sptep
+        assert slot.rmap.remove(gfn, sptep)
+        slot.rmap.add(gfn, sptep + 1)
+        if damage == "head and frame":  # and the spte the next gfn's frame
+            sp.spt[i] += 1 << 12
+    else:
+        sp.spt[i] ^= damage
+    assert _full_runs_agree(vm) != []
+
+
+def test_the_rmaps_entries_are_counted_without_the_heads_the_pass_found_single():
+    """To know whether the rmaps hold only the leaves, a full run counts their entries without
+    reading again the heads of the stretches' clean pieces (one entry each); a stale entry at
+    a gfn of no stretch is still found."""
+    vm = touched_vm(64)
+    mmu = vm.mmu
+    arrays = audit_vector.PageArrays(mmu, list(reversed(mmu.active_mmu_pages)), None)
+    arrays._done()
+    slot, singles = arrays._slots[0], sorted(arrays._singles[0])
+    assert singles and audit_vector._entry_count(slot.rmap, singles) == slot.rmap.entry_count()
+    covered = {g for a, b in singles for g in range(a, b)}
+    gfn = next(g for g in range(slot.base_gfn, slot.end_gfn) if g not in covered)
+    sptep = int(arrays.index[arrays._order[0]]) << 9  # a leaf of a stretch, of another gfn
+    slot.rmap.add(gfn, sptep)
+    assert any("which does not map it" in m for m in _full_runs_agree(vm))
+
+
+def test_the_passs_parts_end_where_its_pieces_do(monkeypatch):
+    """The seven parts of the pass (a store point before each) end where a piece of a stretch
+    or a block ends, each near its seventh of the pages: no piece is checked in two."""
+    vm = touched_vm(256)
+    pages = list(reversed(vm.mmu.active_mmu_pages))
+    arrays = audit_vector.PageArrays(vm.mmu, pages, None)
+    checked = arrays._stretch_clean
+    sizes: list[int] = []
+    monkeypatch.setattr(arrays, "_stretch_clean", lambda rows: sizes.append(len(rows)) or checked(rows))
+    ends = []
+    for _, work in arrays.stages():
+        work()
+        ends.append(arrays._filled)
+    pieces = np.diff([0, *arrays._cuts]).tolist()
+    assert sizes == pieces[: len(sizes)] and sum(sizes) == arrays._stretched > 0
+    assert set(ends) <= {0, *arrays._cuts} and ends[-1] == len(pages)
+    assert all(abs(end - len(pages) * k // audit_vector.STAGES) <= audit_vector.BLOCK_ROWS
+               for k, end in enumerate(ends, 1))
+
+
+def test_each_thread_checks_stretches_in_temporaries_of_its_own():
+    """The temporaries of a stretch's check are made once per thread, not per run: numpy lets
+    another thread (auditing another VM) run during an operation."""
+    mine = audit_vector._scratch()
+    theirs: list[np.ndarray] = []
+    thread = threading.Thread(target=lambda: theirs.append(audit_vector._scratch()))
+    thread.start()
+    thread.join()
+    assert audit_vector._scratch() is mine
+    assert not np.shares_memory(theirs[0], mine)
+
+
+def test_a_leaf_among_upper_level_pages_is_checked():
+    """The pass takes the upper-level pages last, in blocks of their own, and a block with no
+    leaf (no present spte with PS: mmud installs none) is done once it has counted them; a
+    2 MiB spte made there by damage is checked as entry by entry checks it."""
+    vm = touched_vm(64)
+    mmu = vm.mmu
+    assert _full_runs_agree(vm) == []
+    sp = next(sp for sp in reversed(mmu.active_mmu_pages) if sp.level == 2 and sp.sptes.any())
+    i = int(np.flatnonzero(sp.sptes & np.uint64(S.SPTE_MMU_PRESENT))[0])
+    sp.spt[i] |= S.PT_PAGE_SIZE_MASK
+    found = _full_runs_agree(vm)
+    assert any("is not in its rmap" in m for m in found)
+    assert any("breaks W => MMU-writable => Host-writable" in m for m in found)
 
 
 LINK_DAMAGE = ("unlisted", "bogus", "twice", "stale", "count", "unsync", "repointed")

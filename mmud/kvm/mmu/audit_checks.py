@@ -126,10 +126,10 @@ SPTE_BITS_OK = (0, S.SPTE_HOST_WRITEABLE, S.SPTE_HOST_WRITEABLE | S.SPTE_MMU_WRI
 
 def rows_of(sps: list[ShadowPage], wanted: list[ShadowPage]) -> list[int] | None:
     """The row in `sps` of each page of `wanted` (None if one is not there)."""
-    row_of = {sp: row for row, sp in enumerate(sps)}
-    if any(sp not in row_of for sp in wanted):
+    try:
+        return list(map(dict(zip(sps, range(len(sps)), strict=True)).__getitem__, wanted))
+    except KeyError:
         return None
-    return [row_of[sp] for sp in wanted]
 
 
 def inspect_spte_has_rmap(mmu: KvmMmu, sp: ShadowPage, i: int, gfn: int, spte: int) -> list[str]:
@@ -243,7 +243,7 @@ def links(sp: ShadowPage) -> tuple[list[int], list[int]]:
 
 def _nonleaf(sptes: np.ndarray) -> np.ndarray:
     """Which sptes are present and link a child page."""
-    return ((sptes & _PRESENT) != 0) & ((sptes & _U(PT_PAGE_SIZE_MASK)) == 0)
+    return (sptes & _U(S.SPTE_MMU_PRESENT | PT_PAGE_SIZE_MASK)) == _PRESENT
 
 
 def _child_index(sptes: np.ndarray) -> np.ndarray:
@@ -358,24 +358,26 @@ def _link_suspects(mmu: KvmMmu, sps: Sequence[ShadowPage]) -> tuple[Sequence[Sha
     the page it points at. What is left to check page by page is the unsync marks and counts.
     """
     active = mmu.active_mmu_pages
-    if len(sps) < LINKS_AS_A_WHOLE or len(sps) != len(active) or not all(sp in active for sp in sps):
+    if len(sps) < LINKS_AS_A_WHOLE or len(sps) != len(active) or not all(map(active.__contains__, sps)):
         return sps, False
     parents = mmu.pool.parent_ptes  # every page's parent_ptes head, by pool index
     listed = np.zeros(len(parents.head), dtype=bool)
     listed[[sp.index for sp in sps]] = True
     parent_spteps, owner = parents.entries(listed)
-    spte = spte_values(mmu, parent_spteps)
     upper = [sp for sp in sps if sp.level > 1]
-    is_upper = np.zeros(len(mmu.pool.pages), dtype=bool)
-    is_upper[[sp.index for sp in upper]] = True
     rows = np.stack([sp.sptes for sp in upper]) if upper else np.zeros((0, 512), dtype=np.uint64)
+    # The row of rows holding each parent pte (-1: it is not in an upper-level page of sps).
+    row_of = np.full(len(mmu.pool.pages), -1, dtype=np.int64)
+    row_of[[sp.index for sp in upper]] = np.arange(len(upper))
+    at = row_of[sptep_page(parent_spteps)]
     whole = (
         len(parent_spteps) == np.count_nonzero(_nonleaf(rows))
         and bool(np.all(np.diff(np.sort(parent_spteps)) != 0))  # distinct
-        and bool(is_upper[sptep_page(parent_spteps)].all())
-        and bool(_nonleaf(spte).all())
-        and np.array_equal(_child_index(spte), owner)
+        and bool((at >= 0).all())
     )
+    if whole:
+        spte = rows[at, spte_index(parent_spteps)]
+        whole = bool(_nonleaf(spte).all()) and np.array_equal(_child_index(spte), owner)
     if not whole:
         return sps, False
     return [sp for sp in sps if sp.unsync or sp.unsync_children or sp.unsync_child_bitmap], True

@@ -4,24 +4,39 @@ incremental runs too large for audit_scalar).
 A page's 512 sptes are a row of 2-D arrays, and one pass over the pages, a block of rows at a
 time, computes what the per-entry checks test: flags, gfns, frames, and the rmap head at each
 leaf's gfn (mmud/kvm/rmap.py keeps the heads of a memslot in one array). It keeps only where a
-check may fail. The rmaps are read whole (as (sptep, gfn) arrays) only when the leaves and
-the rmap entries do not pair up one to one. So a run costs a few dozen numpy operations per
-block, plus Python per reported error, per link of an upper-level page and per synced
-indirect page.
+check may fail. Stretches of direct level-1 pages a guest faulted in order (consecutive pool
+rows mapping consecutive gfns) take a shorter way: a few operations over a piece of one
+prove it has nothing to report, and only a piece where that fails is computed in full. The
+rmaps are read whole (as (sptep, gfn) arrays) only when the leaves and the rmap entries do
+not pair up one to one. So a run costs a few dozen numpy operations per block, plus Python
+per reported error, per link of an upper-level page and per synced indirect page.
 """
 
 from __future__ import annotations
 
-from bisect import bisect_left
+import threading
+from bisect import bisect_right
 from collections.abc import Callable, Iterable, Sequence
 from functools import cached_property, partial
+from itertools import chain
 
 import numpy as np
 
 from mmud.kvm.mmu import audit_checks as C
 from mmud.kvm.mmu import spte as S
 from mmud.kvm.mmu.mmu import KvmMmu
-from mmud.kvm.mmu.page import ROLE_CR0_WP, ROLE_NXE, ShadowPage, spte_index, sptep_page
+from mmud.kvm.mmu.page import (
+    ROLE_ACCESS_MASK,
+    ROLE_ACCESS_SHIFT,
+    ROLE_CR0_WP,
+    ROLE_DIRECT,
+    ROLE_LEVEL_MASK,
+    ROLE_NXE,
+    ShadowPage,
+    spte_index,
+    sptep_page,
+)
+from mmud.kvm.rmap import Rmap
 from mmud.x86 import paging as pg
 
 _U = np.uint64
@@ -36,7 +51,14 @@ _LOW = np.uint16
 STAGES = 7  # parts of the pass over the pages, each after a store point
 BLOCK_ROWS = 64  # pages per block of the pass: its int64 temporaries are 256 KiB each
 _IDX_ROWS = np.tile(_IDX, (BLOCK_ROWS, 1))  # each column's entry index, for a block's rows
+_FLAT = np.arange(BLOCK_ROWS * 512, dtype=np.int64)  # each entry's place in a piece of a stretch
+_FLAT_ADDR = (_FLAT << pg.PAGE_SHIFT).view(np.uint64)  # and the frame address that adds
+_LOCAL = threading.local()  # numpy lets other threads run (another VM's audit) during an operation
 assert max(S.SPTE_MMU_PRESENT, pg.PT_PAGE_SIZE_MASK, C.SPTE_BITS_MASK) < 1 << 16
+MIN_STRETCH = 8  # pages: below this, a stretch's check costs more than the general pass
+# The flags of a present leaf that keeps spte_bits, the commonest first (writable, then
+# write-protected): a stretch's check counts them until every entry is accounted for.
+_LEAF_FLAGS = tuple(_LOW(S.SPTE_MMU_PRESENT | C.SPTE_BITS_OK[k]) for k in (3, 1, 2, 0))
 
 
 def rmap_arrays(mmu: KvmMmu, gfns: Iterable[int] | None) -> tuple[np.ndarray, np.ndarray]:
@@ -98,18 +120,34 @@ def _rows_plus_index(first: np.ndarray) -> np.ndarray:
     return out
 
 
-def _coords(mask: np.ndarray, first_row: int = 0) -> list[tuple[int, int]]:
-    """(row, entry) where a 2-D mask of rows from `first_row` on is set, row-major (what is
-    reported: usually nothing)."""
+def _scratch() -> np.ndarray:
+    """Two int64 temporaries for a piece of a stretch, made once per thread: a fresh 256 KiB
+    array costs the host's page faults on every use, more than the operation that fills it."""
+    try:
+        return _LOCAL.scratch
+    except AttributeError:
+        _LOCAL.scratch = np.empty((2, _FLAT.size), dtype=np.int64)
+        return _LOCAL.scratch
+
+
+def _entry_count(rmap: Rmap, singles: list[tuple[int, int]]) -> int:
+    """Rmap.entry_count(), knowing that the heads of the gfn ranges `singles` (sorted,
+    disjoint) hold one entry each: the heads outside them are all it reads (at 1 GiB, the
+    pass has found all but 512 of 262,144 so)."""
+    bounds = [rmap.base_gfn, *chain.from_iterable(singles), rmap.base_gfn + len(rmap.head)]
+    held = sum(b - a for a, b in singles)
+    for a, b in zip(bounds[::2], bounds[1::2], strict=True):
+        held += int(np.count_nonzero(rmap.head[a - rmap.base_gfn : b - rmap.base_gfn]))
+    return held - len(rmap.desc) + sum(map(len, rmap.desc.values()))
+
+
+def _coords(mask: np.ndarray, rows: np.ndarray | None = None) -> list[tuple[int, int]]:
+    """(row, entry) where a 2-D mask is set, row-major, its k-th row being rows[k] (None:
+    k): what is reported, usually nothing."""
     if not mask.any():
         return []
-    rows, entries = np.divmod(np.flatnonzero(mask), mask.shape[1])  # nonzero() of 2-D is slower
-    return list(zip((rows + first_row).tolist(), entries.tolist(), strict=True))
-
-
-def _within(rows: list[int], a: int, b: int) -> list[int]:
-    """Of sorted `rows`, those in a..b, counted from a."""
-    return [row - a for row in rows[bisect_left(rows, a) : bisect_left(rows, b)]]
+    at, entries = np.divmod(np.flatnonzero(mask), mask.shape[1])  # nonzero() of 2-D is slower
+    return list(zip((at if rows is None else rows[at]).tolist(), entries.tolist(), strict=True))
 
 
 def _gpte_access(g: np.ndarray, nxe: np.ndarray) -> np.ndarray:
@@ -132,7 +170,8 @@ class PageArrays:
     One pass over the pages, BLOCK_ROWS at a time, computes everything the per-entry checks
     test (flags, frames, rmap heads at the leaves' gfns) and keeps only where a check may
     fail: a block's int64 temporaries stay in the CPU's cache, where operations over all
-    pages at once would each stream megabytes through memory."""
+    pages at once would each stream megabytes through memory. The pass takes the stretches
+    first (_plan) and puts what it finds back in row order at its end."""
 
     def __init__(
         self, mmu: KvmMmu, sps: list[ShadowPage], gfns: set[int] | None,
@@ -143,68 +182,167 @@ class PageArrays:
         self.sps = sps
         self.rmap_gfns = gfns
         self.index = np.fromiter((sp.index for sp in sps), dtype=np.int64, count=n)
-        self.level = np.fromiter((sp.level for sp in sps), dtype=np.int64, count=n)
         self.base = np.fromiter((sp.gfn for sp in sps), dtype=np.int64, count=n)
-        self.direct = direct = np.fromiter((sp.direct for sp in sps), dtype=bool, count=n)
-        # Rows of the kinds a block treats apart (as lists: a block looks them up by bisection).
-        self._upper = np.flatnonzero(self.level > 1).tolist()
+        # Level, direct and access as the kernel reads them, from sp->role (a page's own
+        # copies of them are made from its role, which nothing changes but ROLE_INVALID).
+        self.role = role = np.fromiter((sp.role for sp in sps), dtype=np.int64, count=n)
+        self.level = role & ROLE_LEVEL_MASK
+        self.direct = direct = (role & ROLE_DIRECT) != 0
+        self._access = ((role & ROLE_ACCESS_MASK) >> ROLE_ACCESS_SHIFT).astype(np.uint64)
         self._indirect = np.flatnonzero(~direct).tolist()
-        self._direct_upper = np.flatnonzero(direct & (self.level > 1)).tolist()
         self._sptep1 = (self.index << 9) + 1  # of entry 0; a head holding one sptep holds sptep + 1
         # Every active page, every entry: leaves of these are all the live leaves there are.
         self.complete = entries is None and len(sps) == len(mmu.active_mmu_pages) and all(
-            sp in mmu.active_mmu_pages for sp in sps
+            map(mmu.active_mmu_pages.__contains__, sps)
         )
         # Only the entries an operation changed: the per-entry checks look at those.
         self._chosen = {row: sorted(chosen) for row, chosen in enumerate(entries or ())
                         if chosen is not None}
+        # The memslot holding all 512 gfns of each row's page, as an index in _slots (or -1).
+        self._slots = list(mmu.memslots)
+        self._slot_of = np.full(n, -1, dtype=np.int64)
+        for k, slot in enumerate(self._slots):
+            self._slot_of[(self.base >= slot.base_gfn) & (self.base + 512 <= slot.end_gfn)] = k
+        self._order, self._cuts, self._stretched = self._plan()
         # What the pass finds, (row, entry) in row-major order: leaves that are not their
         # gfn's only rmap entry, leaves that fail check 1, leaves that fail spte_bits.
         self._unregistered: list[tuple[int, int]] = []
         self._bad_frame: list[tuple[int, int]] = []
         self._bad_bits: list[tuple[int, int]] = []
         self._leaves = 0  # how many leaves it saw
-        self._filled = 0  # rows done
+        # Per memslot (as _slots), the gfn ranges of the stretches' pieces found clean: their
+        # rmap heads hold one entry each.
+        self._singles: list[list[tuple[int, int]]] = [[] for _ in self._slots]
+        self._filled = 0  # places of _order done
+
+    def _plan(self) -> tuple[np.ndarray, list[int], int]:
+        """The order of the pass: first the stretches, then the other level-1 rows, then the
+        upper-level rows (in row order: their blocks seldom hold a leaf, and a block without
+        one is done once it has counted them); the places in it where a piece of a stretch
+        or a block ends; how many rows the stretches hold.
+
+        A stretch is a page table a guest filled in order: direct level-1 pages at consecutive
+        pool indices of one chunk, mapping consecutive gfns of one memslot (a guest's
+        sequential touches of its RAM fault them in so). Its sptes are one slice of a chunk
+        and the rmap heads of its gfns one slice of the slot's heads, so each piece of it
+        (BLOCK_ROWS pages at most) is checked with a few numpy operations over all its
+        entries at once (_stretch_clean), and goes to the general pass only if that fails."""
+        slot_of = self._slot_of
+        candidate = self.direct & (self.level == 1) & (slot_of >= 0)
+        candidate[list(self._chosen)] = False
+        rows = np.flatnonzero(candidate)
+        rows = rows[np.argsort(self.index[rows], kind="stable")]
+        stretched = np.zeros(len(rows), dtype=bool)
+        starts: list[int] = []
+        if len(rows):
+            index, per = self.index[rows], len(self.mmu.pool.spt_chunks[0])
+            follows = ((np.diff(index) == 1) & (index[1:] % per != 0)
+                       & (np.diff(self.base[rows]) == 512) & (np.diff(slot_of[rows]) == 0))
+            starts = np.flatnonzero(np.concatenate(([True], ~follows))).tolist()
+        lengths = np.diff([*starts, len(rows)]).tolist()
+        for a, length in zip(starts, lengths, strict=True):
+            stretched[a : a + length] = length >= MIN_STRETCH
+        rest = np.ones(len(self.sps), dtype=bool)
+        rest[rows[stretched]] = False
+        upper = self.level > 1
+        parts = (rows[stretched], np.flatnonzero(rest & ~upper), np.flatnonzero(rest & upper))
+        cuts: list[int] = []
+        for length in [n for n in lengths if n >= MIN_STRETCH] + [len(p) for p in parts[1:] if len(p)]:
+            first = cuts[-1] if cuts else 0
+            cuts += range(first + BLOCK_ROWS, first + length, BLOCK_ROWS)
+            cuts.append(first + length)
+        return np.concatenate(parts), cuts, len(parts[0])
 
     def stages(self) -> tuple[tuple[str, Callable[[], object]], ...]:
         """The pass over the pages, in seven parts of about equal size, with a store point
-        before each (run_checks): at 4 GiB of guest the pass moves tens of megabytes."""
-        n = len(self.sps)
-        return tuple((f"entries {k}/{STAGES}", partial(self._fill, n * k // STAGES))
-                     for k in range(1, STAGES + 1))
+        before each (run_checks): at 4 GiB of guest the pass moves tens of megabytes. Each
+        part ends where a piece or block does, the nearest to its seventh of the pages, so
+        that no piece is checked in two."""
+        n, ends = len(self.sps), np.array([0, *self._cuts])
+        parts = [int(ends[np.abs(ends - n * k // STAGES).argmin()]) for k in range(1, STAGES + 1)]
+        return tuple((f"entries {k}/{STAGES}", partial(self._fill, end)) for k, end in enumerate(parts, 1))
 
     def _fill(self, upto: int) -> None:
-        """The pass over rows not yet done, up to `upto`."""
-        for start in range(self._filled, upto, BLOCK_ROWS):
-            self._block(start, min(start + BLOCK_ROWS, upto))
-        self._filled = max(self._filled, upto)
+        """The pass over places of _order not yet done, up to `upto`: pieces of stretches, then
+        blocks of the other rows."""
+        place = self._filled
+        if place >= upto:
+            return  # done already: what it found is sorted
+        while place < upto:
+            end = min(self._cuts[bisect_right(self._cuts, place)], upto)
+            rows = self._order[place:end]
+            if place < self._stretched and self._stretch_clean(rows):
+                self._leaves += len(rows) * 512
+                gfn = int(self.base[rows[0]])
+                self._singles[int(self._slot_of[rows[0]])].append((gfn, gfn + len(rows) * 512))
+            else:
+                self._block(rows)
+            place = end
+        self._filled = place
+        if place == len(self.sps):  # back in row-major order: the pass went in _order's
+            for found in (self._unregistered, self._bad_frame, self._bad_bits):
+                found.sort()
 
     def _done(self) -> None:
         self._fill(len(self.sps))
 
-    def _block(self, a: int, b: int) -> None:
-        """Rows a..b: leaves, spte_bits, check 1, and whether each leaf is the only entry
-        of its gfn's rmap (the slots' rmap heads read at the leaves' gfns: the rmaps of all
-        RAM are not read)."""
-        index = self.index[a:b]
+    def _stretch_clean(self, rows: np.ndarray) -> bool:
+        """Whether a piece of a stretch has nothing to report: every entry a present leaf with
+        flags that keep spte_bits, entry k's rmap head holding just its sptep (that of entry
+        0 plus k) and its frame that of its gfn (that of entry 0's gfn plus k), as check 1
+        wants."""
+        first, size = int(self.index[rows[0]]), len(rows) * 512
+        chunks = self.mmu.pool.spt_chunks
+        at = first % len(chunks[0])
+        sptes = chunks[first // len(chunks[0])][at : at + len(rows)]
+        low = sptes.astype(_LOW)  # truncated: bits 0-15 hold every flag tested here
+        low &= _LOW(S.SPTE_MMU_PRESENT | C.SPTE_BITS_MASK)
+        kept = 0
+        for flags in _LEAF_FLAGS:
+            kept += int(np.count_nonzero(low == flags))
+            if kept == size:
+                break
+        else:
+            return False
+        slot = self._slots[int(self._slot_of[rows[0]])]
+        rel = int(self.base[rows[0]]) - slot.base_gfn
+        head = slot.rmap.head[rel : rel + size]
+        sptep1 = (first << 9) + 1
+        scratch = _scratch()
+        held = np.subtract(head, _FLAT[:size], out=scratch[0, :size])
+        if held.min() != sptep1 or held.max() != sptep1:
+            return False
+        frame = np.bitwise_and(sptes.reshape(-1), _ADDR, out=scratch[1, :size].view(np.uint64))
+        frame -= _FLAT_ADDR[:size]  # entry 0's frame address everywhere
+        want = _U((int(self.base[rows[0]]) + slot.backing.base_pfn - slot.base_gfn) << pg.PAGE_SHIFT)
+        return bool(frame.min() == want == frame.max())
+
+    def _block(self, rows: np.ndarray) -> None:
+        """Some rows: leaves, spte_bits, check 1, and whether each leaf is the only entry of
+        its gfn's rmap (the slots' rmap heads read at the leaves' gfns: the rmaps of all RAM
+        are not read)."""
+        index, level = self.index[rows], self.level[rows]
         s = _pool_rows(self.mmu.pool.spt_chunks, index)
         low = s.astype(_LOW)  # truncated: bits 0-15 hold every flag tested here
-        leaf = self._present(low, range(a, b))
-        upper = _within(self._upper, a, b)
-        if upper:
+        leaf = self._present(low, rows.tolist() if self._chosen else ())
+        upper = np.flatnonzero(level > 1)
+        if len(upper):
             leaf[upper] &= (low[upper] & _LOW(pg.PT_PAGE_SIZE_MASK)) != 0
-        self._leaves += int(np.count_nonzero(leaf))
+        leaves = int(np.count_nonzero(leaf))
+        self._leaves += leaves
+        if not leaves:  # every check below looks at leaves only
+            return
         low &= _LOW(C.SPTE_BITS_MASK)
         ok = low == _LOW(C.SPTE_BITS_OK[0])
         for value in C.SPTE_BITS_OK[1:]:
             ok |= low == _LOW(value)
-        self._bad_bits += _coords(leaf > ok, a)  # leaf and not ok
-        gfns = self._gfns(a, b)
+        self._bad_bits += _coords(leaf > ok, rows)  # leaf and not ok
+        gfns = self._gfns(rows, index, level)
         offset = s & _ADDR  # frame - gfn, in place: one temporary, not three
         offset >>= _U(pg.PAGE_SHIFT)
         offset = offset.view(np.int64)
         offset -= gfns
-        sptep1 = _rows_plus_index(self._sptep1[a:b])
+        sptep1 = _rows_plus_index(self._sptep1[rows])
         registered = np.zeros(leaf.shape, dtype=bool)
         bad_frame = np.zeros(leaf.shape, dtype=bool)
         for slot in self.mmu.memslots:
@@ -214,12 +352,12 @@ class PageArrays:
             registered |= (head == sptep1) & in_slot
             # A leaf maps the frame of its gfn in its slot: frame - gfn is the slot's offset.
             bad_frame |= (offset != slot.backing.base_pfn - slot.base_gfn) & in_slot
-        self._bad_frame += _coords(bad_frame & leaf, a)
-        self._unregistered += _coords(leaf > registered, a)
+        self._bad_frame += _coords(bad_frame & leaf, rows)
+        self._unregistered += _coords(leaf > registered, rows)
 
     def _present(self, sptes: np.ndarray, rows: Sequence[int]) -> np.ndarray:
         """Present entries among the run's entries, given the sptes of `rows` (or the low 16
-        bits of them)."""
+        bits of them); rows may be left out when no row has chosen entries."""
         present = (sptes & sptes.dtype.type(S.SPTE_MMU_PRESENT)) != 0
         for k, row in enumerate(rows) if self._chosen else ():
             if row in self._chosen:
@@ -228,16 +366,16 @@ class PageArrays:
                 present[k] &= wanted
         return present
 
-    def _gfns(self, a: int, b: int) -> np.ndarray:
-        """The gfn of each entry of rows a..b (kvm_mmu_page_get_gfn()): computed for direct
+    def _gfns(self, rows: np.ndarray, index: np.ndarray, level: np.ndarray) -> np.ndarray:
+        """The gfn of each entry of some rows (kvm_mmu_page_get_gfn()): computed for direct
         pages, recorded for indirect ones. An array of its own (the pass writes over it)."""
-        gfns = _rows_plus_index(self.base[a:b])
-        indirect = _within(self._indirect, a, b)
-        if indirect:
-            recorded = _pool_rows(self.mmu.pool.gfn_chunks, self.index[a:b][indirect])
-            gfns[indirect] = recorded.view(np.int64)
-        for k in _within(self._direct_upper, a, b):
-            gfns[k] = self.base[a + k] + (_IDX << (9 * (int(self.level[a + k]) - 1)))
+        gfns = _rows_plus_index(self.base[rows])
+        direct = self.direct[rows]
+        indirect = np.flatnonzero(~direct)
+        if len(indirect):
+            gfns[indirect] = _pool_rows(self.mmu.pool.gfn_chunks, index[indirect]).view(np.int64)
+        for k in np.flatnonzero(direct & (level > 1)).tolist():
+            gfns[k] = self.base[rows[k]] + (_IDX << (9 * (int(level[k]) - 1)))
         return gfns
 
     def _rows(self, rows: list[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -290,7 +428,8 @@ class PageArrays:
                 out.append(C.msg_not_in_rmap(sp, i, gfn))
         gfns = self.rmap_gfns
         if not out and self.complete and gfns is None and self._leaves == sum(
-                slot.rmap.entry_count() for slot in mmu.memslots):
+                _entry_count(slot.rmap, sorted(singles))
+                for slot, singles in zip(self._slots, self._singles, strict=True)):
             # Every live leaf (sptep, gfn) is in its rmap, and the rmaps hold no more entries
             # than there are leaves: they hold exactly the leaves (distinct spteps), so no
             # rmap entry is stale.
@@ -319,18 +458,10 @@ class PageArrays:
             found += self._upper_translation(by_level[False], np.stack(tables[False]))
         return [text for _, _, text in sorted(found, key=lambda f: (f[0], f[1]))]
 
-    @cached_property
-    def _access(self) -> np.ndarray:
-        """Each page's access."""
-        return np.fromiter((sp.access for sp in self.sps), dtype=np.uint64, count=len(self.sps))
-
     def _row_facts(self, rows: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Per row, as columns: EFER.NXE and CR0.WP=0 of the page's role, its access."""
-        sps = [self.sps[r] for r in rows]
-        nxe = np.array([bool(sp.role & ROLE_NXE) for sp in sps])[:, None]
-        wp0 = np.array([not sp.role & ROLE_CR0_WP for sp in sps])[:, None]
-        access = np.array([sp.access for sp in sps], dtype=np.uint64)[:, None]
-        return nxe, wp0, access
+        role = self.role[rows][:, None]
+        return (role & ROLE_NXE) != 0, (role & ROLE_CR0_WP) == 0, self._access[rows][:, None]
 
     def _leaf_translation(self, rows: list[int], g: np.ndarray) -> list[tuple[int, int, str]]:
         """Level-1 pages: frame, A bit, reserved bits and rights per spte."""
@@ -359,7 +490,7 @@ class PageArrays:
         rsvd_table = [pg.rsvd_bits(int(lv), False, bool(n)) for lv, n in zip(level, nxe[:, 0], strict=True)]
         rsvd_large = [pg.rsvd_bits(int(lv), lv == 2, bool(n)) for lv, n in zip(level, nxe[:, 0], strict=True)]
         sptes, present = self._rows(rows)
-        ks, es = np.nonzero(present)
+        ks, es = np.divmod(np.flatnonzero(present), 512)  # nonzero() of 2-D is slower
         gpte = g[ks, es]
         large = (level[ks] == 2) & ((gpte & _U(pg.PT_PAGE_SIZE_MASK)) != 0)
         rsvd = np.where(large, np.array(rsvd_large, dtype=np.uint64)[ks],
