@@ -153,7 +153,7 @@ def test_a_dirty_log_harvest_waits_for_the_fast_zaps_next_break():
 
 def test_fast_zap_breaks_for_contending_vcpus_who_run_in_the_breaks():
     vm, gt, vcpu, vas = spread_vm(vcpus=3)
-    steps = {1: [], 2: []}
+    steps: dict[int, list[bool]] = {1: [], 2: []}
     for k in steps:
         vm.scheduler.add(f"vcpu{k}", contend(vm.vcpus[k], vas[k], steps[k]))
     run = vm.zap_all("fast")
@@ -303,6 +303,7 @@ def test_vcpus_run_in_the_lock_breaks_of_a_running_vm(kind):
     assert vm.audit() == []
     vm.step(500)
     assert no_obsolete_pages(vm)
+    assert vm.workload is not None
     assert vm.workload.counters["data_errors"] == 0, vm.workload.errors
     assert vm.audit() == []
 
@@ -491,3 +492,69 @@ def test_a_committed_page_leaves_the_hash_when_its_row_is_used_again():
             assert hash_64(sp.gfn) == bucket_id
     assert all(sp in buckets for sp in mmu.active_mmu_pages)
     assert all(sp.invalid for sp in buckets if sp not in mmu.active_mmu_pages)
+
+
+class _CommitListener(mmud.kvm.mmu.observer.MmuObserver):
+    """Hears the pages of each commit."""
+
+    def __init__(self) -> None:
+        self.commits: list[list[int]] = []
+
+    def kvm_mmu_commit_zap_page(self, sps):
+        self.commits.append([sp.index for sp in sps])
+
+
+def _freed_lists(vm: mmud.VM, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The length of each list the VM's commits will hand to the pool (KvmMmu.free_pages)."""
+    lists: list[int] = []
+    free_pages = vm.mmu.free_pages
+
+    def counted(sps: list) -> None:
+        lists.append(len(sps))
+        free_pages(sps)
+
+    monkeypatch.setattr(vm.mmu, "free_pages", counted)
+    return lists
+
+
+@pytest.mark.parametrize("kind", ZAP_KINDS)
+@pytest.mark.parametrize("observe", [False, True])
+def test_a_zap_of_more_pages_than_an_invalid_list_holds_commits_them_as_one_list(kind, observe, monkeypatch):
+    """A zap of every page starts a new invalid list every INVALID_LIST_CHUNK pages, so that
+    no list of all a large guest's pages is ever moved whole. Its commit still flushes once
+    and frees every page in order, as one list would: the pool hands the rows out in the
+    same order, and an observer hears one commit of every page."""
+    outcomes = []
+    for chunk in (4, 1 << 20):
+        monkeypatch.setattr(zap, "INVALID_LIST_CHUNK", chunk)
+        vm, gt, vcpu, vas = spread_vm()
+        listener = _CommitListener()
+        if observe:
+            vm.mmu.attach(listener)
+        lists = _freed_lists(vm, monkeypatch)
+        before = vm.stats
+        vm.zap_all(kind).finish()
+        assert sum(lists) > 3 * 4 and (len(lists) > 3 if chunk == 4 else len(lists) == 1)
+        stats = {name: value - before[name] for name, value in vm.stats.items()}
+        assert stats["remote_tlb_flush_requests"] == 1
+        outcomes.append((vm.mmu.pool.free_rows(), stats, listener.commits))
+    assert outcomes[0] == outcomes[1]
+    assert len(outcomes[0][2]) == (1 if observe else 0)
+
+
+def test_a_commit_hands_its_list_to_the_pool_without_copying_it():
+    """kvm_mmu_commit_zap_page() frees the pages of the caller's list by handing the list
+    itself to the pool, so that a commit of any length costs the same (copying and clearing
+    a 64 GiB guest's 32,800 pages took over a millisecond under the lock). The pool hands
+    the pages out from the list's end: the last page freed is the first allocated."""
+    vm, gt, vcpu = faulted_vm()
+    mmu = vm.mmu
+    invalid_list: list = []
+    for sp in [sp for sp in mmu.active_mmu_pages if sp.level == 1][:3]:
+        zap.prepare_zap_page(mmu, sp, invalid_list)
+    pages = list(invalid_list)
+    assert len(pages) == 3
+    zap.commit_zap_page(mmu, invalid_list)
+    assert invalid_list == pages  # the pool's list now
+    assert mmu.pool.free_rows()[-3:] == [sp.index for sp in pages]
+    assert mmu.pool.alloc() is pages[-1] and invalid_list == pages[:-1]

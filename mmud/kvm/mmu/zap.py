@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Generator, Iterator
-from itertools import islice
+from itertools import chain, islice
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -171,16 +171,33 @@ def prepare_zap_page(mmu: KvmMmu, sp: ShadowPage, invalid_list: list[ShadowPage]
     return nr_zapped
 
 
-def commit_zap_page(mmu: KvmMmu, invalid_list: list[ShadowPage]) -> None:
-    """kvm_mmu_commit_zap_page(): one remote flush, then free every page of the list."""
-    if not invalid_list:
+def commit_zap_page(mmu: KvmMmu, *invalid_lists: list[ShadowPage]) -> None:
+    """kvm_mmu_commit_zap_page(): one remote flush, then free every page of the list — of
+    the lists, in order: a zap of every page fills one per INVALID_LIST_CHUNK pages.
+
+    The pool takes the lists themselves (free_pages), not copies, and the caller's list is
+    not emptied as the kernel's list_del of each page empties it: every caller's list is its
+    own, dropped after the commit. Copying and clearing a 64 GiB guest's 32,800 pages took
+    up to 1.7 ms, the longest hold of its fast zap."""
+    if not any(invalid_lists):
         return
     mmu.kvm_flush_remote_tlbs()
-    if mmu.obs: mmu.obs.kvm_mmu_commit_zap_page(invalid_list)  # observer
-    mmu.free_pages(invalid_list.copy())
-    invalid_list.clear()
+    if mmu.obs: mmu.obs.kvm_mmu_commit_zap_page(list(chain.from_iterable(invalid_lists)))  # observer
+    for invalid_list in invalid_lists:
+        mmu.free_pages(invalid_list)
 
 
+# Pages a zap of every page puts on one invalid list before it starts the next: a list that
+# grows by appends is moved whole now and then, and one of a 64 GiB guest's 32,800 pages
+# (256 KiB of pointers, into memory the host had not committed yet) took 0.45 ms in one step.
+INVALID_LIST_CHUNK = 512
+
+
+def _invalid_list(invalid_lists: list[list[ShadowPage]]) -> list[ShadowPage]:
+    """The list a zap of every page puts its next page on (INVALID_LIST_CHUNK)."""
+    if len(invalid_lists[-1]) >= INVALID_LIST_CHUNK:
+        invalid_lists.append([])
+    return invalid_lists[-1]
 
 
 def kvm_mmu_flush_or_zap(
@@ -452,7 +469,7 @@ def _zap_all_walk(mmu: KvmMmu, run: ZapRun, legacy: bool) -> Iterator[None]:
     mmu_shadow_zapped each time.
     """
     yield from run.lock()
-    invalid_list: list[ShadowPage] = []
+    invalid_lists: list[list[ShadowPage]] = [[]]
     active = mmu.active_mmu_pages
     restart = True
     while restart:
@@ -463,7 +480,7 @@ def _zap_all_walk(mmu: KvmMmu, run: ZapRun, legacy: bool) -> Iterator[None]:
             yield from run.page_work()  # legacy: the lock held all along, a waiter waits
             if sp not in active:  # taken meanwhile by a host call that does not lock
                 continue
-            unstable, nr_zapped = _prepare_zap(mmu, sp, invalid_list)
+            unstable, nr_zapped = _prepare_zap(mmu, sp, _invalid_list(invalid_lists))
             run.zapped(nr_zapped)
             if legacy:
                 restart = nr_zapped > 0
@@ -472,7 +489,7 @@ def _zap_all_walk(mmu: KvmMmu, run: ZapRun, legacy: bool) -> Iterator[None]:
             if restart:
                 break
         run.restarts += restart
-    commit_zap_page(mmu, invalid_list)
+    commit_zap_page(mmu, *invalid_lists)
     run.unlock()
 
 
@@ -528,7 +545,7 @@ def kvm_zap_obsolete_pages(mmu: KvmMmu, run: ZapRun) -> Iterator[None]:
     ten and the zap never yielded — the soft lockup that fix is about.
     """
     yield from run.lock()
-    invalid_list: list[ShadowPage] = []
+    invalid_lists: list[list[ShadowPage]] = [[]]
     active = mmu.active_mmu_pages
     batch = 0
     restart = True
@@ -546,14 +563,14 @@ def kvm_zap_obsolete_pages(mmu: KvmMmu, run: ZapRun) -> Iterator[None]:
             yield from run.page_work()
             if sp not in active:  # taken meanwhile by a host call that does not lock
                 continue
-            unstable, nr_zapped = _prepare_zap(mmu, sp, invalid_list)
+            unstable, nr_zapped = _prepare_zap(mmu, sp, _invalid_list(invalid_lists))
             batch += nr_zapped
             run.zapped(nr_zapped)
             if unstable:
                 restart = True
                 break
         run.restarts += restart
-    commit_zap_page(mmu, invalid_list)
+    commit_zap_page(mmu, *invalid_lists)
     run.unlock()
 
 
