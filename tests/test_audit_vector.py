@@ -155,7 +155,7 @@ def test_the_rmaps_entries_are_counted_without_the_heads_the_pass_found_single()
     arrays = audit_vector.PageArrays(mmu, list(reversed(mmu.active_mmu_pages)), None)
     arrays._done()
     slot, singles = arrays._slots[0], sorted(arrays._singles[0])
-    assert singles and audit_vector._entry_count(slot.rmap, singles) == slot.rmap.entry_count()
+    assert singles and slot.rmap.entry_count(singles) == slot.rmap.entry_count()
     covered = {g for a, b in singles for g in range(a, b)}
     gfn = next(g for g in range(slot.base_gfn, slot.end_gfn) if g not in covered)
     sptep = int(arrays.index[arrays._order[0]]) << 9  # a leaf of a stretch, of another gfn

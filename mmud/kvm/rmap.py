@@ -137,10 +137,17 @@ class Rmap:
     def has(self, gfn: int) -> bool:
         return self._head[gfn - self.base_gfn] != EMPTY
 
-    def entry_count(self) -> int:
+    def entry_count(self, singles: Sequence[tuple[int, int]] = ()) -> int:
         """How many entries all heads hold: the non-empty heads but those of chains (MANY),
-        and the chains' entries. No temporary as large as the heads (1 TiB has 2^28)."""
-        return int(np.count_nonzero(self.head)) - len(self.desc) + sum(map(len, self.desc.values()))
+        and the chains' entries. No temporary as large as the heads (1 TiB has 2^28).
+
+        `singles`: sorted, disjoint gfn ranges [start, stop) whose heads the caller knows to
+        hold one entry each (the audit's pass has read them); they are not read again."""
+        bounds = [self.base_gfn, *chain.from_iterable(singles), self.base_gfn + len(self.head)]
+        held = sum(b - a for a, b in singles)
+        for a, b in zip(bounds[::2], bounds[1::2], strict=True):
+            held += int(np.count_nonzero(self.head[a - self.base_gfn : b - self.base_gfn]))
+        return held - len(self.desc) + sum(map(len, self.desc.values()))
 
     def mapped(self) -> np.ndarray:
         """Mask over the slot's pages: which have a non-empty rmap."""

@@ -18,7 +18,6 @@ import threading
 from bisect import bisect_right
 from collections.abc import Callable, Iterable, Sequence
 from functools import cached_property, partial
-from itertools import chain
 
 import numpy as np
 
@@ -36,7 +35,6 @@ from mmud.kvm.mmu.page import (
     spte_index,
     sptep_page,
 )
-from mmud.kvm.rmap import Rmap
 from mmud.x86 import paging as pg
 
 _U = np.uint64
@@ -128,17 +126,6 @@ def _scratch() -> np.ndarray:
     except AttributeError:
         _LOCAL.scratch = np.empty((2, _FLAT.size), dtype=np.int64)
         return _LOCAL.scratch
-
-
-def _entry_count(rmap: Rmap, singles: list[tuple[int, int]]) -> int:
-    """Rmap.entry_count(), knowing that the heads of the gfn ranges `singles` (sorted,
-    disjoint) hold one entry each: the heads outside them are all it reads (at 1 GiB, the
-    pass has found all but 512 of 262,144 so)."""
-    bounds = [rmap.base_gfn, *chain.from_iterable(singles), rmap.base_gfn + len(rmap.head)]
-    held = sum(b - a for a, b in singles)
-    for a, b in zip(bounds[::2], bounds[1::2], strict=True):
-        held += int(np.count_nonzero(rmap.head[a - rmap.base_gfn : b - rmap.base_gfn]))
-    return held - len(rmap.desc) + sum(map(len, rmap.desc.values()))
 
 
 def _coords(mask: np.ndarray, rows: np.ndarray | None = None) -> list[tuple[int, int]]:
@@ -428,7 +415,7 @@ class PageArrays:
                 out.append(C.msg_not_in_rmap(sp, i, gfn))
         gfns = self.rmap_gfns
         if not out and self.complete and gfns is None and self._leaves == sum(
-                _entry_count(slot.rmap, sorted(singles))
+                slot.rmap.entry_count(sorted(singles))
                 for slot, singles in zip(self._slots, self._singles, strict=True)):
             # Every live leaf (sptep, gfn) is in its rmap, and the rmaps hold no more entries
             # than there are leaves: they hold exactly the leaves (distinct spteps), so no
