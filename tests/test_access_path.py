@@ -8,6 +8,8 @@
 - An emulated access whose gva hits the MMIO info cache goes to the device without trying
   guest memory (vcpu_mmio_gva_to_gpa returns 1), as a walked one does only after finding no
   memslot.
+- A TLB miss's walk calls vcpu_enter_guest() only when it has something to do, and an
+  observer listening is such a thing: it hears the guest entered before each #PF exit.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from mmud.campaign.zap_guest import MMIO_VA, Guest
 from mmud.kvm.memslot import Memslot
 from mmud.kvm.mmu import spte as S
 from mmud.kvm.mmu.fast_pf import fast_pf_get_last_sptep
+from mmud.kvm.mmu.observer import MmuObserver
 from mmud.kvm.mmu.page import ShadowPage
 from mmud.kvm.vcpu import _HOST_RSVD, _HW_ERROR_CODE, TlbEntry, Vcpu
 from mmud.x86.paging import PAGE_SHIFT, PFERR_PRESENT_MASK, PFERR_RSVD_MASK, pt_index
@@ -237,3 +240,42 @@ def test_a_cached_mmio_gva_goes_to_the_device_without_trying_guest_memory(
     vcpu.write_u64(MMIO_VA + 16, 7, user=True)
     assert vcpu.read_u64(MMIO_VA + 16, user=True) == 7
     assert tried == [] and vcpu.stat["mmio_exits"] == exits + 2
+
+
+class _EntriesAndExits(MmuObserver):
+    """Hears each vCPU's guest entries and its VM exits, in order."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[int, str]] = []
+
+    def vcpu_enter_guest(self, vcpu_index: int) -> None:
+        self.events.append((vcpu_index, "entry"))
+
+    def handle_exception_nmi(self, vcpu_index: int, address: int, error_code: int) -> None:
+        self.events.append((vcpu_index, "#PF exit"))
+
+    def handle_cr(self, vcpu_index: int, cr: int, value: int) -> None:
+        self.events.append((vcpu_index, "CR exit"))
+
+    def handle_wrmsr(self, vcpu_index: int, msr: int, value: int) -> None:
+        self.events.append((vcpu_index, "WRMSR exit"))
+
+
+def test_an_observer_hears_the_guest_entered_before_each_page_fault_exit() -> None:
+    """A #PF exit comes from the guest running, so an observer (the kvm_entry tracepoint)
+    hears vcpu_enter_guest between a vCPU's previous exit and it. A TLB miss's walk skips
+    the call when it has nothing to do, but not while an observer listens — after an
+    emulated access or a CR write, for one, the vCPU has not been entered again."""
+    vm = mmud.VM(mem_mb=64, vcpus=2, seed=3, workload="kernel",
+                 params={"address_space_isolation": "0"})
+    heard = _EntriesAndExits()
+    vm.mmu.attach(heard)
+    vm.step(3000)
+    last: dict[int, str] = {}
+    pf_exits = 0
+    for vcpu, event in heard.events:
+        if event == "#PF exit":
+            pf_exits += 1
+            assert last.get(vcpu, "entry") == "entry"
+        last[vcpu] = event
+    assert pf_exits > 1000 and {"CR exit"} <= {event for _, event in heard.events}
