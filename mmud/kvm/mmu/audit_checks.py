@@ -238,17 +238,12 @@ def links(sp: ShadowPage) -> tuple[list[int], list[int]]:
     (spte_child_index() of each spte, at once)."""
     row = sp.sptes
     entries = np.flatnonzero(_nonleaf(row))
-    return entries.tolist(), _child_index(row[entries]).tolist()
+    return entries.tolist(), S.spte_child_indices(row[entries]).tolist()
 
 
 def _nonleaf(sptes: np.ndarray) -> np.ndarray:
     """Which sptes are present and link a child page."""
     return (sptes & _U(S.SPTE_MMU_PRESENT | PT_PAGE_SIZE_MASK)) == _PRESENT
-
-
-def _child_index(sptes: np.ndarray) -> np.ndarray:
-    """spte_child_index() of non-leaf sptes."""
-    return ((sptes & _U(S.SPTE_BASE_ADDR_MASK)) >> _U(PAGE_SHIFT)).view(np.int64) - S.SPT_PFN_BASE
 
 
 def children(mmu: KvmMmu, sp: ShadowPage) -> list[ShadowPage]:
@@ -377,7 +372,7 @@ def _link_suspects(mmu: KvmMmu, sps: Sequence[ShadowPage]) -> tuple[Sequence[Sha
     )
     if whole:
         spte = rows[at, spte_index(parent_spteps)]
-        whole = bool(_nonleaf(spte).all()) and np.array_equal(_child_index(spte), owner)
+        whole = bool(_nonleaf(spte).all()) and np.array_equal(S.spte_child_indices(spte), owner)
     if not whole:
         return sps, False
     return [sp for sp in sps if sp.unsync or sp.unsync_children or sp.unsync_child_bitmap], True

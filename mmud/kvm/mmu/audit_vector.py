@@ -484,7 +484,7 @@ class PageArrays:
                         np.array(rsvd_table, dtype=np.uint64)[ks])
         bad_gpte = ((gpte & _U(pg.PT_PRESENT_MASK)) == 0) | ((gpte & rsvd) != 0)
         pages = self.mmu.pool.pages
-        child = ((sptes[ks, es] & _ADDR) >> _U(pg.PAGE_SHIFT)).view(np.int64) - S.SPT_PFN_BASE
+        child = S.spte_child_indices(sptes[ks, es])
         # The children's facts from the run's rows where they are among its pages.
         row_of = np.full(len(pages), -1, dtype=np.int64)
         row_of[self.index] = np.arange(len(self.sps))

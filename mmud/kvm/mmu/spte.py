@@ -30,6 +30,8 @@ spte never has a reserved bit set (mmio.py checks that on every level, as get_mm
 
 from __future__ import annotations
 
+import numpy as np
+
 from mmud.kvm.memslot import BACKING_PFN_SHIFT, MAX_BACKINGS
 from mmud.x86.paging import (
     ACC_EXEC_MASK,
@@ -111,6 +113,12 @@ def spte_to_pfn(spte: int) -> int:
 def spte_child_index(spte: int) -> int:
     """Pool index of the shadow page a non-leaf spte points at."""
     return ((spte & SPTE_BASE_ADDR_MASK) >> PAGE_SHIFT) - SPT_PFN_BASE
+
+
+def spte_child_indices(sptes: np.ndarray) -> np.ndarray:
+    """spte_child_index() of each of an array of non-leaf sptes, as int64."""
+    addr = sptes & np.uint64(SPTE_BASE_ADDR_MASK)
+    return (addr >> np.uint64(PAGE_SHIFT)).view(np.int64) - SPT_PFN_BASE
 
 
 def make_nonleaf_spte(child_index: int) -> int:

@@ -26,7 +26,7 @@ from mmud.kvm.mmu.mmu import (
     KvmMmu,
 )
 from mmud.kvm.mmu.page import SPTEP_SHIFT, ShadowPage, spte_index, sptep_page
-from mmud.x86.paging import PAGE_SHIFT, PT64_ENT_PER_PAGE, PT_PAGE_SIZE_MASK
+from mmud.x86.paging import PT64_ENT_PER_PAGE, PT_PAGE_SIZE_MASK
 
 if TYPE_CHECKING:
     from mmud.kvm.mmu.vcpu_mmu import VcpuMmu
@@ -34,9 +34,6 @@ if TYPE_CHECKING:
 BATCH_ZAP_PAGES = 10
 _MMU_PRESENT = np.uint64(S.SPTE_MMU_PRESENT)
 _PRESENT_OR_LARGE = np.uint64(S.SPTE_MMU_PRESENT | PT_PAGE_SIZE_MASK)
-_BASE_ADDR = np.uint64(S.SPTE_BASE_ADDR_MASK)
-_PAGE_SHIFT = np.uint64(PAGE_SHIFT)
-_SPT_PFN_BASE = np.uint64(S.SPT_PFN_BASE)
 
 
 def mmu_page_zap_pte(mmu: KvmMmu, sp: ShadowPage, i: int) -> bool:
@@ -90,8 +87,8 @@ def _unlink_child_pages(mmu: KvmMmu, sp: ShadowPage) -> bool:
         present = kinds == _MMU_PRESENT
         values, idx = values[present], idx[present]
     sptes.fill(0)
-    children = ((values & _BASE_ADDR) >> _PAGE_SHIFT) - _SPT_PFN_BASE
-    mmu.pool.parent_ptes.remove_many(children.view(np.int64), idx | (sp.index << SPTEP_SHIFT))
+    children = S.spte_child_indices(values)
+    mmu.pool.parent_ptes.remove_many(children, idx | (sp.index << SPTEP_SHIFT))
     return True
 
 
