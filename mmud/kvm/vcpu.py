@@ -48,6 +48,7 @@ from mmud.x86.paging import (
     PFERR_RSVD_MASK,
     PFERR_USER_MASK,
     PFERR_WRITE_MASK,
+    PT_INDEX_SHIFT,
     X86_EFLAGS_AC,
     X86_EFLAGS_FIXED,
     is_canonical,
@@ -89,10 +90,8 @@ _SPT_PFN_BASE = S.SPT_PFN_BASE
 # An entry of a table level (2-4) the walk goes through without further checks has exactly
 # P of these bits: a superset of what the complete checks look at for such an entry.
 _TABLE_CHECK = _PRESENT | _LARGE | _HOST_RSVD[2 * 2] | _HOST_RSVD[3 * 2] | _HOST_RSVD[4 * 2]
-# The shift of a level's table index in a linear address, by level.
-_INDEX_SHIFT = tuple(PAGE_SHIFT - 9 + 9 * level for level in range(6))
 # By the root's level: the index shifts of the table levels from the root down to level 2.
-_TABLE_SHIFTS = tuple(tuple(_INDEX_SHIFT[k] for k in range(level, 1, -1)) for level in range(6))
+_TABLE_SHIFTS = tuple(tuple(PT_INDEX_SHIFT[k] for k in range(level, 1, -1)) for level in range(6))
 # The bits the walk sets in the leaf spte, by whether the access writes.
 _WALK_SETS = (PT_ACCESSED_MASK, PT_ACCESSED_MASK | PT_DIRTY_MASK)
 
@@ -314,7 +313,7 @@ class Vcpu:
                 break
             sp = pages[((spte & _ADDR) >> PAGE_SHIFT) - _SPT_PFN_BASE]
             level -= 1
-            spte = sp.spt[(gva >> _INDEX_SHIFT[level]) & 511]
+            spte = sp.spt[(gva >> PT_INDEX_SHIFT[level]) & 511]
         entry = self._tlb_fill(gva, kind, sp, spte)
         return _HW_ERROR_CODE[kind] | PFERR_PRESENT_MASK if entry is None else entry
 

@@ -75,9 +75,14 @@ ACC_USER_MASK = 4
 ACC_ALL = ACC_EXEC_MASK | ACC_WRITE_MASK | ACC_USER_MASK
 
 
+# By level (1 = PT ... 5): the shift of a linear address's index in that level's table; the
+# hot walks index this tuple instead of calling pt_index().
+PT_INDEX_SHIFT = tuple(PAGE_SHIFT + (level - 1) * PT64_LEVEL_BITS for level in range(6))
+
+
 def pt_index(addr: int, level: int) -> int:
     """Index of `addr` in the table of `level` (1 = PT ... 4 = PML4)."""
-    return (addr >> (PAGE_SHIFT + (level - 1) * PT64_LEVEL_BITS)) & (PT64_ENT_PER_PAGE - 1)
+    return (addr >> PT_INDEX_SHIFT[level]) & (PT64_ENT_PER_PAGE - 1)
 
 
 def is_canonical(addr: int) -> bool:

@@ -24,7 +24,7 @@ from mmud.x86.paging import (
     PFERR_RSVD_MASK,
     PFERR_WRITE_MASK,
     PT64_ENT_PER_PAGE,
-    PT64_LEVEL_BITS,
+    PT_INDEX_SHIFT,
     PT_PAGE_SIZE_MASK,
     PT_WRITABLE_MASK,
 )
@@ -76,7 +76,7 @@ def fast_pf_get_last_sptep(
     sp = root
     while True:
         level = sp.level
-        i = (gva >> (PAGE_SHIFT - PT64_LEVEL_BITS + PT64_LEVEL_BITS * level)) & (PT64_ENT_PER_PAGE - 1)
+        i = (gva >> PT_INDEX_SHIFT[level]) & (PT64_ENT_PER_PAGE - 1)
         spte = sp.spt[i]
         if not spte & _MMU_PRESENT or level == 1 or spte & PT_PAGE_SIZE_MASK:
             return sp, i, spte
