@@ -5,17 +5,20 @@ from __future__ import annotations
 
 import errno
 
+import numpy as np
 import pytest
 
 import mmud
 import mmud.kvm.mmu.observer
 from mmud.campaign.reference import idx
+from mmud.campaign.zap_guest import Guest
 from mmud.kvm.devices import IORAM_BASE
 from mmud.kvm.kvm_main import KvmError
 from mmud.kvm.mmu import spte as S
 from mmud.kvm.mmu import zap
 from mmud.kvm.mmu.page import PARENT_ROWS, ShadowPagePool
 from mmud.kvm.mmu.page import hash_64 as hash_64
+from mmud.kvm.rmap import Rmap
 from mmud.kvm.mmu.zap import BATCH_ZAP_PAGES, ZAP_AT_ONCE_ENTRIES, ZAP_KINDS
 from tests.guest_tables import DIRECT_MB, DIRECT_VA, P, U, W, check_access, new_vm
 
@@ -558,3 +561,81 @@ def test_a_commit_hands_its_list_to_the_pool_without_copying_it():
     assert invalid_list == pages  # the pool's list now
     assert mmu.pool.free_rows()[-3:] == [sp.index for sp in pages]
     assert mmu.pool.alloc() is pages[-1] and invalid_list == pages[:-1]
+
+
+def _direct_map_guest(observed: bool, twice: bool) -> mmud.VM:
+    """The zap bench's guest: a directory of consecutive children (one direct leaf page per
+    2 MiB of RAM, each full and each gfn mapped once). `twice`: one of those children also
+    hangs from a second directory (a chain of two parent ptes)."""
+    guest = Guest(64)
+    vm = guest.vm
+    if observed:
+        vm.mmu.attach(_Listener())
+    guest.fault_all()
+    if twice:
+        pdpt = 0x2000
+        vm.write_u64(pdpt + 8 * 8, 0x9000 | P | W)  # the pmd of 8 GiB up: one entry
+        vm.write_u64(0x9000, (5 << 21) | P | W | 0x80)  # the 2 MiB page at 10 MiB again
+        guest.vcpu.read_u64(DIRECT_VA + (8 << 30))
+    return vm
+
+
+def _consecutive_directory(vm: mmud.VM):
+    return next(sp for sp in vm.mmu.active_mmu_pages if sp.level == 2 and not sp.direct
+                and np.count_nonzero(sp.sptes) > ZAP_AT_ONCE_ENTRIES)
+
+
+@pytest.mark.parametrize("twice", [False, True])
+def test_a_directory_of_consecutive_children_zapped_at_once_leaves_what_the_per_entry_zap_leaves(twice):
+    """A direct map's directory, whose children are consecutive pool rows, unlinks them as
+    one slice of parent rmap heads (zap._unlink_child_pages, Rmap.remove_run): every page,
+    parent pte list and rmap ends as drop_parent_pte() entry by entry leaves them, with a
+    child of two parents (`twice`) too."""
+    plain, observed = _direct_map_guest(False, twice), _direct_map_guest(True, twice)
+    directory = _consecutive_directory(plain)
+    children = S.spte_child_indices(directory.sptes[directory.sptes != 0])
+    assert (np.diff(children) == 1).all()
+    assert sum(len(plain.mmu.pool.pages[c].parent_ptes) == 2 for c in children.tolist()) == twice
+    for vm in (plain, observed):
+        invalid_list: list = []
+        zap.prepare_zap_page(vm.mmu, _consecutive_directory(vm), invalid_list)
+        zap.commit_zap_page(vm.mmu, invalid_list)
+    assert _page_state(plain) == _page_state(observed)
+    assert _rmap_state(plain) == _rmap_state(observed) and plain.stats == observed.stats
+    assert sum(bool(plain.mmu.pool.pages[c].parent_ptes) for c in children.tolist()) == twice
+
+
+@pytest.mark.parametrize("kind", ZAP_KINDS)
+def test_full_direct_leaf_pages_zapped_at_once_leave_what_the_per_entry_zap_leaves(kind):
+    """The direct leaf pages of a direct map are full, each gfn alone in its rmap head: the
+    zap clears each page's heads as one slice (Rmap.remove_run's shortest path), and
+    leaves what drop_spte() entry by entry leaves."""
+    plain, observed = _direct_map_guest(False, True), _direct_map_guest(True, True)
+    leaves = [sp for sp in plain.mmu.active_mmu_pages if sp.direct and sp.level == 1]
+    assert len(leaves) == 32 and all(np.count_nonzero(sp.sptes) == 512 for sp in leaves)
+    for vm in (plain, observed):
+        vm.zap_all(kind).finish()
+    assert _page_state(plain) == _page_state(observed)
+    assert _rmap_state(plain) == _rmap_state(observed) and plain.stats == observed.stats
+    assert not plain.mmu.pool.parent_ptes.head.any() and plain.stats["pages_4k"] == 0
+
+
+def test_a_run_of_rmap_heads_is_removed_only_where_present_says():
+    """Rmap.remove_run removes first_sptep + k from gfn + k only where `present` is set, even
+    when every head of the run holds its entry alone; chains lose just that entry."""
+    rmap = Rmap(0x100, 2048)
+    first = 7 << 9
+    for k in range(512):
+        rmap.add(0x200 + k, first + k)
+    present = np.ones(512, dtype=np.uint64)
+    present[[3, 100]] = 0
+    assert rmap.remove_run(0x200, present, 510, first) == 510
+    assert [k for k in range(512) if rmap.has(0x200 + k)] == [3, 100]
+    rmap.add(0x200 + 3, 999)  # a chain of two
+    full = np.ones(512, dtype=np.uint64)
+    assert rmap.remove_run(0x200, full, 512, first) == 2
+    assert [list(rmap.get(0x200 + k)) for k in (3, 100)] == [[999], []]
+    for k in range(512):
+        rmap.add(0x400 + k, first + k)
+    assert rmap.remove_run(0x400, full, 512, first) == 512
+    assert not any(rmap.has(0x400 + k) for k in range(512))

@@ -107,19 +107,25 @@ class Rmap:
                 removed += self.remove(gfn, sptep)
         return removed
 
-    def remove_run(self, gfn: int, present: np.ndarray, first_sptep: int) -> int:
+    def remove_run(self, gfn: int, present: np.ndarray, n_present: int, first_sptep: int) -> int:
         """remove() of sptep first_sptep + k from the rmap of gfn + k for every k where
-        `present` (PT64_ENT_PER_PAGE values, nonzero = present) is set — the sptes of a
-        last-level direct page, which map consecutive gfns — all of them in this slot; how
-        many were in the rmap. The heads are one slice, compared and cleared in a few numpy
-        operations; chains, and a sptep that is not there, go one by one, in order."""
+        `present` (PT64_ENT_PER_PAGE values, nonzero = present; `n_present` of them) is set
+        — the sptes of a last-level direct page, which map consecutive gfns, or of a
+        directory whose children are consecutive pool rows — all of them in this rmap; how
+        many were in it. The heads are one slice, compared and cleared in a few numpy
+        operations, or fewer when every entry is there and alone in its head; chains, and a
+        sptep that is not there, go one by one, in order."""
         rel = gfn - self.base_gfn
         heads = self.head[rel:rel + PT64_ENT_PER_PAGE]
         single = heads == _ONE_UP + first_sptep
+        removed = int(np.count_nonzero(single))
+        if removed == n_present == PT64_ENT_PER_PAGE:
+            heads.fill(EMPTY)
+            return removed
         np.logical_and(single, present, out=single)
         heads[single] = EMPTY
         removed = int(np.count_nonzero(single))
-        if removed < PT64_ENT_PER_PAGE and removed < np.count_nonzero(present):
+        if removed < n_present:
             rest = np.flatnonzero(np.logical_and(present, ~single)).tolist()
             for k in rest:
                 removed += self.remove(gfn + k, first_sptep + k)

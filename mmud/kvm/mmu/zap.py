@@ -26,7 +26,7 @@ from mmud.kvm.mmu.mmu import (
     KvmMmu,
 )
 from mmud.kvm.mmu.page import SPTEP_SHIFT, ShadowPage, spte_index, sptep_page
-from mmud.x86.paging import PT64_ENT_PER_PAGE, PT_PAGE_SIZE_MASK
+from mmud.x86.paging import PAGE_SHIFT, PT64_ENT_PER_PAGE, PT_PAGE_SIZE_MASK
 
 if TYPE_CHECKING:
     from mmud.kvm.mmu.vcpu_mmu import VcpuMmu
@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 BATCH_ZAP_PAGES = 10
 _MMU_PRESENT = np.uint64(S.SPTE_MMU_PRESENT)
 _PRESENT_OR_LARGE = np.uint64(S.SPTE_MMU_PRESENT | PT_PAGE_SIZE_MASK)
+_TABLE_BITS = S.SPTE_MMU_PRESENT | PT_PAGE_SIZE_MASK
 
 
 def mmu_page_zap_pte(mmu: KvmMmu, sp: ShadowPage, i: int) -> bool:
@@ -51,33 +52,53 @@ def mmu_page_zap_pte(mmu: KvmMmu, sp: ShadowPage, i: int) -> bool:
     return False
 
 
-# Fewer entries than this go through mmu_page_zap_pte() one by one even when nobody observes:
-# a page-at-once zap is a fixed few dozen numpy operations, and a root or a directory of a
-# few children is cheaper entry by entry.
+# Fewer entries than this (present ones in a leaf page) go through mmu_page_zap_pte() one by
+# one even when nobody observes: a page-at-once zap is a fixed few dozen numpy operations,
+# and a root or a directory of a few children is cheaper entry by entry.
 ZAP_AT_ONCE_ENTRIES = 16
 
 
 def _unlink_children(mmu: KvmMmu, sp: ShadowPage) -> None:
     sptes = sp.sptes
-    if mmu.obs is None and mmu.bug is None and np.count_nonzero(sptes) >= ZAP_AT_ONCE_ENTRIES:
+    if mmu.obs is None and mmu.bug is None:
         if sp.level == 1:
-            _drop_leaf_sptes(mmu, sp)
-            return
-        if _unlink_child_pages(mmu, sp):
-            return
+            present = sptes & _MMU_PRESENT
+            n_present = int(np.count_nonzero(present))
+            if n_present >= ZAP_AT_ONCE_ENTRIES:
+                _drop_leaf_sptes(mmu, sp, present, n_present)
+                return
+        else:
+            n = int(np.count_nonzero(sptes))
+            if n >= ZAP_AT_ONCE_ENTRIES and _unlink_child_pages(mmu, sp, n):
+                return
     spt = sp.spt
     for i in sptes.nonzero()[0].tolist():
         if spt[i]:
             mmu_page_zap_pte(mmu, sp, i)
 
 
-def _unlink_child_pages(mmu: KvmMmu, sp: ShadowPage) -> bool:
-    """mmu_page_zap_pte() of every entry of an upper-level page, at once, when none is a
-    leaf (mmud has no huge sptes): each child loses its parent pte (drop_parent_pte) and
-    the page ends empty. A 2 MiB-per-page guest's directory has 512 children: their
-    parent_ptes heads are cleared together in the pool's parent rmap. False, having done
-    nothing, if a leaf is there."""
+# Entry k of a directory whose children are consecutive pool rows from its entry 0's on,
+# each entry with the same bits (the usual directory of a direct map: its children were made
+# in order), holds entry 0 plus this.
+_CHILD_RUN = np.arange(PT64_ENT_PER_PAGE, dtype=np.uint64) << np.uint64(PAGE_SHIFT)
+
+
+def _unlink_child_pages(mmu: KvmMmu, sp: ShadowPage, n: int) -> bool:
+    """mmu_page_zap_pte() of every entry (`n` are nonzero) of an upper-level page, at once,
+    when none is a leaf (mmud has no huge sptes): each child loses its parent pte
+    (drop_parent_pte) and the page ends empty. A 2 MiB-per-page guest's directory has up to
+    512 children: their parent_ptes heads are cleared together in the pool's parent rmap —
+    as one slice (Rmap.remove_run) when entry k's child is entry 0's plus k. False, having
+    done nothing, if a leaf is there."""
     sptes = sp.sptes
+    parents = mmu.pool.parent_ptes
+    first = int(sptes[0])
+    if first & _TABLE_BITS == S.SPTE_MMU_PRESENT and np.count_nonzero(sptes == _CHILD_RUN + first) == n:
+        child = S.spte_child_index(first)
+        if child + PT64_ENT_PER_PAGE <= len(parents.head):
+            parents.remove_run(child, sptes, n, sp.index << SPTEP_SHIFT)
+            sptes.fill(0)
+            return True
     idx = sptes.nonzero()[0]
     values = sptes[idx]
     kinds = values & _PRESENT_OR_LARGE
@@ -88,23 +109,23 @@ def _unlink_child_pages(mmu: KvmMmu, sp: ShadowPage) -> bool:
         values, idx = values[present], idx[present]
     sptes.fill(0)
     children = S.spte_child_indices(values)
-    mmu.pool.parent_ptes.remove_many(children, idx | (sp.index << SPTEP_SHIFT))
+    parents.remove_many(children, idx | (sp.index << SPTEP_SHIFT))
     return True
 
 
-def _drop_leaf_sptes(mmu: KvmMmu, sp: ShadowPage) -> None:
+def _drop_leaf_sptes(mmu: KvmMmu, sp: ShadowPage, present: np.ndarray, n_present: int) -> None:
     """mmu_page_zap_pte() of every entry of a last-level page, at once: each present spte
     leaves its gfn's rmap (pages_4k counts those that were there), MMIO sptes are cleared,
     and the page ends empty — what the loop leaves, when no observer needs to see each
-    spte go and no injected bug changes drop_spte(). A direct page's gfns are consecutive:
-    one slice of rmap heads, when one slot holds them all."""
+    spte go and no injected bug changes drop_spte(). `present`: the sptes' MMU-present
+    bits, `n_present` how many are set. A direct page's gfns are consecutive: one slice of
+    rmap heads, when one slot holds them all."""
     sptes = sp.sptes
-    present = sptes & _MMU_PRESENT
     first_sptep = sp.index << SPTEP_SHIFT
     if sp.direct:
         slot = mmu.memslots.lookup(sp.gfn)
         if slot is not None and sp.gfn + PT64_ENT_PER_PAGE <= slot.end_gfn:  # the usual case
-            mmu.stat["pages_4k"] -= slot.rmap.remove_run(sp.gfn, present, first_sptep)
+            mmu.stat["pages_4k"] -= slot.rmap.remove_run(sp.gfn, present, n_present, first_sptep)
             sptes.fill(0)
             return
     entries = np.flatnonzero(present)
