@@ -170,3 +170,6 @@ def test_rmap_heads_behave_as_lists(ops_list, select):
     order = np.argsort(gfn, kind="stable")
     got = list(zip(gfn[order].tolist(), sptep[order].tolist(), strict=True))
     assert got == [(g, p) for g in sorted(model) if mask[g - base] for p in model[g]]
+    selected = np.flatnonzero(mask) + base
+    held = sorted(p for g in selected.tolist() for p in model.get(g, []))
+    assert sorted(rmap.spteps_of(selected).tolist()) == held

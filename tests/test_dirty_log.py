@@ -212,3 +212,28 @@ def test_log_dirty_pages_changes_only_the_flag_of_a_slot_where_it_is():
     with pytest.raises(mmud.KvmError) as e:
         vm.log_dirty_pages(7)
     assert e.value.errno == errno.EINVAL
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        return int(next(line for line in status if line.startswith(field)).split()[1])
+
+
+def test_a_harvest_takes_no_memory_in_proportion_to_the_slot():
+    """KVM_GET_DIRTY_LOG write-protects the dirty pages through their own rmap heads
+    (kvm_mmu_write_protect_pt_masked), with no temporary of a byte per page of the slot
+    (16 MiB for the 62 GiB slot here, 255 MiB for a 1 TiB guest's): the process's peak
+    resident set, reset just before (/proc/self/clear_refs), hardly grows in a harvest of
+    64 dirty pages."""
+    vm = mmud.VM(mem_mb=64 << 10, seed=1, workload="stream")
+    high = vm.memslots.slots[1]
+    vm.log_dirty_pages(high.id)
+    vm.step(1000)
+    vm.get_dirty_log(high.id)
+    high.dirty_bitmap[1 << 10] = np.uint64(2**64 - 1)  # 64 pages, 256 MiB into the slot
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")  # VmHWM := VmRSS
+    rss = _status_kib("VmRSS:")
+    bitmap = np.frombuffer(vm.get_dirty_log(high.id), dtype="<u8")
+    assert int(bitmap[1 << 10]) == 2**64 - 1
+    assert (_status_kib("VmHWM:") - rss) * 1024 < high.npages // 4

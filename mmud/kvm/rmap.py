@@ -159,6 +159,20 @@ class Rmap:
         """Mask over the slot's pages: which have a non-empty rmap."""
         return self.head != EMPTY
 
+    def spteps_of(self, gfns: np.ndarray) -> np.ndarray:
+        """The spteps in the rmaps of `gfns` (int64, each once), in no particular order: the
+        single heads' as one gather, then the chains'. Its cost follows len(gfns), not the
+        slot's size (a harvest's dirty pages of a 1 TiB slot)."""
+        rels = gfns - self.base_gfn if self.base_gfn else gfns
+        heads = self.head[rels]
+        single = heads[heads > 0] - 1
+        chained = rels[heads == MANY].tolist()
+        if not chained:
+            return single
+        lists = [self.desc[r] for r in chained]
+        count = sum(map(len, lists))
+        return np.concatenate((single, np.fromiter(chain.from_iterable(lists), dtype=np.int64, count=count)))
+
     def entries(self, select: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(sptep, gfn) of every entry — of the pages where the mask `select` is set, if
         given: the single heads in gfn order, then the chains in gfn order (each in chain

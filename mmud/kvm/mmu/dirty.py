@@ -54,10 +54,9 @@ def kvm_mmu_write_protect_pt_masked(mmu: KvmMmu, slot: Memslot, pages: np.ndarra
     """kvm_arch_mmu_enable_log_dirty_pt_masked() for the shadow MMU: clear W in the 4 KiB
     sptes of the slot-relative `pages`. The caller flushes (dirty_log.py decides when).
 
-    Vectorised: the rmap heads of `pages` are read as one array.
+    Vectorised: the rmap heads of `pages` are read as one array, and nothing else of the
+    slot's, so that a harvest's cost follows its dirty pages, not the slot's size.
     """
     if not len(pages):
         return
-    wanted = np.zeros(slot.npages, dtype=bool)
-    wanted[pages] = True
-    _clear_w(mmu, slot.rmap.entries(wanted)[0])
+    _clear_w(mmu, slot.rmap.spteps_of(pages + slot.base_gfn))
