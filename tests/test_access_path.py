@@ -33,7 +33,8 @@ RSVD_BIT = 1 << 51
 
 
 def reference_hw_walk(vcpu: Vcpu, gva: int, kind: int) -> TlbEntry | int:
-    """The processor's walk as the definition: every level's checks, in order."""
+    """The processor's walk as the definition: every level's checks, in order, and the
+    leaf's gfn from the shadow page's own accessor."""
     sp = vcpu.mmu.root
     assert sp is not None
     level = sp.level
@@ -49,7 +50,9 @@ def reference_hw_walk(vcpu: Vcpu, gva: int, kind: int) -> TlbEntry | int:
         sp = pages[S.spte_child_index(spte)]
         level -= 1
     entry = vcpu._tlb_fill(gva, kind, sp, spte)
-    return _HW_ERROR_CODE[kind] | PFERR_PRESENT_MASK if entry is None else entry
+    if entry is None:
+        return _HW_ERROR_CODE[kind] | PFERR_PRESENT_MASK
+    return (*entry[:4], sp.gfn_of(pt_index(gva, level)))  # the gfn as kvm_mmu_page_get_gfn() gives it
 
 
 def table_sptes(vcpu: Vcpu, gva: int) -> list[tuple[ShadowPage, int]]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 import mmud
+from mmud.x86.paging import is_canonical
 from tests.guest_tables import A, D, NX, P, PS, U, W, check_access, idx, new_vm
 
 VA = 0x0000_7F00_0040_0000
@@ -227,7 +228,14 @@ def test_smap_follows_rflags_ac_at_every_access():
     assert check_access(vm, vcpu, VA, write=True).error_code == 0x03
 
 
-def test_non_canonical_address_is_gp_not_pf():
+@pytest.mark.parametrize("gva", [0x0000_7FFF_FFFF_F000, 0x0000_8000_0000_0000, 0x7FFF_FFFF_FFFF_F000,
+                                 0x8000_0000_0000_0000, 0xFFFF_7FFF_FFFF_F000, 0xFFFF_8000_0000_0000])
+def test_non_canonical_address_is_gp_not_pf(gva):
+    """Bits 63:47 not all equal: #GP, before any walk; a canonical address walks (and, with
+    nothing mapped there, takes a #PF)."""
     vm, gt, vcpu = new_vm()
-    with pytest.raises(mmud.GeneralProtection):
-        vcpu.read_u64(0x0000_8000_0000_0000)
+    if is_canonical(gva):
+        assert vcpu.access(gva).fault
+    else:
+        with pytest.raises(mmud.GeneralProtection):
+            vcpu.read_u64(gva)

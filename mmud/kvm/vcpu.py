@@ -95,6 +95,10 @@ _TABLE_SHIFTS = tuple(tuple(PT_INDEX_SHIFT[k] for k in range(level, 1, -1)) for 
 # The bits the walk sets in the leaf spte, by whether the access writes.
 _WALK_SETS = (PT_ACCESSED_MASK, PT_ACCESSED_MASK | PT_DIRTY_MASK)
 
+# A linear address whose bits 63:47 are neither all clear nor all set has bits 63:47 between 0
+# and this, exclusive.
+_NONCANONICAL_TOP_END = (1 << 17) - 1
+
 # A fault that keeps coming back means KVM failed to make progress: a simulator bug.
 _MAX_FAULT_RETRIES = 64
 
@@ -336,7 +340,8 @@ class Vcpu:
         pfn = (spte & _ADDR) >> PAGE_SHIFT  # spte_to_pfn()
         backing = self._backings[pfn >> BACKING_PFN_SHIFT]  # the host buffer holding pfn
         assert backing is not None, f"pfn {pfn:#x} is no guest RAM"
-        entry = (backing.u64, (pfn - backing.base_pfn) << 9, allowed, backing.array, sp.gfn_of(i))
+        gfn = sp.gfns[i] if not sp.direct else sp.gfn_of(i)  # gfn_of(), inline for a guest table
+        entry = (backing.u64, (pfn - backing.base_pfn) << 9, allowed, backing.array, gfn)
         self.tlb[gva >> PAGE_SHIFT] = entry
         return entry
 
@@ -351,17 +356,17 @@ class Vcpu:
         entry = self.tlb.get(gva >> PAGE_SHIFT)
         if entry is not None and entry[2] >> kind & 1:
             return entry
-        if not is_canonical(gva):
+        if 0 < gva >> 47 < _NONCANONICAL_TOP_END:  # is_canonical(), inline: every TLB miss
             raise GeneralProtection(f"non-canonical address {gva:#x}")
         # Each walk runs after vcpu_enter_guest(). Before the first, the root was loaded
         # above; what is left for it is a request made while that waited for the MMU
         # lock, isolation's switch and the observer.
         if self.requests or self.isolation or self.mmu.kvm_mmu.obs:
             self.enter_guest()
+        result = self._hw_walk(gva, kind)
+        if not isinstance(result, int):
+            return result
         for _ in range(_MAX_FAULT_RETRIES):
-            result = self._hw_walk(gva, kind)
-            if not isinstance(result, int):
-                return result
             self.stat["exits"] += 1
             mmu = self.mmu
             if mmu.kvm_mmu.obs: mmu.kvm_mmu.obs.handle_exception_nmi(self.index, gva, result)  # observer
@@ -384,6 +389,9 @@ class Vcpu:
                     if entry is not None:
                         return entry
             self.enter_guest()
+            result = self._hw_walk(gva, kind)
+            if not isinstance(result, int):
+                return result
         raise RuntimeError(f"vCPU {self.index}: no progress on {gva:#x} (kind {kind})")
 
     # --- the emulator -----------------------------------------------------------------------------
