@@ -145,6 +145,23 @@ def test_checks_agree_under_the_kernel_workload(bug):
         assert vector == scalar
 
 
+def test_the_spteps_of_a_run_of_gfns_and_of_scattered_gfns():
+    """Rmap.spteps_of reads a run of gfns as one slice of heads and scattered gfns as a
+    gather; both give every entry of those gfns' rmaps, chains included, and nothing else."""
+    base = 0x100
+    rmap = Rmap(base, 64)
+    model = {base + k: [1000 + k] for k in range(0, 64, 3)}
+    for gfn in (base + 3, base + 30, base + 63):
+        model[gfn] += [2000 + gfn, 3000 + gfn]
+    for gfn, chain in model.items():
+        for sptep in chain:
+            rmap.add(gfn, sptep)
+    for gfns in (range(base, base + 64), range(base + 3, base + 31), range(base + 30, base + 64),
+                 range(base + 63, base + 64), [base + 1, base + 3, base + 40, base + 63], []):
+        got = rmap.spteps_of(np.array(gfns, dtype=np.int64))
+        assert sorted(got.tolist()) == sorted(p for g in gfns for p in model.get(g, [])), gfns
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.tuples(st.booleans(), st.integers(0, 15), st.integers(0, 40)), max_size=120),
        st.lists(st.booleans(), min_size=16, max_size=16))

@@ -160,13 +160,21 @@ class Rmap:
         return self.head != EMPTY
 
     def spteps_of(self, gfns: np.ndarray) -> np.ndarray:
-        """The spteps in the rmaps of `gfns` (int64, each once), in no particular order: the
-        single heads' as one gather, then the chains'. Its cost follows len(gfns), not the
-        slot's size (a harvest's dirty pages of a 1 TiB slot)."""
-        rels = gfns - self.base_gfn if self.base_gfn else gfns
-        heads = self.head[rels]
+        """The spteps in the rmaps of `gfns` (int64, ascending, each once), in no particular
+        order: the single heads' as one gather — one slice where the gfns are a run, as when
+        every page is dirty — then the chains'. Its cost follows len(gfns), not the slot's
+        size (a harvest's dirty pages of a 1 TiB slot)."""
+        if not len(gfns):
+            return gfns
+        first = int(gfns[0]) - self.base_gfn
+        if int(gfns[-1]) - self.base_gfn - first + 1 == len(gfns):
+            heads = self.head[first:first + len(gfns)]
+            chained = (np.flatnonzero(heads == MANY) + first).tolist()
+        else:
+            rels = gfns - self.base_gfn if self.base_gfn else gfns
+            heads = self.head[rels]
+            chained = rels[heads == MANY].tolist()
         single = heads[heads > 0] - 1
-        chained = rels[heads == MANY].tolist()
         if not chained:
             return single
         lists = [self.desc[r] for r in chained]
