@@ -21,6 +21,7 @@ from mmud.fs.tree import Tree
 from mmud.uapi.bugs import INJECTABLE_BUGS, render_choices
 from mmud.uapi.params import Params
 from mmud.uapi.stats import STATS, Kind
+from mmud.uapi.vms import mem_size
 from tests.fakebackend import FakeBackend, snapshot, vm_snapshot
 
 VM0_DIR, VM1_DIR = "4242-7", "4242-9"
@@ -650,8 +651,17 @@ def test_vms_lists_one_line_per_vm_with_its_state_and_configuration(tree):
         vm_snapshot("vm0", VM0_DIR, config=VmConfig("vm0", 64, 1, 0, "kernel")),
         vm_snapshot("vm7", VM1_DIR, state="paused", config=VmConfig("vm7", 1024, 4, 9, None)))
     assert read(tree, "/vms", snap) == (b"vm0 running mem=64M vcpus=1 seed=0 workload=kernel\n"
-                                        b"vm7 paused mem=1024M vcpus=4 seed=9 workload=none\n")
+                                        b"vm7 paused mem=1G vcpus=4 seed=9 workload=none\n")
     assert read(tree, "/vms", snapshot()) == b""
+
+
+@pytest.mark.parametrize(("mem_mb", "shown"), [(64, "64M"), (1024, "1G"), (1536, "1536M"),
+                                               (3072, "3G"), (1 << 20, "1T"), (3 << 19, "1536G")])
+def test_vms_shows_a_size_in_the_largest_unit_that_keeps_it_whole(tree, mem_mb, shown):
+    """As `create` takes it, and as a user wrote it: a 1 TiB VM is `mem=1T`, not 1048576M."""
+    snap = snapshot(vm_snapshot("vm7", VM1_DIR, config=VmConfig("vm7", mem_mb, 1, 0, None)))
+    assert read(tree, "/vms", snap) == f"vm7 running mem={shown} vcpus=1 seed=0 workload=none\n".encode()
+    assert mem_size(shown) == mem_mb
 
 
 @pytest.mark.parametrize(("line", "request_"), [

@@ -107,7 +107,7 @@ def test_a_create_line_without_keys_takes_the_command_lines_values(daemon):
     ok(daemon.path("vms"), "create vm6")
     ok(daemon.path("vms"), "create vm7 workload=none mem=1G")
     assert vm_lines(daemon)[1:] == [f"vm6 running {DEFAULTS}",
-                                    "vm7 running mem=1024M vcpus=2 seed=7 workload=none"]
+                                    "vm7 running mem=1G vcpus=2 seed=7 workload=none"]
     ok(daemon.path("vm6/state"), "destroy")  # the state file's way
     ok(daemon.path("vm7/state"), "destroy")
     assert vm_dirs(daemon) == {"vm0"} and len(debugfs_dirs(daemon)) == 1

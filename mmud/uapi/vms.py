@@ -116,8 +116,17 @@ def parse_vms_line(data: bytes) -> tuple[str, dict[str, Any]]:
     return "create", out
 
 
+def render_mem(mem_mb: int) -> str:
+    """A size as `mem=` takes it, in the largest of T, G and M that gives a whole number:
+    1T, not 1048576M."""
+    for unit in ("T", "G"):
+        if mem_mb % SIZE_UNITS[unit] == 0:
+            return f"{mem_mb // SIZE_UNITS[unit]}{unit}"
+    return f"{mem_mb}M"
+
+
 def render_vm_line(name: str, state: str, mem_mb: int, vcpus: int, seed: int,
                    workload: str | None) -> str:
     """One line of `vms`: the name, the state, then the VM's configuration as `create` takes it."""
-    return (f"{name} {state} mem={mem_mb}M vcpus={vcpus} seed={seed} "
+    return (f"{name} {state} mem={render_mem(mem_mb)} vcpus={vcpus} seed={seed} "
             f"workload={workload or NO_WORKLOAD}\n")
