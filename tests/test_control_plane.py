@@ -12,18 +12,21 @@ from __future__ import annotations
 import itertools
 import json
 import multiprocessing
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from multiprocessing.connection import Connection
+from typing import Any, cast
 
 import pytest
 from structlog.testing import capture_logs
 
+from mmud.daemon.client import SimClient
 from mmud.daemon.protocol import Request, SimConfig, StoreChannel, VmConfig
 from mmud.daemon.replay import Replay
-from mmud.daemon.sim import Simulation
-from tests.fusemount import Daemon, cat, echo, serving, wait_for
+from mmud.daemon.sim import PUBLISH_SECONDS, Simulation
+from tests.fusemount import Daemon, cat, echo, serving, status_fields, wait_for
 
 EVERY_POINT = {"mmu_audit": "1", "mmu_audit_ratelimit_ms": "0"}
 
@@ -145,6 +148,52 @@ def test_without_its_point_the_replay_diverges(recorded: tuple[Path, list[dict]]
     assert outcome.divergence is not None, outcome.render()
 
 
+def test_a_read_on_the_store_channel_is_answered_inside_a_run(tmp_path: Path) -> None:
+    """A read (READ_OPS) posted while the audit is inside a run is answered at that store
+    point, inside the VM's chunk, and leaves nothing in the recording."""
+    writer = Writer({})
+    receive, out = multiprocessing.get_context("spawn").Pipe(duplex=False)
+    config = SimConfig(vms=(VmConfig("vm0", mem_mb=16, vcpus=1, seed=5),), load=EVERY_POINT,
+                       state_dir=str(tmp_path))
+    sim = Simulation(config, cast(Connection, None), out, writer.channel)
+    inner = sim.module.audit.notice
+    assert inner is not None
+    answers: list[tuple[str, object]] = []
+
+    def notice() -> None:
+        if sim.module.audit.points == 20:
+            writer.send.send(Request(99, "memory_read", {"vm": "vm0", "gpa": 0, "size": 64}))
+            writer.posted.value += 1
+        inner()
+        if sim.module.audit.points == 20:
+            assert sim._stepping is not None and receive.poll(0)
+            answers.append((sim.module.audit.where, receive.recv(), sim.slots[0].vm.read_guest(0, 64)))
+
+    sim.module.audit.notice = notice
+    while sim.slots[0].vm.steps < 40:
+        sim.step_round(sim.slots)
+    ((where, reply, ram),) = answers
+    assert " before " in where, where
+    assert reply.id == 99 and reply.errno == 0 and reply.result == ram
+    assert not [e for e in events(recording(sim, tmp_path)) if e["op"] == "memory_read"]
+
+
+def test_the_daemon_sends_reads_on_the_store_channel() -> None:
+    """The FUSE side sends a read (READ_OPS) on the store channel, counted in shared memory,
+    so that the simulation answers it at its next store point; a request that changes
+    something still takes the request pipe, applied between batches and recorded there."""
+    client = SimClient(SimConfig(vms=(VmConfig("vm0", mem_mb=16, vcpus=1, seed=5),)))
+    client.start()
+    try:
+        posted = client._sim.posted.value
+        reply = client.request("memory_read", vm="vm0", gpa=0, size=64)
+        assert len(reply.result) == 64 and client._sim.posted.value == posted + 1
+        client.request("state", vm="vm0", action="pause")
+        assert client._sim.posted.value == posted + 1
+    finally:
+        client.stop()
+
+
 # -- through the mount --------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -206,6 +255,28 @@ def test_a_trace_switch_lands_inside_a_step(daemon: Daemon) -> None:
     assert {(e["action"], e["text"]) for e in writes} == {
         ("truncate", None), ("write", "1\n"), ("write", "0\n")}  # echo opens with O_TRUNC
     assert any("point" in e for e in writes), writes
+
+
+def test_reads_are_answered_inside_a_step(daemon: Daemon) -> None:
+    """A read of guest memory takes the store channel too.  With the audit at every point a
+    round is an audited step of each VM, and through the request pipe each 4 KiB read of
+    `vm0/memory` waits for the end of a batch, at least one round: a thousand reads, a
+    thousand steps or more (7,384 in one run).  Answered at the store points inside a
+    step, and after each round, they pass while fewer steps go by (191 to 522 seen)."""
+    d = daemon
+    assert echo(d.path("parameters/mmu_audit"), "1").returncode == 0
+    try:
+        before = int(cat(d.path("kvm/mmu_audit_runs")))
+        wait_for(lambda: int(cat(d.path("kvm/mmu_audit_runs"))) > before + 2, 30, "audit runs")
+        steps = int(status_fields(d.read("vm0/status"))["steps"])
+        done = subprocess.run(["dd", f"if={d.path('vm0/memory')}", "of=/dev/null", "bs=4096",
+                               "count=1000"], capture_output=True, text=True, check=False)
+        assert done.returncode == 0 and "4096000 bytes" in done.stderr, done
+        time.sleep(2 * PUBLISH_SECONDS)  # the status after the reads is published
+        passed = int(status_fields(d.read("vm0/status"))["steps"]) - steps
+    finally:
+        assert echo(d.path("parameters/mmu_audit"), "0").returncode == 0
+    assert 0 < passed < 1000, passed
 
 
 def test_the_daemon_run_replays_identically(daemon: Daemon) -> None:

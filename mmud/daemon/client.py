@@ -231,15 +231,16 @@ class SimClient:
         """
         if op == "param":
             return self._store_param(**args)
-        if op == "tracefs":  # a tracing/ write or O_TRUNC open: a switch, as quick as a store
+        if op == "tracefs" or op in sim.READ_OPS:
+            # A tracing/ write or O_TRUNC open is a switch, as quick as a store; a read is
+            # answered at the next store point, even inside a step (docs/daemon.md).
             return self._forward(op, args, store=True)
         if op == "state" and args.get("action") == "restart" and self.failure is not None:
             return self._restart()
         return self._forward(op, args)
 
     def _forward(self, op: str, args: dict[str, Any], store: bool = False) -> Reply:
-        """Send a request (a parameter store or a tracing/ write on the store channel) and
-        wait for its reply."""
+        """Send a request (on the store channel if `store`) and wait for its reply."""
         p = _Pending()
         rid = next(self._ids)
         with self._lock:

@@ -92,7 +92,7 @@ class Reply:
 @dataclass(frozen=True)
 class StoreChannel:
     """The way a parameter store (or a tracing/ write: a tracepoint switch) reaches the
-    simulation, even in the middle of a step.
+    simulation, even in the middle of a step; requests that only read take it too.
 
     The FUSE side sends the store's `Request` on `conn` (a pipe of its own), then bumps
     `posted`, a counter in shared memory (a `multiprocessing.RawValue`).  The simulation

@@ -8,8 +8,11 @@ run — it drains the request pipe, applies each request, publishes a fresh snap
 answers.  Parameter stores come on a channel of their own (`StoreChannel`) and land sooner:
 after any round, and inside a step at each place the audit looks for one (`store_point`),
 recorded with that place, so a write never waits for a long step or a whole audit run.
-While running it also publishes every `PUBLISH_SECONDS`, which doubles as the liveness
-signal the main process turns into WATCHDOG=1.
+Requests that only read (`READ_OPS`: guest memory, the shadow tables on view, the trace
+buffer) come on that channel too and are answered there, unrecorded: a store point is where
+the audit finds the MMU consistent.  While running it also publishes every
+`PUBLISH_SECONDS`, which doubles as the liveness signal the main process turns into
+WATCHDOG=1.
 """
 
 from __future__ import annotations
@@ -55,7 +58,8 @@ BATCH_SECONDS = 0.002
 PUBLISH_SECONDS = 0.05
 STEP_CHUNK = 32  # steps between two looks at the batch deadline
 # Requests that only read: nothing a snapshot shows changes, so none is published after
-# them (a blocked trace_pipe reader asks every 5 ms).
+# them (a blocked trace_pipe reader asks every 5 ms) and none is recorded; they come on the
+# store channel (client.py), so that they are answered at store points inside a step too.
 READ_OPS = frozenset({"memory_read", "mmu_pages", "mmu_rmaps_stat", "mmu_walk", "tracefs_read",
                       "recording_read"})
 # tracing/events/<system>/<event>/: the snapshot lists the events, which never change.
