@@ -33,8 +33,8 @@ if TYPE_CHECKING:
 
 BATCH_ZAP_PAGES = 10
 _MMU_PRESENT = np.uint64(S.SPTE_MMU_PRESENT)
-_PRESENT_OR_LARGE = np.uint64(S.SPTE_MMU_PRESENT | PT_PAGE_SIZE_MASK)
-_TABLE_BITS = S.SPTE_MMU_PRESENT | PT_PAGE_SIZE_MASK
+_TABLE_BITS = S.SPTE_MMU_PRESENT | PT_PAGE_SIZE_MASK  # of these, a table entry has the first
+_PRESENT_OR_LARGE = np.uint64(_TABLE_BITS)
 
 
 def mmu_page_zap_pte(mmu: KvmMmu, sp: ShadowPage, i: int) -> bool:
