@@ -145,9 +145,9 @@ def test_checks_agree_under_the_kernel_workload(bug):
         assert vector == scalar
 
 
-def test_the_spteps_of_a_run_of_gfns_and_of_scattered_gfns():
-    """Rmap.spteps_of reads a run of gfns as one slice of heads and scattered gfns as a
-    gather; both give every entry of those gfns' rmaps, chains included, and nothing else."""
+def test_the_spteps_of_a_run_of_pages_and_of_scattered_pages():
+    """Rmap.spteps_of reads a run of pages as one slice of heads and scattered pages as a
+    gather; both give every entry of those pages' rmaps, chains included, and nothing else."""
     base = 0x100
     rmap = Rmap(base, 64)
     model = {base + k: [1000 + k] for k in range(0, 64, 3)}
@@ -156,10 +156,9 @@ def test_the_spteps_of_a_run_of_gfns_and_of_scattered_gfns():
     for gfn, chain in model.items():
         for sptep in chain:
             rmap.add(gfn, sptep)
-    for gfns in (range(base, base + 64), range(base + 3, base + 31), range(base + 30, base + 64),
-                 range(base + 63, base + 64), [base + 1, base + 3, base + 40, base + 63], []):
-        got = rmap.spteps_of(np.array(gfns, dtype=np.int64))
-        assert sorted(got.tolist()) == sorted(p for g in gfns for p in model.get(g, [])), gfns
+    for pages in (range(64), range(3, 31), range(30, 64), range(63, 64), [1, 3, 40, 63], []):
+        got = rmap.spteps_of(np.array(pages, dtype=np.int64))
+        assert sorted(got.tolist()) == sorted(p for k in pages for p in model.get(base + k, [])), pages
 
 
 @settings(max_examples=200, deadline=None)
@@ -187,6 +186,6 @@ def test_rmap_heads_behave_as_lists(ops_list, select):
     order = np.argsort(gfn, kind="stable")
     got = list(zip(gfn[order].tolist(), sptep[order].tolist(), strict=True))
     assert got == [(g, p) for g in sorted(model) if mask[g - base] for p in model[g]]
-    selected = np.flatnonzero(mask) + base
-    held = sorted(p for g in selected.tolist() for p in model.get(g, []))
+    selected = np.flatnonzero(mask)
+    held = sorted(p for k in selected.tolist() for p in model.get(base + k, []))
     assert sorted(rmap.spteps_of(selected).tolist()) == held

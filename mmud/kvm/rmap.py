@@ -32,7 +32,8 @@ _ONE_UP = np.arange(1, PT64_ENT_PER_PAGE + 1, dtype=np.int64)  # entry i's sptep
 
 class Rmap:
     """Heads for the keys base_gfn .. base_gfn + npages - 1 (gfns of a slot, or pool rows
-    from 0); every method takes the key as the gfn."""
+    from 0); every method takes the key as the gfn but spteps_of, which takes a dirty
+    bitmap's page numbers."""
 
     __slots__ = ("base_gfn", "head", "_head", "desc")
 
@@ -159,21 +160,21 @@ class Rmap:
         """Mask over the slot's pages: which have a non-empty rmap."""
         return self.head != EMPTY
 
-    def spteps_of(self, gfns: np.ndarray) -> np.ndarray:
-        """The spteps in the rmaps of `gfns` (int64, ascending, each once), in no particular
-        order: the single heads' as one gather — one slice where the gfns are a run, as when
-        every page is dirty — then the chains'. Its cost follows len(gfns), not the slot's
-        size (a harvest's dirty pages of a 1 TiB slot)."""
-        if not len(gfns):
-            return gfns
-        first = int(gfns[0]) - self.base_gfn
-        if int(gfns[-1]) - self.base_gfn - first + 1 == len(gfns):
-            heads = self.head[first:first + len(gfns)]
+    def spteps_of(self, pages: np.ndarray) -> np.ndarray:
+        """The spteps in the rmaps of `pages` — numbered from base_gfn, as a dirty bitmap
+        numbers them, not gfns; int64, ascending, each once — in no particular order: the
+        single heads' as one gather (one slice where the pages are a run, as when every page
+        is dirty), then the chains'. Its cost follows len(pages), not the slot's size (a
+        harvest's dirty pages of a 1 TiB slot)."""
+        if not len(pages):
+            return pages
+        first = int(pages[0])
+        if int(pages[-1]) - first + 1 == len(pages):
+            heads = self.head[first:first + len(pages)]
             chained = (np.flatnonzero(heads == MANY) + first).tolist()
         else:
-            rels = gfns - self.base_gfn if self.base_gfn else gfns
-            heads = self.head[rels]
-            chained = rels[heads == MANY].tolist()
+            heads = self.head[pages]
+            chained = pages[heads == MANY].tolist()
         single = heads[heads > 0] - 1
         if not chained:
             return single

@@ -59,4 +59,4 @@ def kvm_mmu_write_protect_pt_masked(mmu: KvmMmu, slot: Memslot, pages: np.ndarra
     """
     if not len(pages):
         return
-    _clear_w(mmu, slot.rmap.spteps_of(pages + slot.base_gfn))
+    _clear_w(mmu, slot.rmap.spteps_of(pages))
