@@ -23,7 +23,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from mmud.daemon.client import SimClient
-from mmud.daemon.protocol import Request, SimConfig, StoreChannel, VmConfig
+from mmud.daemon.protocol import Reply, Request, SimConfig, StoreChannel, VmConfig
 from mmud.daemon.replay import Replay
 from mmud.daemon.sim import PUBLISH_SECONDS, Simulation
 from tests.fusemount import Daemon, cat, echo, serving, status_fields, wait_for
@@ -55,7 +55,10 @@ class Writer:
         sim.module.audit.notice = notice
 
     def post(self, name: str, text: bytes) -> None:
-        self.send.send(Request(next(self.ids), "param", {"name": name, "text": text}))
+        self.post_request(Request(next(self.ids), "param", {"name": name, "text": text}))
+
+    def post_request(self, req: Request) -> None:
+        self.send.send(req)
         self.posted.value += 1
 
 
@@ -158,12 +161,11 @@ def test_a_read_on_the_store_channel_is_answered_inside_a_run(tmp_path: Path) ->
     sim = Simulation(config, cast(Connection, None), out, writer.channel)
     inner = sim.module.audit.notice
     assert inner is not None
-    answers: list[tuple[str, object]] = []
+    answers: list[tuple[str, Reply, bytes]] = []
 
     def notice() -> None:
         if sim.module.audit.points == 20:
-            writer.send.send(Request(99, "memory_read", {"vm": "vm0", "gpa": 0, "size": 64}))
-            writer.posted.value += 1
+            writer.post_request(Request(99, "memory_read", {"vm": "vm0", "gpa": 0, "size": 64}))
         inner()
         if sim.module.audit.points == 20:
             assert sim._stepping is not None and receive.poll(0)
